@@ -1,0 +1,162 @@
+"""Input validation shared by every operator and backend.
+
+Every check raises ``TypeError`` (not a tensor, wrong dtype) or ``ValueError`` (shape, head count,
+stride, device) naming the argument, what it got and what it needs, before any kernel runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# float64 is accepted for the reference backend (gradcheck, float64 oracles); the fused backends
+# take the three training dtypes.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes of one attention call, as the dispatcher sees them."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    num_prompts: int
+    per_sample_prompts: bool
+    has_sim_keys: bool
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _require_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    return t
+
+
+def _require_rank(name: str, t: torch.Tensor, ranks: tuple, layout: str) -> None:
+    if t.dim() not in ranks:
+        raise ValueError(f"{name} must have shape {layout}; got a {t.dim()}-D tensor of shape {_shape(t)}")
+
+
+def _require_unit_last_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride on its last (head) dimension; got strides {t.stride()}. "
+            f"Call {name}.contiguous() or pass a view whose last dimension is contiguous"
+        )
+
+
+def check_inputs(
+    q,
+    k,
+    v,
+    prompt_keys,
+    gate,
+    *,
+    prompt_values=None,
+    sim_keys=None,
+    softmax_scale=None,
+    prompt_scale=None,
+    needs_prompt_values: bool = False,
+) -> Problem:
+    """Validate the operands of ``excitor_attention`` / ``adapter_attention`` and return their sizes."""
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    prompt_keys = _require_tensor("prompt_keys", prompt_keys)
+    gate = _require_tensor("gate", gate)
+    if needs_prompt_values:
+        prompt_values = _require_tensor("prompt_values", prompt_values)
+    if sim_keys is not None:
+        sim_keys = _require_tensor("sim_keys", sim_keys)
+
+    _require_rank("q", q, (4,), "(B, Hq, M, d)")
+    _require_rank("k", k, (4,), "(B, Hkv, N, d)")
+    _require_rank("v", v, (4,), "(B, Hkv, N, d)")
+    _require_rank("prompt_keys", prompt_keys, (3, 4), "(Hkv, P, d) or (B, Hkv, P, d)")
+    _require_rank("gate", gate, (1,), "(Hq,)")
+
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32 (float64 for the reference backend); got {q.dtype}")
+    tensors = {"k": k, "v": v, "prompt_keys": prompt_keys}
+    if needs_prompt_values:
+        tensors["prompt_values"] = prompt_values
+    if sim_keys is not None:
+        tensors["sim_keys"] = sim_keys
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}; got {t.dtype}")
+    if not gate.dtype.is_floating_point:
+        raise TypeError(f"gate must be a floating-point tensor; got {gate.dtype}")
+    for name, t in list(tensors.items()) + [("gate", gate)]:
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+
+    B, Hq, M, d = q.shape
+    if k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k must have shape (B={B}, Hkv, N, d={d}) to match q {_shape(q)}; got {_shape(k)}")
+    Hkv, N = k.shape[1], k.shape[2]
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {_shape(k)}; got {_shape(v)}")
+    if sim_keys is not None and sim_keys.shape != k.shape:
+        raise ValueError(f"sim_keys must have k's shape {_shape(k)}; got {_shape(sim_keys)}")
+    if d < 1:
+        raise ValueError(f"q must have a head dimension d >= 1; got shape {_shape(q)}")
+    if M < 1 or N < 1 or B < 1:
+        raise ValueError(
+            f"q and k need B >= 1, M >= 1 and N >= 1; got q {_shape(q)} and k {_shape(k)}"
+        )
+    if Hkv < 1 or Hq < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads must be a positive multiple of the key/value heads; "
+            f"got q heads Hq={Hq} and k heads Hkv={Hkv}"
+        )
+
+    want_pk = f"(Hkv={Hkv}, P, d={d}) or (B={B}, Hkv={Hkv}, P, d={d})"
+    per_sample = prompt_keys.dim() == 4
+    lead = prompt_keys.shape[:-2]
+    if lead != ((B, Hkv) if per_sample else (Hkv,)) or prompt_keys.shape[-1] != d:
+        raise ValueError(f"prompt_keys must have shape {want_pk}; got {_shape(prompt_keys)}")
+    P = prompt_keys.shape[-2]
+    if P < 1:
+        raise ValueError(f"prompt_keys must hold at least one prompt (P >= 1); got shape {_shape(prompt_keys)}")
+    if needs_prompt_values and prompt_values.shape != prompt_keys.shape:
+        raise ValueError(
+            f"prompt_values must have prompt_keys' shape {_shape(prompt_keys)}; got {_shape(prompt_values)}"
+        )
+    if gate.shape[0] != Hq:
+        raise ValueError(f"gate must have shape (Hq={Hq},), one value per query head; got {_shape(gate)}")
+
+    for name, t in [("q", q)] + list(tensors.items()):
+        _require_unit_last_stride(name, t)
+
+    for name, val in (("softmax_scale", softmax_scale), ("prompt_scale", prompt_scale)):
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name} must be a float or None; got {type(val).__name__}")
+        if not (val == val and abs(val) != float("inf")):
+            raise ValueError(f"{name} must be finite; got {val}")
+
+    return Problem(
+        batch=B,
+        q_heads=Hq,
+        kv_heads=Hkv,
+        q_len=M,
+        kv_len=N,
+        head_dim=d,
+        num_prompts=P,
+        per_sample_prompts=per_sample,
+        has_sim_keys=sim_keys is not None,
+        dtype=q.dtype,
+        device=q.device,
+    )

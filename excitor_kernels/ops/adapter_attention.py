@@ -1,0 +1,102 @@
+"""``adapter_attention``: LLaMA-Adapter's zero-init gated prompt attention (SPEC.md), all backends.
+
+The fused forward computes the prompt softmax once per query tile beside the online softmax over the
+keys; the backward takes the prompt-side gradients in the query-tile programs of the same launch.
+Registered as ``torch.library`` custom ops with fake implementations and autograd, like
+``excitor_attention``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import select_backend
+from .._validate import check_inputs
+from ..reference import adapter_attention_reference
+from . import _triton_attention as tri
+
+OP = "adapter_attention"
+
+
+@torch.library.custom_op("excitor_kernels::adapter_attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor, causal: bool,
+         softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
+                                 softmax_scale, softmax_scale)
+
+
+@_fwd.register_fake
+def _(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):
+    B, Hq, M, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, M), dtype=torch.float32)
+
+
+@torch.library.custom_op("excitor_kernels::adapter_attention_bwd", mutates_args=())
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
+         o: Tensor, lse: Tensor, causal: bool, softmax_scale: float, deterministic: bool
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dpk, dpv, dgate, _ = tri.attention_backward(
+        tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, o, lse, causal, softmax_scale,
+        softmax_scale, deterministic)
+    return dq, dk, dv, dpk, dpv, dgate
+
+
+@_bwd.register_fake
+def _(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, causal, softmax_scale, deterministic):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
+            torch.empty_like(prompt_values), torch.empty_like(gate))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, prompt_keys, prompt_values, gate, o, lse)
+    ctx.args = (causal, softmax_scale, deterministic)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, prompt_keys, prompt_values, gate, o, lse = ctx.saved_tensors
+    grads = _bwd(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, *ctx.args)
+    return (*grads, None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adapter_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_keys: Tensor,
+    prompt_values: Tensor,
+    gate: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """Causal attention plus LLaMA-Adapter's gated prompt attention, in one pass.
+
+    ``o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n``.
+    Shapes as :func:`excitor_attention`, with ``prompt_values`` shaped like ``prompt_keys``. Prompts are
+    visible to every query and carry no position. ``gate`` is used as is: pass ``tanh(raw)`` for the
+    official LLaMA-Adapter formulation or PEFT's plain scalar broadcast to ``(Hq,)``.
+    """
+    p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
+                     needs_prompt_values=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    backend = select_backend(OP, backend, p)
+    if backend == "reference":
+        return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
+                                           softmax_scale=softmax_scale)
+    if backend == "cuda":
+        from .. import _cuda
+
+        return _cuda.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
+                                       deterministic)
+    return _fwd(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, bool(deterministic))[0]

@@ -1,0 +1,111 @@
+"""``excitor_attention``: LLaMA-Excitor's reconstructed-key bypass (SPEC.md), all backends.
+
+The Triton backend is two ``torch.library`` custom ops (forward, backward) with fake implementations
+and a registered autograd formula, so ``torch.compile`` traces models that call it without a graph
+break. The reference backend is plain PyTorch and needs no registration.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dispatch import select_backend
+from .._validate import check_inputs
+from ..reference import excitor_attention_reference
+from . import _triton_attention as tri
+
+OP = "excitor_attention"
+
+
+@torch.library.custom_op("excitor_kernels::excitor_attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
+         causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
+                                 prompt_scale)
+
+
+@_fwd.register_fake
+def _(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic):
+    B, Hq, M, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, M), dtype=torch.float32)
+
+
+@torch.library.custom_op("excitor_kernels::excitor_attention_bwd", mutates_args=())
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
+         o: Tensor, lse: Tensor, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dpk, _, dgate, dsim = tri.attention_backward(
+        tri.EXCITOR, do, q, k, v, prompt_keys, None, gate, sim_keys, o, lse, causal, softmax_scale, prompt_scale,
+        deterministic)
+    return dq, dk, dv, dpk, dgate, (q.new_empty(0) if dsim is None else dsim)
+
+
+@_bwd.register_fake
+def _(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, causal, softmax_scale, prompt_scale, deterministic):
+    dsim = q.new_empty(0) if sim_keys is None else torch.empty_like(sim_keys)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
+            torch.empty_like(gate), dsim)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys, o, lse)
+    ctx.args = (causal, softmax_scale, prompt_scale, deterministic)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, prompt_keys, gate, sim_keys, o, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dgate, dsim = _bwd(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, *ctx.args)
+    return dq, dk, dv, dpk, dgate, (dsim if sim_keys is not None else None), None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def excitor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_keys: Tensor,
+    gate: Tensor,
+    *,
+    sim_keys: Optional[Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    prompt_scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """Causal attention whose keys carry LLaMA-Excitor's gated, prompt-reconstructed bypass.
+
+    Shapes (SPEC.md): ``q (B, Hq, M, d)``; ``k, v, sim_keys (B, Hkv, N, d)`` with ``Hq % Hkv == 0``;
+    ``prompt_keys (Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per sample; ``gate (Hq,)`` used as is.
+    Any strides with a contiguous last dimension (``x.view(B, M, H, d).transpose(1, 2)`` is taken
+    without a copy). Causal masking is bottom-right aligned: query ``i`` sees keys ``j <= i + N - M``.
+
+    ``backend``: ``"reference"`` (PyTorch), ``"triton"`` (fused kernels), ``"cuda"`` (the compiled
+    extension) or ``"auto"``. ``deterministic=True`` makes the fused backward sum the prompt and gate
+    gradients in a fixed order (one float32 slice per key tile, summed afterwards) instead of atomics.
+
+    Returns ``o`` with ``q``'s shape, dtype and memory layout. Differentiable in ``q, k, v,
+    prompt_keys, gate`` and ``sim_keys``.
+    """
+    p = check_inputs(q, k, v, prompt_keys, gate, sim_keys=sim_keys, softmax_scale=softmax_scale,
+                     prompt_scale=prompt_scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    prompt_scale = float(softmax_scale if prompt_scale is None else prompt_scale)
+    backend = select_backend(OP, backend, p)
+    if backend == "reference":
+        return excitor_attention_reference(q, k, v, prompt_keys, gate, sim_keys=sim_keys, causal=causal,
+                                           softmax_scale=softmax_scale, prompt_scale=prompt_scale)
+    if backend == "cuda":
+        from .. import _cuda
+
+        return _cuda.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
+                                       deterministic)
+    return _fwd(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, bool(deterministic))[0]

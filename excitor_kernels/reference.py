@@ -1,0 +1,106 @@
+"""Plain PyTorch statements of the operators (``backend="reference"``).
+
+These are the readable form of ``SPEC.md``: any device, any float dtype, autograd for the backward,
+memory O(M * N) per head. Half-precision inputs are computed in float32 and the result cast back;
+float64 inputs stay float64, which is how the tests evaluate the formulas exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, ...) -> (B, Hq, ...): query head h reads key/value head h // groups."""
+    return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
+
+def _per_batch(prompts: torch.Tensor, batch: int) -> torch.Tensor:
+    """(Hkv, P, d) shared prompts or (B, Hkv, P, d) per-sample prompts -> (B, Hkv, P, d)."""
+    return prompts.unsqueeze(0).expand(batch, *prompts.shape) if prompts.dim() == 3 else prompts
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bottom-right aligned: query i sees key j iff j <= i + kv_len - q_len."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    return j <= i + (kv_len - q_len)
+
+
+def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax_j(scores) @ v with the causal mask; rows with no visible key give 0."""
+    if causal:
+        visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return probs @ v
+
+
+def excitor_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_keys: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    sim_keys: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: float,
+    prompt_scale: float,
+) -> torch.Tensor:
+    """LLaMA-Excitor attention, exactly as SPEC.md writes it.
+
+    a[j, n]  = softmax_n(prompt_scale * <s_j, pk_n>),  s = sim_keys or k
+    ke[j]    = sum_n a[j, n] pk_n
+    k'[h, j] = k_j + gate[h] ke[j]
+    o_i      = sum_j softmax_j(softmax_scale <q_i, k'[h, j]>) v_j
+    """
+    ct = _compute_dtype(q.dtype)
+    B, Hq, M, _ = q.shape
+    groups = Hq // k.shape[1]
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    pk = _per_batch(prompt_keys.to(ct), B)                              # (B, Hkv, P, d)
+    s = kc if sim_keys is None else sim_keys.to(ct)                     # (B, Hkv, N, d)
+    a = torch.softmax(prompt_scale * (s @ pk.transpose(-1, -2)), -1)    # (B, Hkv, N, P)
+    ke = a @ pk                                                         # (B, Hkv, N, d)
+    g = gate.to(ct).view(1, Hq, 1, 1)
+    k_prime = _expand_kv_heads(kc, groups) + g * _expand_kv_heads(ke, groups)  # (B, Hq, N, d)
+    scores = softmax_scale * (qc @ k_prime.transpose(-1, -2))
+    o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal)
+    return o.to(q.dtype)
+
+
+def adapter_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_keys: torch.Tensor,
+    prompt_values: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """LLaMA-Adapter zero-init attention, exactly as SPEC.md writes it.
+
+    o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n
+    """
+    ct = _compute_dtype(q.dtype)
+    B, Hq, M, _ = q.shape
+    groups = Hq // k.shape[1]
+    qc = q.to(ct)
+    kc = _expand_kv_heads(k.to(ct), groups)
+    vc = _expand_kv_heads(v.to(ct), groups)
+    pk = _expand_kv_heads(_per_batch(prompt_keys.to(ct), B), groups)   # (B, Hq, P, d)
+    pv = _expand_kv_heads(_per_batch(prompt_values.to(ct), B), groups)
+    o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal)
+    o_prompts = torch.softmax(softmax_scale * (qc @ pk.transpose(-1, -2)), -1) @ pv
+    o = o_tokens + gate.to(ct).view(1, Hq, 1, 1) * o_prompts
+    return o.to(q.dtype)
