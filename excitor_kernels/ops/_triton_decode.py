@@ -1,0 +1,242 @@
+"""Split-KV decode (flash-decoding) forward for ``excitor_attention`` and ``adapter_attention``.
+
+For ``M <= 16`` new queries against a long key/value cache the training kernel's grid (query tiles x
+query heads) has too few programs to fill a GPU and reads the cache once per *query* head. Here:
+
+* grid ``(S splits, B * Hkv)``: a program owns one key/value head ``g`` of sample ``b`` and one chunk of
+  its cache, and packs all ``GROUPS = Hq / Hkv`` query heads x ``M`` queries into the rows of its tile,
+  row ``r = (h - g * GROUPS) * M + i``, so the cache (and the Excitor reconstruction) is read once per
+  key/value head.
+* Excitor keys are rebuilt per key tile and never stored, not even per head: with
+      a[j, n] = softmax_n(prompt_scale <s_j, pk_n>),  ke_j = sum_n a[j, n] pk_n   (s = sim_keys or k)
+  the score of row r (head h, query i) is
+      <q_i, k_j + gate[h] ke_j> = <q_i, k_j> + gate[h] <q_i, ke_j>
+  i.e. two dots against the shared tiles k and ke, with the gate applied per row.
+* Per sample ``L_b = cache_seqlens[b]`` (``N`` without it); causal bottom-right alignment:
+      query i sees key j  iff  j < L_b  and  j <= i + L_b - M.
+  Split ``s`` of sample ``b`` covers keys ``[s * C_b, min((s + 1) * C_b, L_b))`` with
+  ``C_b = ceil(ceil(L_b / S) / BLOCK_N) * BLOCK_N``; keys ``>= L_b`` in the cache tensor are never read.
+
+Split/combine invariants (base-2 scores ``t_ij = softmax_scale * log2(e) * <q_i, k'_j>``): split ``s`` writes
+      m_s = max_{j in s} t_ij,   l_s = sum_{j in s} exp2(t_ij - m_s),   acc_s = sum_{j in s} exp2(t_ij - m_s) v_j
+to a float32 workspace, with ``(m_s, l_s, acc_s) = (-inf, 0, 0)`` for a row that sees no key of its chunk.
+The combine kernel takes ``m = max_s m_s`` and
+      o_i = sum_s exp2(m_s - m) acc_s / sum_s exp2(m_s - m) l_s
+which is the softmax over the union of the chunks, independent of ``S``; a row with ``l = 0`` (no visible
+key) gives 0. For the Adapter the combine kernel adds ``gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>)
+pv_n``, computed once per query.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_output
+from ._triton_attention import (LOG2E, _dot, _load_rows, _pow2, _precision, _prompt_attention, _prompt_strides,
+                                _reconstruct_keys, _store_rows)
+
+MAX_DECODE_QUERIES = 16
+
+
+@triton.jit
+def _packed_offsets(r, R, M, stride_h, stride_m):
+    """Memory offset of packed row r = head * M + i (rows >= R repeat row R - 1, so loads stay in bounds)."""
+    r = tl.minimum(r, R - 1)
+    return (r // M) * stride_h + (r % M) * stride_m
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K, V, S, PK, GATE, SEQLENS, WS_ACC, WS_M, WS_L,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_sb, stride_sh, stride_sn,
+    stride_pkb, stride_pkh, stride_pkp,
+    Hkv, M, N, P, GROUPS, NUM_SPLITS, qk_scale, prompt_scale_log2,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    """Partial (acc, m, l) of one cache chunk for every query row of one key/value head."""
+    split = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = (bg // Hkv).to(tl.int64)
+    g = bg % Hkv
+    R = GROUPS * M
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    if HAS_SEQLENS:
+        L = tl.load(SEQLENS + b)
+    else:
+        L = N
+    chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * chunk, L)
+    hi = tl.minimum(lo + chunk, L)
+
+    q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
+    q = _load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
+    last_key = offs_r % M + L - M  # causal: row r sees keys j <= i + L - M
+    gate_r = tl.load(GATE + g * GROUPS + offs_r // M, mask=offs_r < R, other=0.0).to(tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    s_base = S + b * stride_sb + g * stride_sh
+    if BYPASS == 1:
+        pk = _load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_rows(k_base, offs_n, stride_kn, offs_d, hi, HEAD_DIM, True)
+        qk = _dot(q, tl.trans(kt), PREC)
+        if BYPASS == 1:  # Excitor: <q_i, k'_j> = <q_i, k_j> + gate[h] <q_i, ke_j>
+            _, ke = _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, hi, pk, offs_p, P, prompt_scale_log2,
+                                      SIM_IS_K, HEAD_DIM, PREC)
+            qk += gate_r[:, None] * _dot(q, tl.trans(ke.to(q.dtype)), PREC)
+        visible = offs_n[None, :] < hi
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= last_key[:, None])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        vt = _load_rows(v_base, offs_n, stride_vn, offs_d, hi, HEAD_DIM, True)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC)
+        m_i = m_new
+
+    ws = (split * tl.num_programs(1) + bg).to(tl.int64) * R
+    _store_rows(WS_ACC + ws * HEAD_DIM, acc, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM)
+    tl.store(WS_M + ws + offs_r, tl.where(l_i == 0.0, float("-inf"), m_i), mask=offs_r < R)
+    tl.store(WS_L + ws + offs_r, l_i, mask=offs_r < R)
+
+
+@triton.jit
+def decode_combine_kernel(
+    Q, PK, PV, GATE, WS_ACC, WS_M, WS_L, O,
+    stride_qb, stride_qh, stride_qm,
+    stride_pkb, stride_pkh, stride_pkp,
+    stride_pvb, stride_pvh, stride_pvp,
+    stride_ob, stride_oh, stride_om,
+    Hkv, M, P, GROUPS, NUM_SPLITS, qk_scale,
+    BYPASS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    """o = sum_s exp2(m_s - m) acc_s / sum_s exp2(m_s - m) l_s (+ gate[h] prompt attention) for one kv head."""
+    bg = tl.program_id(0)
+    b = (bg // Hkv).to(tl.int64)
+    g = bg % Hkv
+    R = GROUPS * M
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(0, NUM_SPLITS):
+        ws = (split * tl.num_programs(0) + bg).to(tl.int64) * R
+        m_s = tl.load(WS_M + ws + offs_r, mask=offs_r < R, other=float("-inf"))
+        l_s = tl.load(WS_L + ws + offs_r, mask=offs_r < R, other=0.0)
+        acc_s = _load_rows(WS_ACC + ws * HEAD_DIM, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM, True)
+        m_new = tl.maximum(m, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l = l * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m = m_new
+    o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows that saw no key: 0
+    if BYPASS == 2:  # Adapter: all rows of kv head g share its prompts: o_i += gate[h] softmax(q_i pk^T) pv
+        q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
+        q = _load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
+        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
+                                        HEAD_DIM, PREC)
+        gate_r = tl.load(GATE + g * GROUPS + offs_r // M, mask=offs_r < R, other=0.0).to(tl.float32)
+        o += gate_r[:, None] * op
+    o_rows = _packed_offsets(offs_r, R, M, stride_oh, stride_om)
+    o_ptrs = O + b * stride_ob + g * GROUPS * stride_oh + o_rows[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_d[None, :] < HEAD_DIM))
+
+
+def check_cache_seqlens(cache_seqlens, batch: int, cache_len: int, device) -> None:
+    """``cache_seqlens`` must be an int32 tensor of shape (B,) on q's device with 1 <= L_b <= N.
+
+    The value check reads the tensor on the host (a device sync); it is skipped while a CUDA graph is captured.
+    """
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor of dtype int32; got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must have dtype torch.int32; got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},); got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != torch.device(device):
+        raise ValueError(f"cache_seqlens must be on q's device {device}; got {cache_seqlens.device}")
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 1 or hi > cache_len:
+        raise ValueError(f"cache_seqlens values must lie in [1, N] = [1, {cache_len}] (N = k.shape[2]); "
+                         f"got values in [{lo}, {hi}]")
+
+
+def _num_splits(q: torch.Tensor, programs: int, N: int, block_n: int) -> int:
+    """Splits of the cache: on a GPU enough programs for two waves of SMs, each split >= 4 key tiles;
+    interpreted on the CPU, where programs run one after another, at most 4."""
+    tiles = triton.cdiv(N, block_n)
+    if q.is_cuda:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(tiles, 4), 128))
+    return max(1, min(4, tiles))
+
+
+def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
+                   prompt_scale, *, num_splits=None):
+    """Decode forward of ``bypass`` (``EXCITOR`` or ``ADAPTER``) for ``M <= 16`` queries; returns ``o``.
+
+    Shapes as in SPEC.md; ``cache_seqlens`` (int32 ``(B,)``, or None for ``L_b = N``) gives each sample's
+    valid cache length. Inference only (no lse, no backward). ``num_splits`` overrides the heuristic.
+    Two launches: ``decode_split_kernel`` (grid ``(S, B * Hkv)``) and ``decode_combine_kernel`` (grid
+    ``(B * Hkv,)``); extra memory is the float32 workspace ``S * B * Hq * M * (d + 2)``.
+
+    Benchmark: the intended comparison is plain ``torch.nn.functional.scaled_dot_product_attention``
+    decode on the same cache (same ``q, k, v``, ``enable_gqa=True``, a bottom-right causal or length mask,
+    gate 0 / no prompts), i.e. the cost of the bypass on top of ordinary decode attention.
+    """
+    B, Hq, M, d = q.shape
+    Hkv, N, P = k.shape[1], k.shape[2], prompt_keys.shape[-2]
+    if M > MAX_DECODE_QUERIES:
+        raise ValueError(f"decode_forward takes at most {MAX_DECODE_QUERIES} queries; got q.shape[2] = {M}")
+    if cache_seqlens is not None:
+        check_cache_seqlens(cache_seqlens, B, N, q.device)
+    groups = Hq // Hkv
+    block_n = 64 if q.is_cuda else min(32, _pow2(N))
+    S = num_splits or _num_splits(q, B * Hkv, N, block_n)
+    R, BLOCK_R, BLOCK_D, BLOCK_P = groups * M, _pow2(groups * M), _pow2(d), _pow2(P)
+    prec = _precision(q)
+    launch = dict(num_warps=4, num_stages=2) if q.is_cuda else {}
+
+    ws_acc = new_output((S, B * Hkv, R, d), dtype=torch.float32, device=q.device)
+    ws_m = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
+    ws_l = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
+    s = k if sim_keys is None else sim_keys
+    decode_split_kernel[(S, B * Hkv)](
+        q, k, v, s, prompt_keys, gate, q if cache_seqlens is None else cache_seqlens, ws_acc, ws_m, ws_l,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3], *_prompt_strides(prompt_keys),
+        Hkv, M, N, P, groups, S, softmax_scale * LOG2E, prompt_scale * LOG2E,
+        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim_keys is None, HAS_SEQLENS=cache_seqlens is not None,
+        HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
+    )
+    o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
+    pv = prompt_keys if prompt_values is None else prompt_values
+    decode_combine_kernel[(B * Hkv,)](
+        q, prompt_keys, pv, gate, ws_acc, ws_m, ws_l, o,
+        *q.stride()[:3], *_prompt_strides(prompt_keys), *_prompt_strides(pv), *o.stride()[:3],
+        Hkv, M, P, groups, S, softmax_scale * LOG2E,
+        BYPASS=bypass, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
+    )
+    return o

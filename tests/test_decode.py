@@ -1,0 +1,170 @@
+"""Split-KV decode forward (``_triton_decode.decode_forward``) against a float64 evaluation of SPEC.md.
+
+Each sample's reference sees only its first ``L_b`` cache entries (``cache_seqlens``), with the causal mask
+bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned with NaN before the kernels run.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import excitor_kernels
+from excitor_kernels import adapter_attention_reference, excitor_attention_reference
+from excitor_kernels.ops._triton_attention import ADAPTER, EXCITOR
+from excitor_kernels.ops._triton_decode import decode_forward
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    M: int
+    N: int
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    d: int = 64
+    P: int = 5
+    seqlens: tuple | str | None = None  # explicit lengths, "random" or None (L_b = N)
+    causal: bool = True
+    per_sample: bool = False
+    sim: bool = False
+    strided: bool = False  # q as a (B, M, H, d) view, k/v as a slice of a longer (B, Nmax, H, d) cache
+    splits: int | None = None
+
+    def __str__(self):
+        flags = "".join(f"-{n}" for n in ("per_sample", "sim", "strided") if getattr(self, n))
+        lens = "" if self.seqlens is None else f"-L{self.seqlens}".replace(" ", "")
+        return (f"M{self.M}-N{self.N}-B{self.B}-H{self.Hq}/{self.Hkv}-d{self.d}-P{self.P}{lens}"
+                f"-{'causal' if self.causal else 'full'}{flags}-S{self.splits}")
+
+
+def _heads(c: Case, H, L, dtype, device, strided, spare=0):
+    if strided:  # a (B, L + spare, H, d) buffer, first L positions, viewed as (B, H, L, d)
+        return torch.randn(c.B, L + spare, H, c.d, dtype=dtype, device=device)[:, :L].transpose(1, 2)
+    return torch.randn(c.B, H, L, c.d, dtype=dtype, device=device)
+
+
+def make_inputs(c: Case, op: str, dtype, device) -> dict:
+    """Fresh random operands (never zeros)."""
+    prompt_shape = ((c.B,) if c.per_sample else ()) + (c.Hkv, c.P, c.d)
+    x = {
+        "q": _heads(c, c.Hq, c.M, dtype, device, c.strided),
+        "k": _heads(c, c.Hkv, c.N, dtype, device, c.strided, spare=7),
+        "v": _heads(c, c.Hkv, c.N, dtype, device, c.strided, spare=7),
+        "prompt_keys": torch.randn(prompt_shape, dtype=dtype, device=device),
+        "prompt_values": torch.randn(prompt_shape, dtype=dtype, device=device) if op == "adapter" else None,
+        "gate": torch.rand(c.Hq, device=device) * 2 - 1,
+        "sim_keys": torch.randn(c.B, c.Hkv, c.N, c.d, dtype=dtype, device=device) if c.sim else None,
+    }
+    if c.seqlens == "random":
+        x["cache_seqlens"] = torch.randint(1, c.N + 1, (c.B,), dtype=torch.int32, device=device)
+    elif c.seqlens is not None:
+        x["cache_seqlens"] = torch.tensor(c.seqlens, dtype=torch.int32, device=device)
+    else:
+        x["cache_seqlens"] = None
+    return x
+
+
+def decode(op: str, x: dict, c: Case, scale: float, prompt_scale: float):
+    with excitor_kernels.poisoned_outputs():
+        return decode_forward(EXCITOR if op == "excitor" else ADAPTER, x["q"], x["k"], x["v"], x["prompt_keys"],
+                              x["prompt_values"], x["gate"], x["sim_keys"], x["cache_seqlens"], c.causal, scale,
+                              prompt_scale, num_splits=c.splits)
+
+
+def oracle(op: str, x: dict, c: Case, scale: float, prompt_scale: float) -> torch.Tensor:
+    """Float64 reference, sample by sample on the first L_b cache entries."""
+    x = {n: None if t is None else t.detach().cpu().double() for n, t in x.items()}
+    lens = [c.N] * c.B if x["cache_seqlens"] is None else x["cache_seqlens"].long().tolist()
+    outs = []
+    for b, L in enumerate(lens):
+        kv = {n: x[n][b:b + 1, :, :L] for n in ("k", "v")}
+        pk = x["prompt_keys"][b:b + 1] if c.per_sample else x["prompt_keys"]
+        q = x["q"][b:b + 1]
+        if op == "excitor":
+            sim = None if x["sim_keys"] is None else x["sim_keys"][b:b + 1, :, :L]
+            outs.append(excitor_attention_reference(q, kv["k"], kv["v"], pk, x["gate"], sim_keys=sim, causal=c.causal,
+                                                    softmax_scale=scale, prompt_scale=prompt_scale))
+        else:
+            pv = x["prompt_values"][b:b + 1] if c.per_sample else x["prompt_values"]
+            outs.append(adapter_attention_reference(q, kv["k"], kv["v"], pk, pv, x["gate"], causal=c.causal,
+                                                    softmax_scale=scale))
+    return torch.cat(outs)
+
+
+def check(op: str, c: Case, dtype, device):
+    x = make_inputs(c, op, dtype, device)
+    scale, prompt_scale = c.d ** -0.5, 0.7 * c.d ** -0.5
+    o = decode(op, x, c, scale, prompt_scale)
+    ref = oracle(op, x, c, scale, prompt_scale)
+    assert o.shape == x["q"].shape and o.dtype == dtype and o.stride() == x["q"].stride()
+    assert not torch.isnan(o).any(), "NaN in the output (an element never written, or a NaN made)"
+    err = (o.cpu().double() - ref).norm().item() / ref.norm().item()
+    assert err <= BUDGET[dtype], f"{c} {dtype}: rel err {err:.3g} over {BUDGET[dtype]:g}"
+
+
+CASES = [
+    Case(M=1, N=200),
+    Case(M=1, N=131, Hkv=1, seqlens="random", sim=True),
+    Case(M=4, N=77, Hkv=1, per_sample=True, seqlens=(77, 40)),
+    Case(M=4, N=100, seqlens="random", strided=True, splits=3),
+    Case(M=16, N=150, seqlens=(150, 9), per_sample=True, sim=True),   # sample 1: rows 0..6 see no key
+    Case(M=16, N=45, d=32, P=1, causal=False, seqlens=(45, 17)),
+    Case(M=4, N=70, B=1, Hq=2, Hkv=2, P=16, splits=1),                  # MHA, one split
+    Case(M=1, N=66, splits=7),                                          # more splits than tiles: empty splits
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_decode_matches_oracle_fp32(case, op, device):
+    check(op, case, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("case", [Case(M=1, N=190, seqlens="random", per_sample=True),
+                                  Case(M=16, N=90, Hkv=1, sim=True, seqlens=(90, 30), strided=True)], ids=str)
+def test_decode_matches_oracle_half(case, op, dtype, device):
+    check(op, case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_split_count_invariant(device):
+    """The combine makes the result independent of the number of splits (up to float32 rounding)."""
+    c = Case(M=4, N=120, seqlens="random", sim=True)
+    x = make_inputs(c, "excitor", torch.float32, device)
+    outs = [decode("excitor", x, dataclasses.replace(c, splits=s), 0.125, 0.1) for s in (1, 2, 5)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def _call_with_seqlens(cache_seqlens, M=1):
+    c = Case(M=M, N=20, B=2, Hq=2, Hkv=1, d=32, P=2)
+    x = make_inputs(c, "excitor", torch.float32, "cpu")
+    return decode_forward(EXCITOR, x["q"], x["k"], x["v"], x["prompt_keys"], None, x["gate"], None, cache_seqlens,
+                          True, 0.2, 0.2)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.tensor([5, 6], dtype=torch.int64), TypeError, "cache_seqlens must have dtype torch.int32"),
+    ([5, 6], TypeError, "cache_seqlens must be a torch.Tensor"),
+    (torch.tensor([5, 6, 7], dtype=torch.int32), ValueError, r"cache_seqlens must have shape \(B,\)"),
+    (torch.tensor([[5, 6]], dtype=torch.int32), ValueError, r"cache_seqlens must have shape \(B,\)"),
+    (torch.tensor([5, 21], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[1, N\]"),
+    (torch.tensor([0, 6], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[1, N\]"),
+], ids=["int64", "list", "long", "2d", "above_N", "zero"])
+def test_cache_seqlens_validation(bad, error, match):
+    with pytest.raises(error, match=match):
+        _call_with_seqlens(bad)
+
+
+def test_too_many_queries():
+    with pytest.raises(ValueError, match="at most 16 queries"):
+        _call_with_seqlens(None, M=17)
