@@ -116,6 +116,8 @@ CASES = [
     Case(M=16, N=45, d=32, P=1, causal=False, seqlens=(45, 17)),
     Case(M=4, N=70, B=1, Hq=2, Hkv=2, P=16, splits=1),                  # MHA, one split
     Case(M=1, N=66, splits=7),                                          # more splits than tiles: empty splits
+    Case(M=1, N=1, B=1, Hq=1, Hkv=1, P=2),                              # a one-token cache
+    Case(M=16, N=5, Hkv=1, P=3),                                        # cache shorter than the queries
 ]
 
 
@@ -143,6 +145,20 @@ def test_decode_split_count_invariant(device):
     outs = [decode("excitor", x, dataclasses.replace(c, splits=s), 0.125, 0.1) for s in (1, 2, 5)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_decode_very_negative_scores(op, device):
+    """All scores far below 0 (base 2: < -149): a row that sees no key of a split (here the causal
+    diagonal crosses the last chunk) must not pull the combine's max to 0."""
+    c = Case(M=16, N=70, d=32, seqlens=(70, 33), splits=2)
+    x = make_inputs(c, op, torch.float32, device)
+    x["q"], x["k"], x["prompt_keys"] = -x["q"].abs(), x["k"].abs(), x["prompt_keys"].abs()
+    o = decode(op, x, c, 10.0, 0.1)
+    ref = oracle(op, x, c, 10.0, 0.1)
+    assert not torch.isnan(o).any()
+    assert (o.double() - ref).norm().item() / ref.norm().item() <= BUDGET[torch.float32]
 
 
 def _call_with_seqlens(cache_seqlens, M=1):

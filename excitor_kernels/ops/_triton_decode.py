@@ -218,7 +218,7 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     S = num_splits or _num_splits(q, B * Hkv, N, block_n)
     R, BLOCK_R, BLOCK_D, BLOCK_P = groups * M, _pow2(groups * M), _pow2(d), _pow2(P)
     prec = _precision(q)
-    launch = dict(num_warps=4, num_stages=2) if q.is_cuda else {}
+    launch = dict(num_warps=8 if BLOCK_R * BLOCK_D >= 64 * 128 else 4, num_stages=2) if q.is_cuda else {}
 
     ws_acc = new_output((S, B * Hkv, R, d), dtype=torch.float32, device=q.device)
     ws_m = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
