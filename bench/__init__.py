@@ -1,0 +1,1 @@
+"""Benchmarks for excitor-kernels (``pytest bench/``); see bench/README.md."""

@@ -1,0 +1,111 @@
+"""Who computes each operator in the comparison, and why a provider cannot run here.
+
+A provider is called as ``fn(x, causal, scale)`` with ``x`` the inputs of :func:`make_inputs` and
+returns ``o (B, Hq, M, d)``. Plain-attention providers (``sdpa``, ``flash_attn``) ignore the prompts:
+they are the speed of light for the same q, k, v.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+import excitor_kernels
+from excitor_kernels import _dispatch
+from . import baselines
+from .cases import Case
+from .timing import HAS_GPU
+
+
+def _ours(backend):
+    def excitor(x, causal, scale):
+        return excitor_kernels.excitor_attention(x["q"], x["k"], x["v"], x["pk"], x["gate"], causal=causal,
+                                                 softmax_scale=scale, backend=backend)
+
+    def adapter(x, causal, scale):
+        return excitor_kernels.adapter_attention(x["q"], x["k"], x["v"], x["pk"], x["pv"], x["gate"], causal=causal,
+                                                 softmax_scale=scale, backend=backend)
+
+    return {"excitor": excitor, "adapter": adapter}
+
+
+def _plain(fn):
+    def run(x, causal, scale):
+        return fn(x["q"], x["k"], x["v"], causal=causal, scale=scale)
+
+    return {"excitor": run, "adapter": run}
+
+
+def _excitor_only(fn):
+    return {"excitor": lambda x, causal, scale: fn(x["q"], x["k"], x["v"], x["pk"], x["gate"], causal=causal,
+                                                   scale=scale)}
+
+
+def _adapter_only(fn):
+    return {"adapter": lambda x, causal, scale: fn(x["q"], x["k"], x["v"], x["pk"], x["pv"], x["gate"],
+                                                   causal=causal, scale=scale)}
+
+
+def _merge(*tables):
+    out = {}
+    for t in tables:
+        out.update(t)
+    return out
+
+
+# name -> {op: fn}
+PROVIDERS = {
+    "sdpa": _plain(baselines.sdpa),
+    "flash_attn": _plain(baselines.flash_attn),
+    "composition": _merge(_excitor_only(baselines.excitor_composition), _adapter_only(baselines.adapter_composition)),
+    "eager_official": _merge(_excitor_only(baselines.excitor_eager), _adapter_only(baselines.adapter_eager_official)),
+    "eager_peft": _adapter_only(baselines.adapter_eager_peft),
+    "reference": _ours("reference"),
+    "triton": _ours("triton"),
+    "cuda": _ours("cuda"),
+}
+USES_SDPA = {"sdpa", "composition"}  # timed with the fastest SDPA backend for the case
+GPU_PROVIDERS = ("sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda")
+SMOKE_PROVIDERS = ("reference", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda")
+
+
+def unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run in this environment (None when it can)."""
+    if name == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not HAS_GPU and not _dispatch.triton_interpreted():
+            return "no GPU and TRITON_INTERPRET is not 1"
+    if name == "cuda":
+        from excitor_kernels import _cuda
+
+        if _cuda._C is None:
+            return "the CUDA extension excitor_kernels._C is not built"
+    if name == "flash_attn" and not HAS_GPU:
+        return "flash-attn needs a GPU"
+    return None
+
+
+def sdpa_backends() -> list:
+    """SDPA backends to try on this device (None: let PyTorch choose, the only choice on the CPU)."""
+    if not HAS_GPU:
+        return [None]
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def make_inputs(case: Case, device, *, requires_grad: bool, seed: int = 0) -> dict:
+    """Fresh random inputs (never zeros): q, k, v, prompt keys/values, a nonzero gate."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = case.torch_dtype
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale
+        return t.to(dt).requires_grad_(requires_grad)
+
+    B, H, Hkv, N, d, P = case.batch, case.heads, case.kv_heads, case.seq, case.head_dim, case.prompts
+    return dict(q=rand(B, H, N, d), k=rand(B, Hkv, N, d), v=rand(B, Hkv, N, d), pk=rand(Hkv, P, d),
+                pv=rand(Hkv, P, d), gate=rand(H, scale=0.5))

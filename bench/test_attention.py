@@ -1,0 +1,93 @@
+"""Operator benchmarks: every provider on every case of the sweep (GPU) or the smoke set (CPU).
+
+Each test times one provider on one case with pytest-benchmark (median of timed rounds; see
+timing.py for the clock), then measures the peak memory of one more call, and records ms, TFLOP/s
+and peak MiB. Providers built on SDPA are timed with whichever SDPA backend is fastest for the case.
+A case that runs out of device memory is recorded as "oom" and skipped.
+"""
+import functools
+
+import pytest
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from bench import timing
+from bench.cases import gpu_cases, smoke_cases
+from bench.conftest import bench_quick
+from bench.providers import (GPU_PROVIDERS, PROVIDERS, SMOKE_PROVIDERS, USES_SDPA, make_inputs, sdpa_backends,
+                             unavailable)
+from bench.steps import make_step
+from bench.timing import HAS_GPU
+
+NO_GPU = "GPU sweep case: no CUDA device here (the CPU smoke cases run instead)"
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    gpu_mark = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
+    params = [pytest.param(case, name, id=f"{name}-{case.id}", marks=gpu_mark)
+              for case in gpu_cases(bench_quick(metafunc.config)) for name in GPU_PROVIDERS
+              if case.op in PROVIDERS[name]]
+    if not HAS_GPU:
+        params += [pytest.param(case, name, id=f"smoke-{name}-{case.id}")
+                   for case in smoke_cases() for name in SMOKE_PROVIDERS if case.op in PROVIDERS[name]]
+    metafunc.parametrize(("case", "provider"), params)
+
+
+def _timing_budget():
+    if HAS_GPU:
+        return dict(round_s=0.02, budget_s=0.5, min_rounds=5, max_rounds=50)
+    return dict(round_s=0.0, budget_s=0.2, min_rounds=2, max_rounds=10)
+
+
+def _fastest_sdpa_step(fn, x, pass_):
+    """(backend name, step) for the SDPA backend that runs this step fastest."""
+    best = None
+    for backend in sdpa_backends():
+        context = functools.partial(sdpa_kernel, backend) if backend is not None else None
+        try:
+            step = make_step(fn, x, pass_, context) if context else make_step(fn, x, pass_)
+            ms = timing.median_ms(step, reps=5)
+        except RuntimeError:  # this backend does not support the case
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, getattr(backend, "name", "default"), step)
+    if best is None:
+        raise RuntimeError("no SDPA backend runs this case")
+    return best[1], best[2]
+
+
+def test_attention(case, provider, benchmark, record):
+    why = unavailable(provider)
+    if why:
+        pytest.skip(f"{provider}: {why}")
+    key = f"attention/{case.id}/{provider}"
+    base = dict(key=key, kind="attention", provider=provider, case=case.as_dict(), flops=case.flops())
+    device = "cuda" if HAS_GPU else "cpu"
+    scale = case.head_dim ** -0.5
+    fn = PROVIDERS[provider][case.op]
+    oom = None
+    try:
+        x = make_inputs(case, device, requires_grad=case.pass_ != "fwd")
+        call = functools.partial(fn, x, case.causal, scale)
+        if provider in USES_SDPA:
+            sdpa_backend, step = _fastest_sdpa_step(call, x, case.pass_)
+        else:
+            sdpa_backend, step = None, make_step(call, x, case.pass_)
+        benchmark.pedantic(step, **timing.plan(step, **_timing_budget()))
+        peak = timing.peak_mib(step)
+    except torch.cuda.OutOfMemoryError as exc:
+        oom = str(exc).splitlines()[0]
+    except Exception as exc:
+        record(dict(base, status="error", error=f"{type(exc).__name__}: {exc}"[:300]))
+        raise
+    if oom is not None:
+        x = step = None
+        timing.free_memory()
+        record(dict(base, status="oom"))
+        pytest.skip(f"out of memory: {oom}")
+    seconds = benchmark.stats.stats.median
+    record(dict(base, status="ok", ms=seconds * 1e3, tflops=case.flops() / seconds / 1e12, peak_mib=peak,
+                sdpa_backend=sdpa_backend, rounds=benchmark.stats.stats.rounds,
+                iterations=benchmark.stats.iterations))
