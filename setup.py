@@ -14,7 +14,12 @@ EXTRAS = {
 
 
 def cuda_extension():
-    """(ext_modules, cmdclass), or a one-line reason why the CUDA backend is not built."""
+    """(ext_modules, cmdclass, reason): the extension excitor_kernels._C from csrc/, or why it is not built.
+
+    Architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs; sm_80 and later only (bf16 mma.sync),
+    and 9.0 is built as sm_90a."""
+    import os
+
     try:
         import torch
         from torch.utils import cpp_extension
@@ -24,11 +29,21 @@ def cuda_extension():
         return [], {}, "the installed torch has no CUDA support"
     if cpp_extension.CUDA_HOME is None:
         return [], {}, "no CUDA toolkit (nvcc) found"
-    try:
-        from csrc_build import extension  # noqa: F401 - defined with the CUDA sources
-    except ImportError:
-        return [], {}, "the CUDA sources are not part of this tree"
-    ext = extension(cpp_extension)
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";")
+    caps = listed.split(";") if listed else [
+        "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    archs = sorted({int(c.split("+")[0].rstrip("a").replace(".", "")) for c in caps if c[:1].isdigit()})
+    archs = [a for a in archs if a >= 80]
+    if not archs:
+        return [], {}, "no sm_80+ architecture in TORCH_CUDA_ARCH_LIST or among the visible GPUs"
+    gencode = [f"-gencode=arch=compute_{a}{'a' * (a == 90)},code=sm_{a}{'a' * (a == 90)}" for a in archs]
+    root = os.path.dirname(os.path.abspath(__file__))
+    ext = cpp_extension.CUDAExtension(
+        "excitor_kernels._C",
+        [os.path.join("csrc", f) for f in ("binding.cpp", "forward.cu", "backward.cu")],
+        include_dirs=[os.path.join(root, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
+    )
     return [ext], {"build_ext": cpp_extension.BuildExtension}, None
 
 
