@@ -1,0 +1,428 @@
+"""ExcitorAttention inside tiny random Llama-family models (nothing downloaded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from excitor_kernels import adapter_attention_reference, excitor_attention_reference
+from excitor_kernels.module import ExcitorAttention
+from excitor_kernels.patch import (apply_excitor, excitor_layers, load_excitor, prompt_context, save_excitor,
+                                   set_backend)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 4, 2, 3, 97
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    kw = dict(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+              num_hidden_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=256, attn_implementation="sdpa",
+              initializer_range=0.15)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def tiny_model(device="cpu", seed=0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(**overrides)).to(device).eval()
+
+
+def randomize(model, seed=1, gate_std=1.0):
+    """Prompts, gates and similarity projections at sizes where the bypass visibly matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in excitor_layers(model):
+            for name, p in layer.named_parameters():
+                if name == "prompts":
+                    p.copy_(torch.randn(p.shape, generator=gen))
+                elif name == "gate":
+                    p.copy_(torch.randn(p.shape, generator=gen) * gate_std)
+                elif name.startswith("sim_"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def adapted(device="cpu", mode="excitor", sim_rank=None, num_layers=2, num_prompts=5, backend="reference",
+            seed=0, **overrides):
+    model = tiny_model(device, seed, **overrides)
+    return randomize(apply_excitor(model, num_prompts=num_prompts, num_layers=num_layers, mode=mode,
+                                   backend=backend, sim_rank=sim_rank))
+
+
+def tokens(device, B=2, L=11, seed=5):
+    return torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+VARIANTS = [("excitor", None), ("excitor", 4), ("adapter", None)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_zero_gate_reproduces_original_model(device, mode, sim_rank):
+    x = tokens(device)
+    with torch.no_grad():
+        expected = tiny_model(device)(input_ids=x).logits
+        model = adapted(device, mode, sim_rank)
+        for layer in excitor_layers(model):
+            layer.gate.zero_()
+        got = model(input_ids=x).logits
+        randomize(model)
+        moved = model(input_ids=x).logits
+    assert rel(got, expected) <= 1e-5
+    assert rel(moved, expected) > 1e-3, "nonzero gates must change the outputs"
+
+
+def test_only_adapter_parameters_train_and_their_count():
+    P, L, r = 5, 2, 4
+    model = apply_excitor(tiny_model(), num_prompts=P, num_layers=L, sim_rank=r)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.split(".")[-1] in ("prompts", "gate") or ".sim_" in n for n in trainable), trainable
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in trainable} == {LAYERS - 2, LAYERS - 1}
+    head_dim = HIDDEN // HEADS
+    assert sum(trainable.values()) == L * (P * HIDDEN + HEADS + r * (HIDDEN + KV_HEADS * head_dim))
+
+
+def test_paper_parameter_budget_llama_7b_on_meta():
+    """30 layers x (30 prompts x 4096 + rank-16 bottleneck 2 x 16 x 4096) + 30 x 32 tanh gates = 7,619,520."""
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    apply_excitor(model, num_prompts=30, num_layers=30, sim_rank=16)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == 30 * (30 * 4096 + 2 * 16 * 4096) + 30 * 32 == 7_619_520
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_optimizer_steps_lower_the_loss(device, mode, sim_rank):
+    model = apply_excitor(tiny_model(device), num_prompts=6, num_layers=2, mode=mode, sim_rank=sim_rank,
+                          backend="reference", init_std=1.0).train()
+    x = tokens(device, B=2, L=16)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_module_matches_direct_operator_call(device, mode, sim_rank):
+    model = adapted(device, mode, sim_rank)
+    layer = model.model.layers[-1].self_attn
+    B, M, d = 2, 9, HIDDEN // HEADS
+    x = torch.randn(B, M, HIDDEN, device=device)
+    pos = torch.arange(M, device=device)[None].expand(B, M)
+    cos, sin = model.model.rotary_emb(x, pos)
+    got, weights = layer(x, position_embeddings=(cos, sin), attention_mask=None)
+    assert weights is None
+
+    def heads(t):
+        return t.view(B, M, -1, d).transpose(1, 2)
+
+    q, k = apply_rotary_pos_emb(heads(x @ layer.q_proj.weight.T), heads(x @ layer.k_proj.weight.T), cos, sin)
+    v = heads(x @ layer.v_proj.weight.T)
+    pk = (layer.prompts @ layer.k_proj.weight.T).view(5, KV_HEADS, d).transpose(0, 1)
+    gate = torch.tanh(layer.gate)
+    if mode == "excitor":
+        sim = None if sim_rank is None else k + heads(x @ layer.sim_down.weight.T @ layer.sim_up.weight.T)
+        o = excitor_attention_reference(q, k, v, pk, gate, sim_keys=sim, softmax_scale=d ** -0.5,
+                                        prompt_scale=d ** -0.5)
+    else:
+        pv = (layer.prompts @ layer.v_proj.weight.T).view(5, KV_HEADS, d).transpose(0, 1)
+        o = adapter_attention_reference(q, k, v, pk, pv, gate, softmax_scale=d ** -0.5)
+    expected = o.transpose(1, 2).reshape(B, M, HIDDEN) @ layer.o_proj.weight.T
+    assert rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_incremental_decoding_equals_full_forward(device, mode, sim_rank):
+    model = adapted(device, mode, sim_rank)
+    x = tokens(device, B=2, L=12)
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        out = model(input_ids=x[:, :5], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for start, stop in [(5, 8), (8, 9), (9, 10), (10, 12)]:  # chunked prefill and single-token steps
+            out = model(input_ids=x[:, start:stop], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            cache = out.past_key_values
+    assert rel(torch.cat(pieces, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
+def test_greedy_generation_with_and_without_cache_agree(device, mode, sim_rank):
+    model = adapted(device, mode, sim_rank)
+    x = tokens(device, B=2, L=6)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x))
+    with_cache = model.generate(x, use_cache=True, **kw)
+    without = model.generate(x, use_cache=False, **kw)
+    assert with_cache.shape == (2, 14)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_left_and_right_padding_match_unpadded(device, impl, mode, sim_rank):
+    model = adapted(device, mode, sim_rank, attn_implementation=impl)
+    L = 10
+    x = tokens(device, B=3, L=L)
+    lengths_pads = [(7, "left"), (6, "right"), (L, "none")]
+    mask = torch.zeros(3, L, dtype=torch.long, device=device)
+    for b, (n, side) in enumerate(lengths_pads):
+        if side == "left":
+            mask[b, L - n:] = 1
+        else:
+            mask[b, :n] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(input_ids=x, attention_mask=mask, position_ids=position_ids).logits
+        for b in range(3):
+            real = mask[b].bool()
+            alone = model(input_ids=x[b:b + 1, real]).logits[0]
+            assert rel(batched[b, real], alone) <= 1e-5, (b, lengths_pads[b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_left_padded_batch_generation_matches_single_samples(device):
+    model = adapted(device, "excitor", 4)
+    x = tokens(device, B=2, L=8)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    out = model.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    alone = model.generate(x[:1, 3:], attention_mask=mask[:1, 3:], max_new_tokens=5, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(out[0, 8:], alone[0, 5:])
+
+
+def test_unsupported_masks_are_rejected():
+    model = adapted()
+    layer = model.model.layers[-1].self_attn
+    x = torch.randn(1, 4, HIDDEN)
+    pos = torch.arange(4)[None]
+    pe = model.model.rotary_emb(x, pos)
+    packed = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)[None, None]
+    with pytest.raises(ValueError, match="packed sequences"):
+        layer(x, position_embeddings=pe, attention_mask=packed)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        layer(x, position_embeddings=pe, attention_mask=torch.ones(1, 1, 4, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mha_and_qwen2_models(device):
+    """MHA (Hkv == Hq) Llama and a Qwen2 (biased q/k/v projections) adapt and keep zero-gate equivalence."""
+    x = tokens(device)
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=HEADS,
+                                        num_key_value_heads=1, num_hidden_layers=2, vocab_size=VOCAB,
+                                        initializer_range=0.15)).to(device)
+    for base in (tiny_model(device, num_key_value_heads=HEADS), qwen.eval()):
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+            expected = base(input_ids=x).logits
+            apply_excitor(base, num_prompts=3, backend="reference")
+            randomize(base)
+            for layer in excitor_layers(base):
+                layer.gate.zero_()
+            assert rel(base(input_ids=x).logits, expected) <= 1e-5
+            randomize(base)
+            assert rel(base(input_ids=x).logits, expected) > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_prompt_context(device):
+    """Context (B, P, hidden) added to the prompts equals running each sample with its own prompts."""
+    model = adapted(device, "excitor", 4)
+    x = tokens(device, B=2, L=7)
+    ctx = torch.randn(2, 5, HIDDEN, device=device)
+    with torch.no_grad():
+        with prompt_context(model, ctx):
+            batched = model(input_ids=x).logits
+        shared = model(input_ids=x).logits
+        for b in range(2):
+            saved = [layer.prompts.clone() for layer in excitor_layers(model)]
+            for layer in excitor_layers(model):
+                layer.prompts.add_(ctx[b])
+            alone = model(input_ids=x[b:b + 1]).logits
+            for layer, p in zip(excitor_layers(model), saved):
+                layer.prompts.copy_(p)
+            assert rel(batched[b:b + 1], alone) <= 1e-5
+    assert rel(batched, shared) > 1e-3
+    assert all(layer.prompt_context is None for layer in excitor_layers(model))
+
+
+@pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
+def test_save_load_round_trip(mode, sim_rank, tmp_path):
+    x = tokens("cpu")
+    model = adapted("cpu", mode, sim_rank)
+    path = str(tmp_path / "excitor.safetensors")
+    save_excitor(model, path)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        fresh = load_excitor(tiny_model(), path, backend="reference")
+        assert torch.equal(fresh(input_ids=x).logits, expected)
+        already = apply_excitor(tiny_model(), num_prompts=5, num_layers=2, mode=mode, sim_rank=sim_rank,
+                                backend="reference")
+        assert torch.equal(load_excitor(already, path)(input_ids=x).logits, expected)
+    other = apply_excitor(tiny_model(), num_prompts=4, num_layers=2, mode=mode, sim_rank=sim_rank)
+    with pytest.raises(ValueError, match="adapted with"):
+        load_excitor(other, path)
+
+
+def _ddp_setup():
+    torch.manual_seed(0)
+    model = adapted("cpu", "excitor", 4).train()
+    return model, tokens("cpu", B=4, L=9, seed=11)
+
+
+def _ddp_worker(rank, world, init_file, out_path):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batch = _ddp_setup()
+        ddp = DistributedDataParallel(model)
+        part = batch.chunk(world)[rank]
+        ddp(input_ids=part, labels=part).loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    init_file, out = tmp_path / "init", tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(init_file), str(out)), nprocs=2, join=True)
+    model, batch = _ddp_setup()
+    model(input_ids=batch, labels=batch).loss.backward()
+    ddp_grads = torch.load(out)
+    expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert set(ddp_grads) == set(expected) and len(expected) == 8
+    for name, g in expected.items():
+        assert rel(ddp_grads[name], g) <= 1e-5, name
+
+
+def test_torch_compile_runs_the_adapted_model():
+    torch._dynamo.reset()
+    model = adapted("cpu", "excitor", 4).train()
+    x = tokens("cpu", B=2, L=8)
+    eager = model(input_ids=x, labels=x)
+    eager.loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=x, labels=x)
+    out.loss.backward()
+    assert rel(out.logits, eager.logits) <= 1e-5
+    for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
+        assert rel(g, e) <= 1e-4
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = adapted("cpu", "excitor", 4).train()
+    x = tokens("cpu", B=2, L=8)
+    expected = model(input_ids=x).logits.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert rel(out.logits.float(), expected) <= 5e-2
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    x = tokens("cpu", B=2, L=8)
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted("cpu", "excitor", 4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            if use_reentrant:
+                model.enable_input_require_grads()
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert len(grads[1]) == 8
+    for g, e in zip(grads[1], grads[0]):
+        assert rel(g, e) <= 1e-5
+
+
+def _snapshot(model):
+    return [(type(layer.self_attn), [p.requires_grad for p in layer.parameters()]) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_layers=LAYERS + 1), ValueError, "num_layers"),
+    (dict(num_layers=0), ValueError, "num_layers"),
+    (dict(mode="lora"), ValueError, "mode"),
+    (dict(num_prompts=0), ValueError, "num_prompts"),
+    (dict(backend="cudnn"), ValueError, "backend"),
+    (dict(gate_activation="sigmoid"), ValueError, "gate_activation"),
+    (dict(mode="adapter", sim_rank=4), ValueError, "sim_rank"),
+])
+def test_bad_configuration_raises_before_modifying(kwargs, error, match):
+    model = tiny_model()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        apply_excitor(model, **kwargs)
+    assert _snapshot(model) == before
+
+
+def test_non_llama_models_are_rejected_before_modifying():
+    with pytest.raises(TypeError, match="model must be a transformers decoder"):
+        apply_excitor(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model = tiny_model()
+    model.model.layers[-1].self_attn.q_norm = torch.nn.LayerNorm(16)   # Qwen3/OLMo-style q/k norms
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=r"layers\[2\].self_attn must be a Llama-style attention"):
+        apply_excitor(model)
+    assert _snapshot(model) == before
+    adapted_model = apply_excitor(tiny_model(), num_layers=1)
+    with pytest.raises(ValueError, match="already adapted"):
+        apply_excitor(adapted_model)
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
+def test_triton_backend_in_the_module(device, mode, sim_rank):
+    """The fused kernels (interpreted on a CPU) give the reference's logits and gradients, padding included."""
+    x = tokens(device, B=2, L=8)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    results = []
+    for backend in ("reference", "triton"):
+        model = adapted(device, mode, sim_rank, num_layers=1, num_prompts=4).train()
+        set_backend(model, backend)
+        out = model(input_ids=x, attention_mask=mask, labels=x)
+        out.loss.backward()
+        results.append((out.logits, [p.grad for p in model.parameters() if p.requires_grad]))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert rel(logits, ref_logits) <= 1e-4
+    for g, e in zip(grads, ref_grads):
+        assert rel(g, e) <= 1e-3
