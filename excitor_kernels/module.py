@@ -147,9 +147,9 @@ class ExcitorAttention(nn.Module):
                 f"backend={self.backend!r}")
 
     def gate_values(self) -> torch.Tensor:
-        """The ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate``, broadcast when scalar."""
+        """The contiguous ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate``, broadcast when scalar."""
         g = torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
-        return g.expand(self.num_heads)
+        return g.expand(self.num_heads).contiguous()  # the fused kernels index gate[h] assuming unit stride
 
     def _project_prompts(self, proj: nn.Linear, batch: int) -> torch.Tensor:
         """``proj(prompts [+ context])`` as ``(Hkv, P, d)``, or ``(B, Hkv, P, d)`` with a context."""
