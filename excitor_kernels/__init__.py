@@ -2,6 +2,9 @@
 from ._alloc import poisoned_outputs
 from .ops import adapter_attention, excitor_attention
 from .reference import adapter_attention_reference, excitor_attention_reference
+from .module import ExcitorAttention
+from .patch import apply_excitor, load_excitor, prompt_context, save_excitor, set_backend, set_prompt_context
+from .peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
 
 __version__ = "0.1.0"
 
@@ -11,4 +14,13 @@ __all__ = [
     "excitor_attention_reference",
     "adapter_attention_reference",
     "poisoned_outputs",
+    "ExcitorAttention",
+    "apply_excitor",
+    "save_excitor",
+    "load_excitor",
+    "set_backend",
+    "set_prompt_context",
+    "prompt_context",
+    "from_peft_adaption_prompt",
+    "to_peft_adaption_prompt",
 ]
