@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import itertools
 import json
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def _ceiling_lines(results: dict) -> list[str]:
     mm, cp = results.get("ceiling/matmul"), results.get("ceiling/copy")
     lines = ["| ceiling | measured |", "|---|---|"]
     if mm:
-        lines.append(f"| matmul {mm['dtype']} {mm['n']}^3 | {mm['tflops']:.1f} TFLOP/s |")
+        lines.append(f"| matmul {mm['dtype']} {mm['n']}^3 | {mm['tflops']:.3g} TFLOP/s |")
     if cp:
         lines.append(f"| device copy {cp['bytes'] / 2**20:.0f} MiB (read + write) | {cp['gbps']:.1f} GB/s |")
     return lines if len(lines) > 2 else []
@@ -150,7 +151,7 @@ def _attention_lines(results: dict) -> list[str]:
                     lines.append(head + f" {r['status']} | | | | | |")
                     continue
                 pct = 100 * r["tflops"] / matmul if matmul else None
-                lines.append(head + f" {r['ms']:.3f} | {r['tflops']:.2f} | {_fmt(pct, '.0f')} | "
+                lines.append(head + f" {r['ms']:.3f} | {r['tflops']:.3g} | {_fmt(pct, '.0f')} | "
                              f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(_speedup(rows, name, 'sdpa'))} | "
                              f"{_fmt(_speedup(rows, name, 'composition'))} |")
     return lines
@@ -204,7 +205,9 @@ def _file_section(path: Path, data: dict, plot: Path | None) -> list[str]:
     if plot:
         lines += ["", f"![TFLOP/s against N]({plot.relative_to(ROOT)})"]
     if model := _model_lines(results):
-        lines += ["", "### Model level (4 Llama-7B-shaped decoder layers, top 2 adapted)"] + model
+        size = "a tiny Llama (hidden 256)" if smoke else "Llama-7B-shaped (hidden 4096, 32 heads)"
+        lines += ["", f"### Model level: 4 decoder layers of {size}, top 2 adapted, P = 10", "",
+                  "train: tokens/s of one optimisation step; decode: generated tokens/s after the context."] + model
     if long := _long_context_lines(results):
         lines += ["", "### Longest context per provider"] + long
     return lines
@@ -261,13 +264,17 @@ def plot(path: Path, data: dict) -> Path | None:
         c = r.get("case", {})
         if r["kind"] == "attention" and r["status"] == "ok" and all(c[k] == v for k, v in cfg.items()):
             series[(c["op"], c["pass"], r["provider"])].append((c["seq"], r["tflops"]))
-    panels = sorted({k[:2] for k in series})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (op, pass_) in zip(axes[0], panels):
+    ops = sorted({k[0] for k in series})
+    passes = sorted({k[1] for k in series})
+    providers = sorted({k[2] for k in series})
+    colors = dict(zip(providers, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(len(ops), len(passes), figsize=(4.5 * len(passes), 3.6 * len(ops)), squeeze=False)
+    for (row, op), (col, pass_) in itertools.product(enumerate(ops), enumerate(passes)):
+        ax = axes[row][col]
         for (o, p, provider), points in sorted(series.items()):
             if (o, p) == (op, pass_):
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", label=provider)
+                ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (B·N fixed)")
         ax.set_ylabel("TFLOP/s")
