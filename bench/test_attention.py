@@ -49,6 +49,8 @@ def _fastest_sdpa_step(fn, x, pass_):
         try:
             step = make_step(fn, x, pass_, context) if context else make_step(fn, x, pass_)
             ms = timing.median_ms(step, reps=5)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:  # this backend does not support the case
             continue
         if best is None or ms < best[0]:
