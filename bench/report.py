@@ -192,7 +192,8 @@ def _file_section(path: Path, data: dict, plot: Path | None) -> list[str]:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "cuda", "cudnn", "triton", "driver", "transformers", "peft",
                                                     "flash_attn") if env.get(k))
     lines += [f"File `{path.relative_to(ROOT)}`; {versions}; runs: "
-              + "; ".join(f"{r['finished']} ({'quick' if r.get('quick') else 'full'}, {r['results']} results)"
+              + "; ".join(f"{r['finished']} ({'smoke' if smoke else 'quick' if r.get('quick') else 'full'}, "
+                          f"{r['results']} results)"
                           for r in data["runs"])]
     if ceil := _ceiling_lines(results):
         lines += ["", "### Ceilings", ""] + ceil
