@@ -1,0 +1,134 @@
+"""Shared helpers for the operator tests: random inputs, the float64 oracle and the error budgets."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import excitor_kernels
+from excitor_kernels import adapter_attention, excitor_attention
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# SPEC.md: ||out - ref|| / ||ref|| against a float64 evaluation of the formulas
+BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int = 1
+    Hq: int = 2
+    Hkv: int = 1
+    M: int = 33
+    N: int = 33
+    d: int = 64
+    P: int = 4
+    causal: bool = True
+    per_sample: bool = False
+    sim: bool = False
+    transposed: bool = False  # q/k/v as (B, L, H, d) buffers viewed as (B, H, L, d)
+
+    def __str__(self):
+        flags = "".join(f"-{n}" for n in ("per_sample", "sim", "transposed") if getattr(self, n))
+        return (f"B{self.B}-H{self.Hq}/{self.Hkv}-M{self.M}-N{self.N}-d{self.d}-P{self.P}"
+                f"-{'causal' if self.causal else 'full'}{flags}")
+
+
+def _heads(B, H, L, d, dtype, device, transposed):
+    if transposed:
+        return torch.randn(B, L, H, d, dtype=dtype, device=device).transpose(1, 2)
+    return torch.randn(B, H, L, d, dtype=dtype, device=device)
+
+
+def make_inputs(case: Case, op: str, dtype, device, gate_scale: float = 1.0) -> dict:
+    """Fresh random operands (never zeros) for ``op`` ("excitor" or "adapter"), leaves requiring grad."""
+    c = case
+    x = {
+        "q": _heads(c.B, c.Hq, c.M, c.d, dtype, device, c.transposed),
+        "k": _heads(c.B, c.Hkv, c.N, c.d, dtype, device, c.transposed),
+        "v": _heads(c.B, c.Hkv, c.N, c.d, dtype, device, c.transposed),
+        "prompt_keys": torch.randn(*((c.B,) if c.per_sample else ()), c.Hkv, c.P, c.d, dtype=dtype, device=device),
+        # float32 gates for the training dtypes, as modules keep them; float64 for the float64 checks
+        "gate": (torch.rand(c.Hq, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                 * 2 - 1) * gate_scale,
+    }
+    if op == "adapter":
+        x["prompt_values"] = torch.randn_like(x["prompt_keys"])
+    elif c.sim:
+        x["sim_keys"] = torch.randn(c.B, c.Hkv, c.N, c.d, dtype=dtype, device=device)
+    for t in x.values():
+        t.requires_grad_(True)
+    return x
+
+
+def call(op: str, x: dict, backend: str, causal: bool, **kw):
+    if op == "excitor":
+        return excitor_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], sim_keys=x.get("sim_keys"),
+                                 causal=causal, backend=backend, **kw)
+    return adapter_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"], x["gate"],
+                             causal=causal, backend=backend, **kw)
+
+
+def run_with_grads(op: str, x: dict, backend: str, causal: bool, do: torch.Tensor, **kw):
+    """(o, {name: grad}) with every kernel output poisoned with NaN before the kernels write it."""
+    with excitor_kernels.poisoned_outputs():
+        o = call(op, x, backend, causal, **kw)
+        grads = torch.autograd.grad(o, list(x.values()), do)
+    return o, dict(zip(x.keys(), grads))
+
+
+def oracle(op: str, x: dict, causal: bool, do: torch.Tensor):
+    """The float64 evaluation of SPEC.md's formulas (reference backend on float64 copies) and its grads."""
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    o = call(op, x64, "reference", causal)
+    grads = torch.autograd.grad(o, list(x64.values()), do.double())
+    return o, dict(zip(x64.keys(), grads))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert not torch.isnan(out).any(), "NaN in output (an element the kernel never wrote, or a NaN it made)"
+    denom = ref.norm().item() if scale is None else scale
+    return (out.double() - ref).norm().item() / denom
+
+
+def exactly_zero_grads(op: str, case: Case) -> set:
+    """Gradients that vanish in exact arithmetic, where a relative error is meaningless.
+
+    One key (N == 1): every softmax row is constant, so nothing that only moves scores gets a gradient.
+    One prompt (P == 1): the prompt softmax is constant; the Excitor bypass then shifts each score row
+    by a constant, which its softmax cannot see.
+    """
+    zero = set()
+    if case.N == 1:
+        zero |= {"k", "gate", "prompt_keys", "sim_keys"} if op == "excitor" else {"k"}
+        if op == "excitor":
+            zero.add("q")
+    if case.P == 1:
+        zero |= {"gate", "prompt_keys", "sim_keys"} if op == "excitor" else {"prompt_keys"}
+    return zero
+
+
+def check_against_oracle(op: str, case: Case, dtype, device, backend="triton", **kw):
+    """Forward and every gradient of ``backend`` within SPEC.md's budget of the float64 oracle."""
+    x = make_inputs(case, op, dtype, device)
+    do = torch.randn(case.B, case.Hq, case.M, case.d, dtype=dtype, device=device)
+    o, grads = run_with_grads(op, x, backend, case.causal, do, **kw)
+    o_ref, grads_ref = oracle(op, x, case.causal, do)
+    assert o.dtype == dtype and o.shape == x["q"].shape
+    budget = BUDGET[dtype]
+    errors = {"o": rel_err(o, o_ref)}
+    zero = exactly_zero_grads(op, case)
+    largest = max(g.norm().item() for g in grads_ref.values())
+    for name, g in grads.items():
+        assert g.dtype == x[name].dtype, name
+        # A gradient that is zero in exact arithmetic is measured against the call's largest gradient.
+        errors[name] = rel_err(g, grads_ref[name], largest if name in zero else None)
+    bad = {n: e for n, e in errors.items() if not e <= budget}
+    assert not bad, f"{case} {dtype}: errors over the {budget:g} budget: {bad} (all: {errors})"
+    return errors
+
+
+def param_cases(cases):
+    return pytest.mark.parametrize("case", cases, ids=[str(c) for c in cases])

@@ -1,0 +1,220 @@
+"""excitor_attention: every backend against the float64 evaluation of SPEC.md, plus its contract."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import excitor_kernels
+from excitor_kernels import _dispatch, excitor_attention
+from helpers import (BUDGET, DEVICES, DTYPES, Case, call, check_against_oracle, make_inputs, oracle, param_cases,
+                     rel_err, run_with_grads)
+
+OP = "excitor"
+
+# The support grid: MHA/GQA/MQA, causal and not, M < N, M == 1, M > N (rows that see no key), lengths
+# that are no multiple of any block, P in {1, 2, 16, 64}, shared and per-sample prompts, sim_keys,
+# d 64 and 128, transposed (B, L, H, d) views.
+# bf16 gate gradients are sums with heavy cancellation; at least 4 heads keep the norm of the (Hq,)
+# error vector out of the tail where one near-zero entry dominates.
+GRID = [
+    Case(B=2, Hq=4, Hkv=4, M=37, N=37, d=64, P=16),
+    Case(B=1, Hq=4, Hkv=2, M=19, N=53, d=64, P=2),
+    Case(B=1, Hq=4, Hkv=1, M=40, N=40, d=64, P=64, causal=False),
+    Case(B=2, Hq=2, Hkv=1, M=1, N=45, d=64, P=1),
+    Case(B=1, Hq=4, Hkv=1, M=50, N=20, d=64, P=16),
+    Case(B=2, Hq=4, Hkv=2, M=33, N=70, d=128, P=16, per_sample=True, sim=True),
+    Case(B=2, Hq=4, Hkv=2, M=29, N=29, d=64, P=2, transposed=True, sim=True),
+    Case(B=1, Hq=4, Hkv=1, M=17, N=31, d=128, P=64, causal=False, per_sample=True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@param_cases(GRID)
+def test_triton_matches_float64(case, dtype, device):
+    check_against_oracle(OP, case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@param_cases(GRID[:3])
+def test_reference_backend_matches_float64(case, dtype, device):
+    check_against_oracle(OP, case, dtype, device, backend="reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), M=st.integers(1, 70),
+    N=st.integers(1, 70), d=st.sampled_from([16, 32, 64, 128, 40]), P=st.integers(1, 64), causal=st.booleans(),
+    per_sample=st.booleans(), sim=st.booleans(), transposed=st.booleans(),
+)
+def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, sim, transposed):
+    case = Case(B=B, Hq=Hkv * groups, Hkv=Hkv, M=M, N=N, d=d, P=P, causal=causal, per_sample=per_sample, sim=sim,
+                transposed=transposed)
+    check_against_oracle(OP, case, torch.float32, device)
+
+
+def _bottom_right_sdpa(q, k, v, causal):
+    """Plain attention through torch SDPA with an explicit bottom-right causal mask and GQA expansion."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    M, N = q.shape[-2], k.shape[-2]
+    mask = torch.ones(M, N, dtype=torch.bool, device=q.device).tril(N - M) if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@param_cases([Case(B=2, Hq=4, Hkv=2, M=24, N=41, P=8), Case(Hq=2, Hkv=2, M=30, N=30, P=3, causal=False)])
+def test_zero_gate_is_plain_attention(case, dtype, device, backend):
+    """gate == 0 reproduces scaled_dot_product_attention, forward and q/k/v gradients."""
+    x = make_inputs(case, OP, dtype, device, gate_scale=0.0)
+    do = torch.randn(case.B, case.Hq, case.M, case.d, dtype=dtype, device=device)
+    o, grads = run_with_grads(OP, x, backend, case.causal, do)
+    qkv64 = [x[n].detach().double().requires_grad_(True) for n in ("q", "k", "v")]
+    o_sdpa = _bottom_right_sdpa(*qkv64, case.causal)
+    g_sdpa = torch.autograd.grad(o_sdpa, qkv64, do.double())
+    assert rel_err(o, o_sdpa) <= BUDGET[dtype]
+    for name, g_ref in zip("qkv", g_sdpa):
+        assert rel_err(grads[name], g_ref) <= BUDGET[dtype], name
+    assert torch.count_nonzero(grads["prompt_keys"]) == 0  # a zero gate passes nothing to the prompts
+
+
+def test_reference_gradcheck():
+    """The reference backend's autograd agrees with finite differences in float64."""
+    c = Case(B=2, Hq=2, Hkv=1, M=4, N=6, d=4, P=3, per_sample=True, sim=True)
+    x = make_inputs(c, OP, torch.float64, "cpu")
+    names = list(x)
+
+    def f(*tensors):
+        return call(OP, dict(zip(names, tensors)), "reference", True)
+
+    assert torch.autograd.gradcheck(f, tuple(x.values()), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_is_bitwise_repeatable(device):
+    case = Case(B=2, Hq=4, Hkv=2, M=45, N=70, P=16, sim=True)
+    x = make_inputs(case, OP, torch.float32, device)
+    do = torch.randn(case.B, case.Hq, case.M, case.d, device=device)
+    _, g1 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
+    _, g2 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
+    _, g_atomic = run_with_grads(OP, x, "triton", True, do)
+    _, g_ref = oracle(OP, x, True, do)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+        assert rel_err(g1[name], g_ref[name]) <= BUDGET[torch.float32], name
+        assert rel_err(g_atomic[name], g_ref[name]) <= BUDGET[torch.float32], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_keeps_query_layout(device):
+    """A transposed (B, M, H, d) view gives an output of the same layout, so reshaping it back is free."""
+    case = Case(B=2, Hq=2, Hkv=2, M=20, N=20, P=4, transposed=True)
+    x = make_inputs(case, OP, torch.float16, device)
+    o = call(OP, x, "triton", True)
+    assert o.stride() == x["q"].stride()
+    o.transpose(1, 2).view(case.B, case.M, case.Hq * case.d)  # would raise if a copy were needed
+
+
+def test_poisoning_marks_unwritten_outputs():
+    """The poison switch the tests rely on really fills kernel outputs with NaN."""
+    with excitor_kernels.poisoned_outputs():
+        t = excitor_kernels._alloc.new_output((3, 4), dtype=torch.float32, device="cpu")
+    assert torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_without_graph_break(device):
+    case = Case(B=1, Hq=2, Hkv=1, M=20, N=20, P=4, sim=True)
+    x = make_inputs(case, OP, torch.float32, device)
+
+    def step(q, k, v, pk, gate, sim):
+        o = excitor_attention(q, k, v, pk, gate, sim_keys=sim, backend="triton")
+        return (o.float() ** 2).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    args = list(x.values())
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    loss_eager = step(*args)
+    grads_eager = torch.autograd.grad(loss_eager, args)
+    torch.testing.assert_close(loss, loss_eager)
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge)
+
+
+def test_auto_uses_reference_on_cpu_and_says_so_once():
+    case = Case(M=8, N=8, P=2)
+    x = make_inputs(case, OP, torch.float32, "cpu")
+    _dispatch._warned.clear()
+    with pytest.warns(UserWarning, match="reference"):
+        o = call(OP, x, "auto", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(OP, x, "auto", True)
+    torch.testing.assert_close(o, call(OP, x, "reference", True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, before any kernel runs.
+# ------------------------------------------------------------------------------------------------
+def _good():
+    B, Hq, Hkv, M, N, d, P = 2, 4, 2, 6, 8, 16, 3
+    return dict(q=torch.randn(B, Hq, M, d), k=torch.randn(B, Hkv, N, d), v=torch.randn(B, Hkv, N, d),
+                prompt_keys=torch.randn(Hkv, P, d), gate=torch.randn(Hq))
+
+
+BAD = [
+    ("q rank", lambda a: a.update(q=a["q"][0]), ValueError, r"q must have shape \(B, Hq, M, d\)"),
+    ("q not a tensor", lambda a: a.update(q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
+    ("k batch", lambda a: a.update(k=a["k"][:1]), ValueError, r"k must have shape \(B=2"),
+    ("k head dim", lambda a: a.update(k=a["k"][..., :8]), ValueError, r"k must have shape"),
+    ("v shape", lambda a: a.update(v=a["v"][:, :, :5]), ValueError, "v must have k's shape"),
+    ("heads", lambda a: a.update(q=torch.randn(2, 3, 6, 16), gate=torch.randn(3)), ValueError,
+     r"positive multiple of the key/value heads; got q heads Hq=3 and k heads Hkv=2"),
+    ("dtype mix", lambda a: a.update(k=a["k"].half()), TypeError, r"k must have q's dtype torch.float32"),
+    ("int dtype", lambda a: a.update(q=a["q"].long()), TypeError, r"q must be float16, bfloat16 or float32"),
+    ("gate int", lambda a: a.update(gate=torch.ones(4, dtype=torch.int64)), TypeError,
+     "gate must be a floating-point tensor"),
+    ("gate shape", lambda a: a.update(gate=torch.randn(2)), ValueError, r"gate must have shape \(Hq=4,\)"),
+    ("prompt rank", lambda a: a.update(prompt_keys=torch.randn(3, 16)), ValueError, "prompt_keys must have shape"),
+    ("prompt heads", lambda a: a.update(prompt_keys=torch.randn(4, 3, 16)), ValueError,
+     r"prompt_keys must have shape \(Hkv=2, P, d=16\)"),
+    ("prompt batch", lambda a: a.update(prompt_keys=torch.randn(3, 2, 3, 16)), ValueError,
+     "prompt_keys must have shape"),
+    ("empty prompts", lambda a: a.update(prompt_keys=torch.randn(2, 0, 16)), ValueError, "at least one prompt"),
+    ("empty queries", lambda a: a.update(q=torch.randn(2, 4, 0, 16)), ValueError, "M >= 1"),
+    ("last-dim stride", lambda a: a.update(q=torch.randn(2, 4, 16, 6).transpose(-1, -2)), ValueError,
+     "q must have unit stride on its last"),
+    ("sim shape", lambda a: a.update(sim_keys=torch.randn(2, 2, 7, 16)), ValueError, "sim_keys must have k's shape"),
+    ("sim dtype", lambda a: a.update(sim_keys=torch.randn(2, 2, 8, 16).double()), TypeError,
+     "sim_keys must have q's dtype"),
+    ("backend", lambda a: a.update(backend="fast"), ValueError, "backend must be one of"),
+    ("causal", lambda a: a.update(causal=1), TypeError, "causal must be a bool"),
+    ("scale", lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+    ("scale type", lambda a: a.update(prompt_scale="0.1"), TypeError, "prompt_scale must be a float"),
+    ("triton float64", lambda a: a.update({n: a[n].double() for n in ("q", "k", "v", "prompt_keys")}, backend="triton"),
+     ValueError, r"backend='triton' cannot run excitor_attention.*float64"),
+    ("triton many prompts", lambda a: a.update(prompt_keys=torch.randn(2, 65, 16), backend="triton"), ValueError,
+     "65 prompts"),
+    ("cuda not built", lambda a: a.update(backend="cuda"), ValueError, "backend='cuda' cannot run"),
+]
+if torch.cuda.is_available():
+    BAD.append(("device mix", lambda a: a.update(k=a["k"].cuda()), ValueError, "k must be on q's device"))
+
+
+@pytest.mark.parametrize("mutate, exc, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_clear_error(mutate, exc, match):
+    args = _good()
+    mutate(args)
+    q, k, v, pk, gate = (args.pop(n) for n in ("q", "k", "v", "prompt_keys", "gate"))
+    with pytest.raises(exc, match=match):
+        excitor_attention(q, k, v, pk, gate, **args)
