@@ -1,0 +1,139 @@
+"""Tune a small Llama with LLaMA-Excitor prompts on a synthetic instruction set (nothing downloaded).
+
+    python python/finetune_demo.py [--steps 40] [--pretrain-steps 80] [--mode excitor|adapter] [--device cpu|cuda]
+
+A small Llama is built from a config and briefly pre-trained (all weights) on made-up instructions
+("reverse: abc" -> "cba", "upper: ab" -> "AB", ...; tokenised byte by byte, loss on the answers only)
+without the task "double". Then its top layers are adapted with ``apply_excitor`` (everything else
+frozen) and the prompts, gates and the rank-r similarity projection are tuned on the mixture including
+"double".
+Prints the loss curve, the trainable parameter count and tokens/s, compares the logits of the backend
+in use (``auto``: the fused kernels on CUDA, the reference on a CPU) with ``backend="reference"``, and
+generates a reply. Finishes in well under two minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from excitor_kernels import apply_excitor, set_backend
+
+PAD, BOS, EOS = 256, 257, 258
+VOCAB = 259
+TASKS = {
+    "reverse": lambda w: w[::-1],
+    "upper": str.upper,
+    "double": lambda w: w + w,
+    "first": lambda w: w[0],
+}
+
+
+def encode(text: str) -> list:
+    return list(text.encode("utf-8"))
+
+
+def decode(ids) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def make_example(rng: random.Random, tasks=tuple(sorted(TASKS))) -> tuple:
+    task = rng.choice(tasks)
+    word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5)))
+    return f"{task}: {word}\n=", TASKS[task](word)
+
+
+def make_batch(examples, device):
+    """Right-padded ids, attention mask and labels (-100 outside the answers)."""
+    rows = []
+    for prompt, answer in examples:
+        p, a = [BOS] + encode(prompt), encode(answer) + [EOS]
+        rows.append((p + a, [-100] * len(p) + a))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), PAD)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, lab) in enumerate(rows):
+        ids[i, :len(row)], labels[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), torch.tensor(lab), 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def pretrain(model, rng, device, steps: int, batch: int) -> None:
+    """Stand-in for a pre-trained checkpoint: fit every weight on the tasks other than "double"."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(1, steps + 1):
+        ids, mask, labels = make_batch([make_example(rng, ("first", "reverse", "upper")) for _ in range(batch)],
+                                       device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0:
+            print(f"pre-train step {step:3d}  loss {loss.item():.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--pretrain-steps", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--mode", choices=("excitor", "adapter"), default="excitor")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    device = torch.device(args.device)
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=4, vocab_size=VOCAB, max_position_embeddings=64,
+                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.1)
+    model = LlamaForCausalLM(config).to(device)
+    pretrain(model, rng, device, steps=args.pretrain_steps, batch=args.batch)
+    apply_excitor(model, num_prompts=10, num_layers=3, mode=args.mode, backend="auto",
+                  sim_rank=8 if args.mode == "excitor" else None, init_std=1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+          f"{sum(p.numel() for p in model.parameters()):,} ({args.mode}, 3 of 4 layers, 10 prompts)")
+
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    tokens, window, start = 0, [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        ids, mask, labels = make_batch([make_example(rng) for _ in range(args.batch)], device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        tokens += int(mask.sum())
+        window.append(loss.item())
+        if step % 5 == 0:
+            print(f"step {step:3d}  mean loss of the last 5 batches {sum(window) / len(window):.3f}")
+            window = []
+    elapsed = time.perf_counter() - start
+    print(f"throughput: {tokens / elapsed:,.0f} tokens/s (forward + backward + step, {elapsed:.1f}s)")
+
+    model.eval()
+    ids, mask, _ = make_batch([make_example(rng) for _ in range(4)], device)
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask).logits
+        set_backend(model, "reference")
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        set_backend(model, "auto")
+    real = mask.bool()
+    err = ((fused[real] - reference[real]).norm() / reference[real].norm()).item()
+    print(f"backend auto vs reference: relative logit error {err:.2e}")
+    assert err <= 1e-3, err
+
+    prompt, answer = make_example(rng, ("double",))
+    prompt_ids = torch.tensor([[BOS] + encode(prompt)], device=device)
+    out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
+                         do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    print(f"prompt {prompt!r} -> reply {decode(out[0, prompt_ids.shape[1]:].tolist())!r} (target {answer!r})")
+
+
+if __name__ == "__main__":
+    main()
