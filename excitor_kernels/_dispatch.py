@@ -54,10 +54,10 @@ def triton_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     return None
 
 
-def cuda_unsupported(op: str, p: Problem) -> str | None:
+def cuda_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     from . import _cuda
 
-    return _cuda.unsupported_reason(op, p)
+    return _cuda.unsupported_reason(op, p, explicit=explicit)
 
 
 def select_backend(op: str, backend: str, p: Problem) -> str:
@@ -69,10 +69,10 @@ def select_backend(op: str, backend: str, p: Problem) -> str:
     if backend == "triton":
         reason = triton_unsupported(op, p, explicit=True)
     elif backend == "cuda":
-        reason = cuda_unsupported(op, p)
+        reason = cuda_unsupported(op, p, explicit=True)
     else:
         reasons = []
-        for name, why in (("cuda", cuda_unsupported(op, p)), ("triton", triton_unsupported(op, p, explicit=False))):
+        for name, why in (("cuda", cuda_unsupported(op, p, explicit=False)), ("triton", triton_unsupported(op, p, explicit=False))):
             if why is None:
                 return name
             reasons.append(f"{name}: {why}")

@@ -101,12 +101,18 @@ def exactly_zero_grads(op: str, case: Case) -> set:
     by a constant, which its softmax cannot see.
     """
     zero = set()
-    if case.N == 1:
-        zero |= {"k", "gate", "prompt_keys", "sim_keys"} if op == "excitor" else {"k"}
-        if op == "excitor":
+    if op == "excitor":
+        if case.N == 1:
+            zero |= {"q", "k", "gate", "prompt_keys", "sim_keys"}
+        if case.P == 1:
+            zero |= {"gate", "prompt_keys", "sim_keys"}
+    else:
+        if case.N == 1:
+            zero.add("k")
+        if case.P == 1:
+            zero.add("prompt_keys")
+        if case.N == 1 and case.P == 1:
             zero.add("q")
-    if case.P == 1:
-        zero |= {"gate", "prompt_keys", "sim_keys"} if op == "excitor" else {"prompt_keys"}
     return zero
 
 

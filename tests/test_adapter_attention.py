@@ -1,0 +1,133 @@
+"""adapter_attention: every backend against the float64 evaluation of SPEC.md, plus its contract."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from excitor_kernels import adapter_attention
+from helpers import (BUDGET, DEVICES, DTYPES, Case, check_against_oracle, make_inputs, oracle, param_cases, rel_err,
+                     run_with_grads)
+
+OP = "adapter"
+
+# The same support grid as excitor_attention (sim_keys does not exist for this operator).
+GRID = [
+    Case(B=2, Hq=4, Hkv=4, M=37, N=37, d=64, P=16),
+    Case(B=1, Hq=4, Hkv=2, M=19, N=53, d=64, P=2),
+    Case(B=1, Hq=4, Hkv=1, M=40, N=40, d=64, P=64, causal=False),
+    Case(B=2, Hq=2, Hkv=1, M=1, N=45, d=64, P=1),
+    Case(B=1, Hq=4, Hkv=1, M=50, N=20, d=64, P=16),
+    Case(B=2, Hq=4, Hkv=2, M=33, N=70, d=128, P=16, per_sample=True),
+    Case(B=2, Hq=4, Hkv=2, M=29, N=29, d=64, P=2, transposed=True),
+    Case(B=1, Hq=4, Hkv=1, M=17, N=31, d=128, P=64, causal=False, per_sample=True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@param_cases(GRID)
+def test_triton_matches_float64(case, dtype, device):
+    check_against_oracle(OP, case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@param_cases(GRID[:2])
+def test_reference_backend_matches_float64(case, dtype, device):
+    check_against_oracle(OP, case, dtype, device, backend="reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), M=st.integers(1, 70),
+    N=st.integers(1, 70), d=st.sampled_from([16, 32, 64, 128, 40]), P=st.integers(1, 64), causal=st.booleans(),
+    per_sample=st.booleans(), transposed=st.booleans(),
+)
+def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, transposed):
+    case = Case(B=B, Hq=Hkv * groups, Hkv=Hkv, M=M, N=N, d=d, P=P, causal=causal, per_sample=per_sample,
+                transposed=transposed)
+    check_against_oracle(OP, case, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_official_llama_adapter_formula(device):
+    """LLaMA-Adapter's own formulation, written out: softmax over token scores plus tanh(g) times a
+    separate softmax over prompt scores (prompts shared by all queries, no position)."""
+    case = Case(B=2, Hq=4, Hkv=4, M=21, N=21, P=10)
+    x = make_inputs(case, OP, torch.float32, device)
+    raw_gate = torch.randn(case.Hq, device=device)
+    o = adapter_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"], torch.tanh(raw_gate),
+                          backend="triton")
+    q, k, v = (x[n].detach().double() for n in "qkv")
+    pk, pv = x["prompt_keys"].detach().double(), x["prompt_values"].detach().double()
+    scale = case.d ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores + torch.full((case.M, case.N), float("-inf"), device=device).triu(1).double()
+    prompt_scores = torch.einsum("bhmd,hpd->bhmp", q, pk) * scale
+    expected = (torch.softmax(scores, -1) @ v
+                + torch.tanh(raw_gate).double().view(1, -1, 1, 1)
+                * torch.einsum("bhmp,hpd->bhmd", torch.softmax(prompt_scores, -1), pv))
+    assert rel_err(o, expected) <= BUDGET[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_is_bitwise_repeatable(device):
+    case = Case(B=2, Hq=4, Hkv=2, M=45, N=40, P=16)
+    x = make_inputs(case, OP, torch.float32, device)
+    do = torch.randn(case.B, case.Hq, case.M, case.d, device=device)
+    _, g1 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
+    _, g2 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
+    _, g_ref = oracle(OP, x, True, do)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+        assert rel_err(g1[name], g_ref[name]) <= BUDGET[torch.float32], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_without_graph_break(device):
+    x = make_inputs(Case(M=16, N=16, P=4), OP, torch.float32, device)
+
+    def step(*args):
+        return (adapter_attention(*args, backend="triton") ** 2).sum()
+
+    args = list(x.values())
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    grads = torch.autograd.grad(loss, args)
+    grads_eager = torch.autograd.grad(step(*args), args)
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge)
+
+
+def _good():
+    B, Hq, Hkv, M, N, d, P = 2, 4, 2, 6, 8, 16, 3
+    return dict(q=torch.randn(B, Hq, M, d), k=torch.randn(B, Hkv, N, d), v=torch.randn(B, Hkv, N, d),
+                prompt_keys=torch.randn(Hkv, P, d), prompt_values=torch.randn(Hkv, P, d), gate=torch.randn(Hq))
+
+
+BAD = [
+    ("values shape", lambda a: a.update(prompt_values=torch.randn(2, 4, 16)), ValueError,
+     "prompt_values must have prompt_keys' shape"),
+    ("values dtype", lambda a: a.update(prompt_values=a["prompt_values"].half()), TypeError,
+     "prompt_values must have q's dtype"),
+    ("values type", lambda a: a.update(prompt_values=None), TypeError, "prompt_values must be a torch.Tensor"),
+    ("empty prompts", lambda a: a.update(prompt_keys=torch.randn(2, 0, 16), prompt_values=torch.randn(2, 0, 16)),
+     ValueError, "at least one prompt"),
+    ("heads", lambda a: a.update(gate=torch.randn(5)), ValueError, r"gate must have shape \(Hq=4,\)"),
+    ("stride", lambda a: a.update(k=torch.randn(2, 2, 16, 8).transpose(-1, -2)), ValueError,
+     "k must have unit stride on its last"),
+    ("backend", lambda a: a.update(backend="triton", q=a["q"].double(), k=a["k"].double(), v=a["v"].double(),
+                                   prompt_keys=a["prompt_keys"].double(), prompt_values=a["prompt_values"].double()),
+     ValueError, "backend='triton' cannot run adapter_attention"),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_clear_error(mutate, exc, match):
+    args = _good()
+    mutate(args)
+    pos = [args.pop(n) for n in ("q", "k", "v", "prompt_keys", "prompt_values", "gate")]
+    with pytest.raises(exc, match=match):
+        adapter_attention(*pos, **args)
