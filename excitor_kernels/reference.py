@@ -26,20 +26,38 @@ def _per_batch(prompts: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Bottom-right aligned: query i sees key j iff j <= i + kv_len - q_len."""
+    """(M, N) bottom-right aligned: query i sees key j iff j <= i + kv_len - q_len."""
     i = torch.arange(q_len, device=device)[:, None]
     j = torch.arange(kv_len, device=device)[None, :]
     return j <= i + (kv_len - q_len)
 
 
-def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """softmax_j(scores) @ v with the causal mask; rows with no visible key give 0."""
+def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, device=None) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, M, N) mask of the keys each query sees, or None when it sees all of them.
+
+    Sample b holds L_b = cache_seqlens[b] keys (all N without cache_seqlens); key j is visible to query
+    i iff j < L_b and, when causal, j <= i + L_b - M (bottom-right aligned).
+    """
+    if not causal and cache_seqlens is None:
+        return None
+    lengths = (torch.tensor([kv_len], device=device) if cache_seqlens is None
+               else cache_seqlens.to(device=device, dtype=torch.long))
+    i = torch.arange(q_len, device=device).view(1, 1, -1, 1)
+    j = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
+    L = lengths.view(-1, 1, 1, 1)
+    visible = j < L
     if causal:
-        visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
-    else:
-        probs = torch.softmax(scores, dim=-1)
+        visible = visible & (j <= i + L - q_len)
+    return visible
+
+
+def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool, cache_seqlens=None) -> torch.Tensor:
+    """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0."""
+    visible = visible_keys(scores.shape[-2], scores.shape[-1], causal, cache_seqlens, scores.device)
+    if visible is None:
+        return torch.softmax(scores, dim=-1) @ v
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
     return probs @ v
 
 
@@ -54,6 +72,7 @@ def excitor_attention_reference(
     causal: bool = True,
     softmax_scale: float,
     prompt_scale: float,
+    cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LLaMA-Excitor attention, exactly as SPEC.md writes it.
 
@@ -73,7 +92,7 @@ def excitor_attention_reference(
     g = gate.to(ct).view(1, Hq, 1, 1)
     k_prime = _expand_kv_heads(kc, groups) + g * _expand_kv_heads(ke, groups)  # (B, Hq, N, d)
     scores = softmax_scale * (qc @ k_prime.transpose(-1, -2))
-    o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal)
+    o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal, cache_seqlens)
     return o.to(q.dtype)
 
 
@@ -87,6 +106,7 @@ def adapter_attention_reference(
     *,
     causal: bool = True,
     softmax_scale: float,
+    cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter zero-init attention, exactly as SPEC.md writes it.
 
@@ -100,7 +120,7 @@ def adapter_attention_reference(
     vc = _expand_kv_heads(v.to(ct), groups)
     pk = _expand_kv_heads(_per_batch(prompt_keys.to(ct), B), groups)   # (B, Hq, P, d)
     pv = _expand_kv_heads(_per_batch(prompt_values.to(ct), B), groups)
-    o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal)
+    o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal, cache_seqlens)
     o_prompts = torch.softmax(softmax_scale * (qc @ pk.transpose(-1, -2)), -1) @ pv
     o = o_tokens + gate.to(ct).view(1, Hq, 1, 1) * o_prompts
     return o.to(q.dtype)

@@ -184,3 +184,52 @@ def test_cache_seqlens_validation(bad, error, match):
 def test_too_many_queries():
     with pytest.raises(ValueError, match="at most 16 queries"):
         _call_with_seqlens(None, M=17)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the public operators: inference calls with <= 16 queries take the decode path.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_public_operator_routes_inference_to_decode(op, device):
+    from excitor_kernels import adapter_attention, excitor_attention
+    from excitor_kernels.ops import _triton_decode
+
+    B, Hq, Hkv, M, N, d, P = 3, 4, 2, 4, 77, 32, 5
+    q = torch.randn(B, Hq, M, d, device=device)
+    k, v = torch.randn(B, Hkv, N, d, device=device), torch.randn(B, Hkv, N, d, device=device)
+    pk, pv = torch.randn(Hkv, P, d, device=device), torch.randn(Hkv, P, d, device=device)
+    gate = torch.rand(Hq, device=device) * 2 - 1
+    lengths = torch.tensor([77, 30, 5], dtype=torch.int32, device=device)
+    calls = []
+    original = _triton_decode.decode_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    _triton_decode.decode_forward = spy
+    try:
+        with torch.no_grad(), excitor_kernels.poisoned_outputs():
+            if op == "excitor":
+                o = excitor_attention(q, k, v, pk, gate, backend="triton", cache_seqlens=lengths)
+                ref = excitor_attention(*(t.double() for t in (q, k, v, pk, gate)), backend="reference",
+                                        cache_seqlens=lengths)
+            else:
+                o = adapter_attention(q, k, v, pk, pv, gate, backend="triton", cache_seqlens=lengths)
+                ref = adapter_attention(*(t.double() for t in (q, k, v, pk, pv, gate)), backend="reference",
+                                        cache_seqlens=lengths)
+    finally:
+        _triton_decode.decode_forward = original
+    assert len(calls) == 1
+    assert not torch.isnan(o).any()
+    assert ((o.double() - ref).norm() / ref.norm()).item() <= 1e-3
+
+
+def test_cache_seqlens_needs_the_decode_path():
+    from excitor_kernels import excitor_attention
+
+    q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 30, 16)
+    with pytest.raises(ValueError, match="cache_seqlens is served by the decode path only"):
+        excitor_attention(q, k, k, torch.randn(2, 3, 16), torch.randn(2), backend="triton",
+                          cache_seqlens=torch.tensor([25], dtype=torch.int32))

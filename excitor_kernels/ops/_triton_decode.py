@@ -28,6 +28,8 @@ pv_n``, computed once per query.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -240,3 +242,25 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
         BYPASS=bypass, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
     )
     return o
+
+
+@torch.library.custom_op("excitor_kernels::attention_decode", mutates_args=())
+def attention_decode(bypass: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_keys: torch.Tensor,
+                     prompt_values: Optional[torch.Tensor], gate: torch.Tensor, sim_keys: Optional[torch.Tensor],
+                     cache_seqlens: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                     prompt_scale: float) -> torch.Tensor:
+    """:func:`decode_forward` as an opaque op, so ``torch.compile`` keeps generation graphs whole."""
+    return decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal,
+                          softmax_scale, prompt_scale)
+
+
+@attention_decode.register_fake
+def _(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
+      prompt_scale):
+    return torch.empty_like(q)
+
+
+def wants_decode(q: torch.Tensor, *tensors) -> bool:
+    """The split-KV path serves inference calls: at most MAX_DECODE_QUERIES queries and no gradient."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
+    return q.shape[-2] <= MAX_DECODE_QUERIES and not needs_grad

@@ -16,6 +16,7 @@ from .._dispatch import select_backend
 from .._validate import check_inputs
 from ..reference import adapter_attention_reference
 from . import _triton_attention as tri
+from . import _triton_decode as dec
 
 OP = "adapter_attention"
 
@@ -77,23 +78,35 @@ def adapter_attention(
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
     deterministic: bool = False,
+    cache_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """Causal attention plus LLaMA-Adapter's gated prompt attention, in one pass.
 
     ``o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n``.
     Shapes as :func:`excitor_attention`, with ``prompt_values`` shaped like ``prompt_keys``. Prompts are
     visible to every query and carry no position. ``gate`` is used as is: pass ``tanh(raw)`` for the
-    official LLaMA-Adapter formulation or PEFT's plain scalar broadcast to ``(Hq,)``.
+    official LLaMA-Adapter formulation or PEFT's plain scalar broadcast to ``(Hq,)``. Inference calls
+    (at most 16 queries, no gradient) take the split-KV decode kernel and accept ``cache_seqlens`` as
+    :func:`excitor_attention` does.
     """
     p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
                      needs_prompt_values=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
     softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    if cache_seqlens is not None:
+        dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
     backend = select_backend(OP, backend, p)
+    decode = backend == "triton" and dec.wants_decode(q, k, v, prompt_keys, prompt_values, gate)
+    if cache_seqlens is not None and backend != "reference" and not decode:
+        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {dec.MAX_DECODE_QUERIES} queries, "
+                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
     if backend == "reference":
         return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
-                                           softmax_scale=softmax_scale)
+                                           softmax_scale=softmax_scale, cache_seqlens=cache_seqlens)
+    if decode:
+        return dec.attention_decode(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, cache_seqlens,
+                                    causal, softmax_scale, softmax_scale)
     if backend == "cuda":
         from .. import _cuda
 

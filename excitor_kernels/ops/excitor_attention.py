@@ -15,6 +15,7 @@ from .._dispatch import select_backend
 from .._validate import check_inputs
 from ..reference import excitor_attention_reference
 from . import _triton_attention as tri
+from . import _triton_decode as dec
 
 OP = "excitor_attention"
 
@@ -78,6 +79,7 @@ def excitor_attention(
     prompt_scale: Optional[float] = None,
     backend: str = "auto",
     deterministic: bool = False,
+    cache_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """Causal attention whose keys carry LLaMA-Excitor's gated, prompt-reconstructed bypass.
 
@@ -99,10 +101,20 @@ def excitor_attention(
         raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
     softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
     prompt_scale = float(softmax_scale if prompt_scale is None else prompt_scale)
+    if cache_seqlens is not None:
+        dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
     backend = select_backend(OP, backend, p)
+    decode = backend == "triton" and dec.wants_decode(q, k, v, prompt_keys, gate, sim_keys)
+    if cache_seqlens is not None and backend != "reference" and not decode:
+        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {dec.MAX_DECODE_QUERIES} queries, "
+                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
     if backend == "reference":
         return excitor_attention_reference(q, k, v, prompt_keys, gate, sim_keys=sim_keys, causal=causal,
-                                           softmax_scale=softmax_scale, prompt_scale=prompt_scale)
+                                           softmax_scale=softmax_scale, prompt_scale=prompt_scale,
+                                           cache_seqlens=cache_seqlens)
+    if decode:
+        return dec.attention_decode(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, cache_seqlens, causal,
+                                    softmax_scale, prompt_scale)
     if backend == "cuda":
         from .. import _cuda
 
