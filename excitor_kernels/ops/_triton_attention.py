@@ -74,6 +74,28 @@ def _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, N, pk, offs_p, P, p
 
 
 @triton.jit
+def _key_tile(k_base, s_base, stride_kn, stride_sn, offs_n, offs_d, N, pk, offs_p, P, gate_h, prompt_scale_log2,
+              MASKED: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PREC: tl.constexpr):
+    """The key tile the queries of head h meet: k, or for the Excitor k' = k + gate[h] ke."""
+    kt = _load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, MASKED)
+    if BYPASS == 1:
+        _, ke = _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, N, pk, offs_p, P,
+                                  prompt_scale_log2, SIM_IS_K, HEAD_DIM, PREC)
+        kt = (kt.to(tl.float32) + gate_h * ke).to(kt.dtype)
+    return kt
+
+
+@triton.jit
+def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
+    """(rows, cols) mask of the keys each query sees: j < N and, when causal, j <= i + shift."""
+    visible = offs_n[None, :] < N
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+    return visible
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, offs_p, k_base, v_base, s_base,
                stride_kn, stride_vn, stride_sn, lo, hi, N, shift, pk, gate_h, P, qk_scale, prompt_scale_log2,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr,
@@ -81,17 +103,11 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, offs_p, k_base, v_base, s_base,
     """Online softmax over key tiles [lo, hi); MASKED tiles apply the causal and the j < N masks."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, MASKED)
-        if BYPASS == 1:
-            _, ke = _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, N, pk, offs_p, P,
-                                      prompt_scale_log2, SIM_IS_K, HEAD_DIM, PREC)
-            kt = (kt.to(tl.float32) + gate_h * ke).to(q.dtype)      # k' = k + gate[h] ke
+        kt = _key_tile(k_base, s_base, stride_kn, stride_sn, offs_n, offs_d, N, pk, offs_p, P, gate_h,
+                       prompt_scale_log2, MASKED, BYPASS, SIM_IS_K, HEAD_DIM, PREC)
         qk = _dot(q, tl.trans(kt), PREC) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < N
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            qk = tl.where(visible, qk, float("-inf"))
+            qk = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -345,18 +361,12 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, offs_p, k_base, v_base,
     """dq += ds k' over key tiles [lo, hi) (softmax_scale applied by the caller)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, MASKED)
-        if BYPASS == 1:
-            _, ke = _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, N, pk, offs_p, P,
-                                      prompt_scale_log2, SIM_IS_K, HEAD_DIM, PREC)
-            kt = (kt.to(tl.float32) + gate_h * ke).to(q.dtype)
+        kt = _key_tile(k_base, s_base, stride_kn, stride_sn, offs_n, offs_d, N, pk, offs_p, P, gate_h,
+                       prompt_scale_log2, MASKED, BYPASS, SIM_IS_K, HEAD_DIM, PREC)
         vt = _load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, MASKED)
         p = tl.exp2(_dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
         if MASKED:
-            visible = offs_n[None, :] < N
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(vt), PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), kt, PREC)
