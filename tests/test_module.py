@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+import ddp_worker
 from excitor_kernels import adapter_attention_reference, excitor_attention_reference
 from excitor_kernels.module import ExcitorAttention
 from excitor_kernels.patch import (apply_excitor, excitor_layers, load_excitor, prompt_context, save_excitor,
@@ -284,37 +285,13 @@ def test_save_load_round_trip(mode, sim_rank, tmp_path):
         load_excitor(other, path)
 
 
-def _ddp_setup():
-    torch.manual_seed(0)
-    model = adapted("cpu", "excitor", 4).train()
-    return model, tokens("cpu", B=4, L=9, seed=11)
-
-
-def _ddp_worker(rank, world, init_file, out_path):
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, batch = _ddp_setup()
-        ddp = DistributedDataParallel(model)
-        part = batch.chunk(world)[rank]
-        ddp(input_ids=part, labels=part).loss.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.skip(reason="hangs on the 2-core CI machine (one spawned gloo worker exits, the other waits in "
-                         "rendezvous); not yet shown: DDP equivalence is unverified")
 def test_ddp_gradients_equal_single_process(tmp_path, monkeypatch):
-    # The workers use the reference backend; with TRITON_INTERPRET=1 inherited, a spawned worker hangs on this
-    # machine (observed with torch 2.13 / the interpreter), so they start without it.
+    # Workers run the reference backend and import only tests/ddp_worker.py (spawned processes that imported
+    # this test module with TRITON_INTERPRET=1 hung before reaching the worker on this machine).
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     init_file, out = tmp_path / "init", tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(init_file), str(out)), nprocs=2, join=True)
-    model, batch = _ddp_setup()
+    torch.multiprocessing.spawn(ddp_worker.worker, args=(2, str(init_file), str(out)), nprocs=2, join=True)
+    model, batch = ddp_worker.setup()
     model(input_ids=batch, labels=batch).loss.backward()
     ddp_grads = torch.load(out)
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,37 @@
+"""The DDP worker of tests/test_module.py, in its own small module so spawned processes import little."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from excitor_kernels.patch import apply_excitor
+
+
+def setup():
+    """The same adapted model (random prompts, gates, sim projections) and batch in every process."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=97,
+                                         initializer_range=0.15))
+    apply_excitor(model, num_prompts=5, num_layers=2, sim_rank=4, backend="reference")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3 if ".sim_" in name else 1.0)
+    return model.train(), torch.randint(0, 97, (4, 9))
+
+
+def worker(rank, world, init_file, out_path):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batch = setup()
+        ddp = DistributedDataParallel(model)
+        part = batch.chunk(world)[rank]
+        ddp(input_ids=part, labels=part).loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
+    finally:
+        torch.distributed.destroy_process_group()
