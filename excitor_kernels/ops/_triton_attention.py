@@ -531,6 +531,7 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     """Launch the forward; returns (o, lse) with lse float32 (B, Hq, M) in base-2 units."""
     B, Hq, M, d = q.shape
     Hkv, N, P = k.shape[1], k.shape[2], pk.shape[-2]
+    gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output((B, Hq, M), dtype=torch.float32, device=q.device)
     s = k if sim is None else sim
@@ -554,6 +555,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     B, Hq, M, d = q.shape
     Hkv, N, P = k.shape[1], k.shape[2], pk.shape[-2]
     groups = Hq // Hkv
+    gate = gate.contiguous()
     per_sample = pk.dim() == 4
     if do.stride(-1) != 1:
         do = do.contiguous()
