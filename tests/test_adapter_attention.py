@@ -1,28 +1,21 @@
 """adapter_attention: every backend against the float64 evaluation of SPEC.md, plus its contract."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from excitor_kernels import adapter_attention
-from helpers import (BUDGET, DEVICES, DTYPES, Case, check_against_oracle, make_inputs, oracle, param_cases, rel_err,
+from helpers import (SUPPORT_GRID, BUDGET, DEVICES, DTYPES, Case, check_against_oracle, make_inputs, oracle, param_cases, rel_err,
                      run_with_grads)
 
 OP = "adapter"
 
 # The same support grid as excitor_attention (sim_keys does not exist for this operator).
-GRID = [
-    Case(B=2, Hq=4, Hkv=4, M=37, N=37, d=64, P=16),
-    Case(B=1, Hq=4, Hkv=2, M=19, N=53, d=64, P=2),
-    Case(B=1, Hq=4, Hkv=1, M=40, N=40, d=64, P=64, causal=False),
-    Case(B=2, Hq=2, Hkv=1, M=1, N=45, d=64, P=1),
-    Case(B=1, Hq=4, Hkv=1, M=50, N=20, d=64, P=16),
-    Case(B=2, Hq=4, Hkv=2, M=33, N=70, d=128, P=16, per_sample=True),
-    Case(B=2, Hq=4, Hkv=2, M=29, N=29, d=64, P=2, transposed=True),
-    Case(B=1, Hq=4, Hkv=1, M=17, N=31, d=128, P=64, causal=False, per_sample=True),
-]
+GRID = [dataclasses.replace(c, sim=False) for c in SUPPORT_GRID]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,26 +11,12 @@ from hypothesis import strategies as st
 
 import excitor_kernels
 from excitor_kernels import _dispatch, excitor_attention
-from helpers import (BUDGET, DEVICES, DTYPES, Case, call, check_against_oracle, make_inputs, oracle, param_cases,
+from helpers import (SUPPORT_GRID, BUDGET, DEVICES, DTYPES, Case, call, check_against_oracle, make_inputs, oracle, param_cases,
                      rel_err, run_with_grads)
 
 OP = "excitor"
 
-# The support grid: MHA/GQA/MQA, causal and not, M < N, M == 1, M > N (rows that see no key), lengths
-# that are no multiple of any block, P in {1, 2, 16, 64}, shared and per-sample prompts, sim_keys,
-# d 64 and 128, transposed (B, L, H, d) views.
-# bf16 gate gradients are sums with heavy cancellation; at least 4 heads keep the norm of the (Hq,)
-# error vector out of the tail where one near-zero entry dominates.
-GRID = [
-    Case(B=2, Hq=4, Hkv=4, M=37, N=37, d=64, P=16),
-    Case(B=1, Hq=4, Hkv=2, M=19, N=53, d=64, P=2),
-    Case(B=1, Hq=4, Hkv=1, M=40, N=40, d=64, P=64, causal=False),
-    Case(B=2, Hq=2, Hkv=1, M=1, N=45, d=64, P=1),
-    Case(B=1, Hq=4, Hkv=1, M=50, N=20, d=64, P=16),
-    Case(B=2, Hq=4, Hkv=2, M=33, N=70, d=128, P=16, per_sample=True, sim=True),
-    Case(B=2, Hq=4, Hkv=2, M=29, N=29, d=64, P=2, transposed=True, sim=True),
-    Case(B=1, Hq=4, Hkv=1, M=17, N=31, d=128, P=64, causal=False, per_sample=True),
-]
+GRID = SUPPORT_GRID
 
 
 @pytest.mark.parametrize("device", DEVICES)
