@@ -1,6 +1,6 @@
 """excitor-kernels: fused attention kernels for LLaMA-Excitor and LLaMA-Adapter."""
 from ._alloc import poisoned_outputs
-from .ops import adapter_attention, excitor_attention
+from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .reference import adapter_attention_reference, excitor_attention_reference
 from .module import ExcitorAttention
 from .patch import apply_excitor, load_excitor, prompt_context, save_excitor, set_backend, set_prompt_context
@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "adapter_attention",
     "excitor_attention",
+    "adapter_attention_varlen",
+    "excitor_attention_varlen",
     "excitor_attention_reference",
     "adapter_attention_reference",
     "poisoned_outputs",

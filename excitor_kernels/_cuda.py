@@ -32,6 +32,8 @@ def unsupported_reason(op: str, p: Problem, *, explicit: bool = False) -> str | 
     """Why the CUDA kernels cannot run ``op`` on ``p`` (None when they can)."""
     if _C is None:
         return "the CUDA extension excitor_kernels._C is not built (no CUDA toolkit or GPU torch at install time)"
+    if p.varlen:
+        return "the CUDA kernels take padded batches only (packed varlen sequences run on Triton)"
     if p.device.type != "cuda":
         return f"inputs are on {p.device.type}, the CUDA kernels need a CUDA device"
     if p.dtype not in DTYPES:

@@ -5,7 +5,7 @@ stride, device) naming the argument, what it got and what it needs, before any k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -30,6 +30,7 @@ class Problem:
     has_sim_keys: bool
     dtype: torch.dtype
     device: torch.device
+    varlen: bool = False  # packed sequences: batch = sequences, q_len / kv_len = the longest ones
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -160,3 +161,74 @@ def check_inputs(
         dtype=q.dtype,
         device=q.device,
     )
+
+
+def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:
+    cu = _require_tensor(name, cu)
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor; got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must have shape (S + 1,) with S >= 1 sequences; got shape {_shape(cu)}")
+    if cu.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}; got {cu.device}")
+    if cu.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous; got stride {cu.stride()}")
+    return cu
+
+
+def _require_max_seqlen(name: str, value, lengths: list) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    longest = max(lengths)
+    if value < longest:
+        raise ValueError(f"{name} must be at least the longest sequence ({longest}); got {value}")
+    return value
+
+
+def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                        prompt_values=None, sim_keys=None, softmax_scale=None, prompt_scale=None,
+                        needs_prompt_values: bool = False) -> Problem:
+    """Validate packed operands (flash-attention's varlen layout) and return their sizes.
+
+    ``q (total_q, Hq, d)``, ``k, v, sim_keys (total_k, Hkv, d)``, prompts ``(Hkv, P, d)`` or ``(S, Hkv, P, d)``,
+    ``cu_seqlens_q/k (S + 1,)`` int32/int64 offsets from 0 to the totals, non-decreasing, and
+    ``max_seqlen_q/k`` at least the longest sequence. Reads the offsets on the host (one device sync).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)) + ((("sim_keys", sim_keys),) if sim_keys is not None else ()):
+        _require_rank(name, _require_tensor(name, t), (3,), f"({'total_q, Hq' if name == 'q' else 'total_k, Hkv'}, d)")
+    cu_q = _require_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    cu_k = _require_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got shapes "
+                         f"{_shape(cu_q)} and {_shape(cu_k)}")
+    S = cu_q.numel() - 1
+    offsets = torch.stack([cu_q.long(), cu_k.long()]).cpu()
+    lengths = {}
+    for row, (name, total) in enumerate((("cu_seqlens_q", q.shape[0]), ("cu_seqlens_k", k.shape[0]))):
+        cu = offsets[row]
+        if cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
+                             f"got {cu.tolist()}")
+        lengths[name] = (cu[1:] - cu[:-1]).tolist()
+    max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q, lengths["cu_seqlens_q"])
+    max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k, lengths["cu_seqlens_k"])
+
+    if isinstance(prompt_keys, torch.Tensor) and prompt_keys.dim() == 4 and prompt_keys.shape[0] != S:
+        raise ValueError(f"per-sequence prompt_keys must have shape (S={S}, Hkv, P, d), one entry per packed "
+                         f"sequence; got {_shape(prompt_keys)}")
+
+    def batched(t):  # (total, H, d) -> (1, H, total, d) view, and per-sequence prompts -> one entry
+        return t.unsqueeze(0).transpose(1, 2)
+
+    def one_entry(t):
+        return t[0] if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+
+    p = check_inputs(batched(q), batched(k), batched(v), one_entry(prompt_keys), gate,
+                     prompt_values=one_entry(prompt_values), sim_keys=None if sim_keys is None else batched(sim_keys),
+                     softmax_scale=softmax_scale, prompt_scale=prompt_scale, needs_prompt_values=needs_prompt_values)
+    if needs_prompt_values and prompt_values.shape != prompt_keys.shape:
+        raise ValueError(f"prompt_values must have prompt_keys' shape {_shape(prompt_keys)}; "
+                         f"got {_shape(prompt_values)}")
+    return replace(p, batch=S, q_len=max_q, kv_len=max_k, per_sample_prompts=prompt_keys.dim() == 4, varlen=True)

@@ -124,3 +124,22 @@ def adapter_attention_reference(
     o_prompts = torch.softmax(softmax_scale * (qc @ pk.transpose(-1, -2)), -1) @ pv
     o = o_tokens + gate.to(ct).view(1, Hq, 1, 1) * o_prompts
     return o.to(q.dtype)
+
+
+def per_sequence(attend, q, k, v, prompts: tuple, sim_keys, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
+    """A padded-batch operator applied to each packed sequence alone (the varlen reference).
+
+    ``q (total_q, Hq, d)``, ``k, v, sim_keys (total_k, Hkv, d)``; sequence ``b`` owns rows
+    ``cu_seqlens_*[b]:cu_seqlens_*[b + 1]``. ``attend(q_b, k_b, v_b, prompts_b, sim_b)`` gets ``(1, H, L, d)``
+    views and each of ``prompts`` as shared ``(Hkv, P, d)`` or this sequence's ``(1, Hkv, P, d)``.
+    """
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = []
+    for b in range(len(cq) - 1):
+        def rows(t, cu):
+            return None if t is None else t[cu[b]:cu[b + 1]].transpose(0, 1).unsqueeze(0)
+
+        prompts_b = tuple(p if p.dim() == 3 else p[b:b + 1] for p in prompts)
+        o = attend(rows(q, cq), rows(k, ck), rows(v, ck), prompts_b, rows(sim_keys, ck))
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out) if out else q.new_empty(q.shape)

@@ -1,5 +1,7 @@
-"""The DDP worker of tests/test_module.py, in its own small module so spawned processes import little."""
+"""The DDP worker of tests/test_module.py: ``python ddp_worker.py RANK WORLD INIT_FILE OUT``."""
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,3 +37,7 @@ def worker(rank, world, init_file, out_path):
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,6 +1,11 @@
 """ExcitorAttention inside tiny random Llama-family models (nothing downloaded)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -12,6 +17,7 @@ from excitor_kernels.module import ExcitorAttention
 from excitor_kernels.patch import (apply_excitor, excitor_layers, load_excitor, prompt_context, save_excitor,
                                    set_backend)
 
+ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 4, 2, 3, 97
 
@@ -285,12 +291,21 @@ def test_save_load_round_trip(mode, sim_rank, tmp_path):
         load_excitor(other, path)
 
 
-def test_ddp_gradients_equal_single_process(tmp_path, monkeypatch):
-    # Workers run the reference backend and import only tests/ddp_worker.py (spawned processes that imported
-    # this test module with TRITON_INTERPRET=1 hung before reaching the worker on this machine).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_ddp_gradients_equal_single_process(tmp_path):
+    # Two fresh interpreters run tests/ddp_worker.py (reference backend, gloo), each with a time limit, so a
+    # stuck rendezvous fails this test instead of hanging the suite; nothing of pytest's state is inherited.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     init_file, out = tmp_path / "init", tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(ddp_worker.worker, args=(2, str(init_file), str(out)), nprocs=2, join=True)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(rank), "2", str(init_file),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     model, batch = ddp_worker.setup()
     model(input_ids=batch, labels=batch).loss.backward()
     ddp_grads = torch.load(out)

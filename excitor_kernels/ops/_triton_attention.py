@@ -87,6 +87,17 @@ def _key_tile(k_base, s_base, stride_kn, stride_sn, offs_n, offs_d, N, pk, offs_
 
 
 @triton.jit
+def _sequence(CU, b, L, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``b``: rows [CU[b], CU[b + 1]) of a packed tensor when VARLEN,
+    else (0, L) in batch entry ``b`` of a padded one."""
+    start = 0
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        L = (tl.load(CU + b + 1) - start).to(tl.int32)
+    return start, L
+
+
+@triton.jit
 def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
     """(rows, cols) mask of the keys each query sees: j < N and, when causal, j <= i + shift."""
     visible = offs_n[None, :] < N
@@ -145,34 +156,38 @@ def _prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, S, PK, PV, GATE, O, LSE,
+    Q, K, V, S, PK, PV, GATE, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_sb, stride_sh, stride_sn,
     stride_pkb, stride_pkh, stride_pkp,
     stride_pvb, stride_pvh, stride_pvp,
-    stride_ob, stride_oh, stride_om,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
     Hq, M, N, P, GROUPS, qk_scale, prompt_scale_log2,
-    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (query tile, batch * query head)."""
+    """One program per (query tile, batch or sequence * query head); M, N are the longest lengths."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
     g = h // GROUPS
+    q0, M = _sequence(CU_Q, b, M, VARLEN)
+    k0, N = _sequence(CU_K, b, N, VARLEN)
+    if start_m >= M:  # past the end of a shorter packed sequence
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     shift = N - M  # bottom-right causal alignment: row i sees keys j <= i + shift
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    s_base = S + b * stride_sb + g * stride_sh
+    q = _load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
+    v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
+    s_base = S + b * stride_sb + k0 * stride_sn + g * stride_sh
     gate_h = tl.load(GATE + h).to(tl.float32)
     if BYPASS == 1:
         pk = _load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
@@ -196,21 +211,21 @@ def attention_fwd_kernel(
         _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                         stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
         o += gate_h * op
-    _store_rows(O + b * stride_ob + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
+    _store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)
+    tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
 
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    O, DO, Q, PK, PV, GATE, DELTA,
+    O, DO, Q, PK, PV, GATE, DELTA, CU_Q,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkp,
-    stride_pvb, stride_pvh, stride_pvp,
+    stride_pvb, stride_pvh, stride_pvp, stride_lb, stride_lh,
     Hq, M, P, GROUPS, qk_scale,
-    BYPASS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BYPASS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """delta_i = <do_i, o_i> minus, for the adapter, the prompt part gate[h] <do_i, op_i>.
@@ -221,19 +236,25 @@ def attention_bwd_preprocess_kernel(
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
+    q0, M = _sequence(CU_Q, b, M, VARLEN)
+    if start_m >= M:
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, M, HEAD_DIM, True).to(tl.float32)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
+    o = _load_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, offs_m, stride_om, offs_d, M, HEAD_DIM,
+                   True).to(tl.float32)
+    do = _load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
+                    True)
     if BYPASS == 2:
         g = h // GROUPS
-        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+        q = _load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM,
+                       True)
         _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                         stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
         o -= tl.load(GATE + h).to(tl.float32) * op
     delta = tl.sum(o * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < M)
 
 
 @triton.jit
@@ -260,17 +281,17 @@ def _bwd_key_tile_head(dkp, dv, kt, vt, q_base, do_base, lse_base, delta_base, s
 
 
 @triton.jit
-def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE,
+def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_sn,
               stride_pkb, stride_pkh, stride_pkp, stride_dob, stride_doh, stride_dom,
               stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
               stride_dsb, stride_dsh, stride_dsn,
-              stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b,
+              stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b, stride_lb, stride_lh,
               Hkv, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale, prompt_scale_log2,
-              CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-              PREC: tl.constexpr):
+              CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, VARLEN: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """dk, dv (and the Excitor chain rule) for one key tile of one key/value head, all its query heads."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     tile = pid % n_tiles
@@ -278,15 +299,19 @@ def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE,
     b = (bg // Hkv).to(tl.int64)
     g = bg % Hkv
     start_n = tile * BLOCK_N
+    q0, M = _sequence(CU_Q, b, M, VARLEN)
+    k0, N = _sequence(CU_K, b, N, VARLEN)
+    if start_n >= N:  # past the end of a shorter packed sequence
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     shift = N - M
     in_range = offs_n < N
 
-    kt = _load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
-    vt = _load_rows(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
-    s_base = S + b * stride_sb + g * stride_sh
+    kt = _load_rows(K + b * stride_kb + k0 * stride_kn + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
+    vt = _load_rows(V + b * stride_vb + k0 * stride_vn + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
+    s_base = S + b * stride_sb + k0 * stride_sn + g * stride_sh
     pk_base = PK + b * stride_pkb + g * stride_pkh
     if BYPASS == 1:
         pk = _load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
@@ -307,19 +332,19 @@ def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE,
     dke = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for hh in range(0, GROUPS):
         h = g * GROUPS + hh
-        bh = b * (Hkv * GROUPS) + h
         if BYPASS == 1:
             gate_h = tl.load(GATE + h).to(tl.float32)
             kh = (kt.to(tl.float32) + gate_h * ke).to(kt.dtype)           # k'[h] = k + gate[h] ke
         else:
             kh = kt
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = Q + b * stride_qb + q0 * stride_qm + h * stride_qh
+        do_base = DO + b * stride_dob + q0 * stride_dom + h * stride_doh
+        row_stats = b * stride_lb + h * stride_lh + q0
         dkp = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + bh * M, DELTA + bh * M,
+        dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
                                      stride_qm, stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale,
                                      True, BLOCK_M, HEAD_DIM, PREC)
-        dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + bh * M, DELTA + bh * M,
+        dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
                                      stride_qm, stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale,
                                      False, BLOCK_M, HEAD_DIM, PREC)
         dkp = tl.where(in_range[:, None], dkp * softmax_scale, 0.0)          # dk'[h]
@@ -342,15 +367,16 @@ def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE,
             dk += dsim
         else:
             st = _load_rows(s_base, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-            _store_rows(DS + b * stride_dsb + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N, HEAD_DIM)
+            _store_rows(DS + b * stride_dsb + k0 * stride_dsn + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N,
+                        HEAD_DIM)
         # dpk_n = sum_j a[j, n] dke_j + prompt_scale sum_j dz[j, n] s_j   (rows j >= N have dke = dz = 0)
         dpk = _dot(tl.trans(a).to(pk.dtype), dke.to(pk.dtype), PREC)
         dpk += prompt_scale * _dot(tl.trans(dz).to(pk.dtype), st, PREC)
         dpk_ptrs = (DPK + tile * stride_dpk_t + b * stride_dpk_b + g * stride_dpk_h
                     + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(dpk_ptrs, dpk, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM))
-    _store_rows(DK + b * stride_dkb + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
-    _store_rows(DV + b * stride_dvb + g * stride_dvh, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
+    _store_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
+    _store_rows(DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -374,16 +400,16 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, offs_p, k_base, v_base,
 
 
 @triton.jit
-def _bwd_dq(pid, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE,
+def _bwd_dq(pid, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_sn,
             stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
             stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
             stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_r, stride_dpk_p, stride_dg_t, stride_dg_b,
-            Hq, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale_log2,
-            CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-            PREC: tl.constexpr):
+            stride_lb, stride_lh, Hq, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale_log2,
+            CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, VARLEN: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient)."""
     n_tiles = tl.cdiv(M, BLOCK_M)
     tile = pid % n_tiles
@@ -392,24 +418,30 @@ def _bwd_dq(pid, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE,
     h = bh % Hq
     g = h // GROUPS
     start_m = tile * BLOCK_M
+    q0, M = _sequence(CU_Q, b, M, VARLEN)
+    k0, N = _sequence(CU_K, b, N, VARLEN)
+    if start_m >= M:  # past the end of a shorter packed sequence
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     shift = N - M
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
-    lse = tl.load(LSE + bh.to(tl.int64) * M + offs_m, mask=offs_m < M, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * M + offs_m, mask=offs_m < M, other=0.0)
+    q = _load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    do = _load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
+                    True)
+    row_stats = b * stride_lb + h * stride_lh + q0
+    lse = tl.load(LSE + row_stats + offs_m, mask=offs_m < M, other=float("inf"))
+    delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < M, other=0.0)
     gate_h = tl.load(GATE + h).to(tl.float32)
     pk_base = PK + b * stride_pkb + g * stride_pkh
     if BYPASS == 1:
         pk = _load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     else:
         pk = q  # unused
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    s_base = S + b * stride_sb + g * stride_sh
+    k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
+    v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
+    s_base = S + b * stride_sb + k0 * stride_sn + g * stride_sh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -442,12 +474,12 @@ def _bwd_dq(pid, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE,
                + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
+    _store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
 
 @triton.jit
 def attention_bwd_kernel(
-    Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DK, DV, DS, DPK, DPV, DGATE_K, DGATE_Q,
+    Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DK, DV, DS, DPK, DPV, DGATE_K, DGATE_Q, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_sn,
     stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
@@ -456,8 +488,9 @@ def attention_bwd_kernel(
     stride_dsb, stride_dsh, stride_dsn,
     stride_kdpk_t, stride_kdpk_b, stride_kdpk_h, stride_kdpk_p, stride_kdg_t, stride_kdg_b,
     stride_qdpk_t, stride_qdpk_b, stride_qdpk_h, stride_qdpk_r, stride_qdpk_p, stride_qdg_t, stride_qdg_b,
+    stride_lb, stride_lh,
     Hq, Hkv, M, N, P, GROUPS, num_key_programs, qk_scale, softmax_scale, prompt_scale, prompt_scale_log2,
-    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr, Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -465,24 +498,24 @@ def attention_bwd_kernel(
     (dk, dv, Excitor prompt/gate gradients); the rest own a query tile (dq, Adapter prompt/gate gradients)."""
     pid = tl.program_id(0)
     if pid < num_key_programs:
-        _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE_K,
+        _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE_K, CU_Q, CU_K,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_sn,
                   stride_pkb, stride_pkh, stride_pkp, stride_dob, stride_doh, stride_dom,
                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                   stride_dsb, stride_dsh, stride_dsn,
                   stride_kdpk_t, stride_kdpk_b, stride_kdpk_h, stride_kdpk_p, stride_kdg_t, stride_kdg_b,
-                  Hkv, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale, prompt_scale_log2,
-                  CAUSAL, BYPASS, SIM_IS_K, HEAD_DIM, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_P, PREC)
+                  stride_lb, stride_lh, Hkv, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale, prompt_scale_log2,
+                  CAUSAL, BYPASS, SIM_IS_K, VARLEN, HEAD_DIM, KV_BLOCK_M, KV_BLOCK_N, BLOCK_D, BLOCK_P, PREC)
     else:
-        _bwd_dq(pid - num_key_programs, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE_Q,
+        _bwd_dq(pid - num_key_programs, Q, K, V, S, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE_Q, CU_Q, CU_K,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_sn,
                 stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
                 stride_qdpk_t, stride_qdpk_b, stride_qdpk_h, stride_qdpk_r, stride_qdpk_p, stride_qdg_t, stride_qdg_b,
-                Hq, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale_log2,
-                CAUSAL, BYPASS, SIM_IS_K, HEAD_DIM, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_P, PREC)
+                stride_lb, stride_lh, Hq, M, N, P, GROUPS, qk_scale, softmax_scale, prompt_scale_log2,
+                CAUSAL, BYPASS, SIM_IS_K, VARLEN, HEAD_DIM, Q_BLOCK_M, Q_BLOCK_N, BLOCK_D, BLOCK_P, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,33 +560,65 @@ def _blocks(q: torch.Tensor, M: int, N: int, d: int) -> dict:
     return fwd, bwd
 
 
-def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale):
-    """Launch the forward; returns (o, lse) with lse float32 (B, Hq, M) in base-2 units."""
-    B, Hq, M, d = q.shape
-    Hkv, N, P = k.shape[1], k.shape[2], pk.shape[-2]
+def stats_shape(q, cu_seqlens_q) -> tuple:
+    """Shape of the per-row statistics (lse, delta): (B, Hq, M) padded, (Hq, total_q) packed."""
+    return tuple(q.shape[:3]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+
+
+class Packing:
+    """Where the rows of each batch entry live, for padded ``(B, H, L, d)`` or packed ``(total, H, d)`` tensors.
+
+    Padded: ``B`` entries of ``M`` query and ``N`` key rows. Packed (varlen): sequence ``b`` owns rows
+    ``[cu_q[b], cu_q[b + 1])`` of ``q`` and ``[cu_k[b], cu_k[b + 1])`` of ``k, v``; ``M, N`` are the
+    longest lengths (they size the grid), the kernels read each sequence's own from ``cu_*``. Row
+    statistics (lse, delta) are ``(B, Hq, M)`` padded and ``(Hq, total_q)`` packed.
+    """
+
+    def __init__(self, q, k, cu_q=None, cu_k=None, max_q=0, max_k=0):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.B, self.M, self.N = cu_q.numel() - 1, int(max_q), int(max_k)
+            self.Hq, self.d, self.Hkv = q.shape[1], q.shape[2], k.shape[1]
+            self.cu_q, self.cu_k = cu_q, cu_k
+        else:
+            self.B, self.Hq, self.M, self.d = q.shape
+            self.Hkv, self.N = k.shape[1], k.shape[2]
+            self.cu_q = self.cu_k = q  # never read
+        self.stats_shape = stats_shape(q, cu_q)
+
+    def strides(self, t):
+        """(batch, head, row) strides of ``t``; a packed tensor is one batch entry (batch stride 0)."""
+        return (0, t.stride(1), t.stride(0)) if self.varlen else tuple(t.stride()[:3])
+
+    def stats_strides(self, stats):
+        return (0, stats.stride(0)) if self.varlen else tuple(stats.stride()[:2])
+
+
+def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, pack):
+    """Launch the forward; returns (o, lse) with lse float32 (``pack.stats_shape``) in base-2 units."""
+    B, Hq, M, N, d, P = pack.B, pack.Hq, pack.M, pack.N, pack.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
-    lse = new_output((B, Hq, M), dtype=torch.float32, device=q.device)
+    lse = new_output(pack.stats_shape, dtype=torch.float32, device=q.device)
     s = k if sim is None else sim
     fwd, _ = _blocks(q, M, N, d)
     grid = (triton.cdiv(M, fwd["BLOCK_M"]), B * Hq)
     attention_fwd_kernel[grid](
-        q, k, v, s, pk, pk if pv is None else pv, gate, o, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3],
-        *_prompt_strides(pk), *_prompt_strides(pv), *o.stride()[:3],
-        Hq, M, N, P, Hq // Hkv, softmax_scale * LOG2E, prompt_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, HEAD_DIM=d,
+        q, k, v, s, pk, pk if pv is None else pv, gate, o, lse, pack.cu_q, pack.cu_k,
+        *pack.strides(q), *pack.strides(k), *pack.strides(v), *pack.strides(s),
+        *_prompt_strides(pk), *_prompt_strides(pv), *pack.strides(o), *pack.stats_strides(lse),
+        Hq, M, N, P, Hq // pack.Hkv, softmax_scale * LOG2E, prompt_scale * LOG2E,
+        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=pack.varlen, HEAD_DIM=d,
         BLOCK_D=_pow2(d), BLOCK_P=_pow2(P), PREC=_precision(q), **fwd,
     )
     return o, lse
 
 
 def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, softmax_scale, prompt_scale,
-                       deterministic):
+                       deterministic, pack):
     """Launch the backward; returns (dq, dk, dv, dpk, dpv, dgate, dsim) in the inputs' dtypes
     (dpv and dsim are None where the operator has no such input)."""
-    B, Hq, M, d = q.shape
-    Hkv, N, P = k.shape[1], k.shape[2], pk.shape[-2]
+    B, Hq, Hkv, M, N, d, P = pack.B, pack.Hq, pack.Hkv, pack.M, pack.N, pack.d, pk.shape[-2]
     groups = Hq // Hkv
     gate = gate.contiguous()
     per_sample = pk.dim() == 4
@@ -564,13 +629,13 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     prec = _precision(q)
     BLOCK_D, BLOCK_P = _pow2(d), _pow2(P)
 
-    delta = new_output((B, Hq, M), dtype=torch.float32, device=dev)
+    delta = new_output(pack.stats_shape, dtype=torch.float32, device=dev)
     pre_bm = bwd["Q_BLOCK_M"]
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
-        o, do, q, pk, pk if pv is None else pv, gate, delta,
-        *o.stride()[:3], *do.stride()[:3], *q.stride()[:3], *_prompt_strides(pk), *_prompt_strides(pv),
-        Hq, M, P, groups, softmax_scale * LOG2E,
-        BYPASS=bypass, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
+        o, do, q, pk, pk if pv is None else pv, gate, delta, pack.cu_q,
+        *pack.strides(o), *pack.strides(do), *pack.strides(q), *_prompt_strides(pk), *_prompt_strides(pv),
+        *pack.stats_strides(delta), Hq, M, P, groups, softmax_scale * LOG2E,
+        BYPASS=bypass, VARLEN=pack.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
@@ -608,16 +673,16 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     grid = (num_key_programs + q_tiles * B * Hq,)
     attention_bwd_kernel[grid](
         q, k, v, s, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dk, dv, ds, dpk_buf, dpv_buf,
-        dg_buf, dg_buf,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3],
-        *_prompt_strides(pk), *_prompt_strides(pv), *do.stride()[:3], *dq.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *ds.stride()[:3],
+        dg_buf, dg_buf, pack.cu_q, pack.cu_k,
+        *pack.strides(q), *pack.strides(k), *pack.strides(v), *pack.strides(s),
+        *_prompt_strides(pk), *_prompt_strides(pv), *pack.strides(do), *pack.strides(dq),
+        *pack.strides(dk), *pack.strides(dv), *pack.strides(ds),
         *(k_strides if bypass == EXCITOR else no_strides[:6]),
-        *(q_strides if bypass == ADAPTER else no_strides),
+        *(q_strides if bypass == ADAPTER else no_strides), *pack.stats_strides(lse),
         Hq, Hkv, M, N, P, groups, num_key_programs, softmax_scale * LOG2E, softmax_scale, prompt_scale,
         prompt_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
-        PREC=prec, **bwd,
+        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=pack.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+        BLOCK_P=BLOCK_P, PREC=prec, **bwd,
     )
 
     def _prompt_grad(buf):  # -> pk's shape: sum tiles and group members (and the batch for shared prompts)

@@ -13,54 +13,60 @@ import torch
 from torch import Tensor
 
 from .._dispatch import select_backend
-from .._validate import check_inputs
-from ..reference import adapter_attention_reference
+from .._validate import check_inputs, check_varlen_inputs
+from ..reference import adapter_attention_reference, per_sequence
 from . import _triton_attention as tri
 from . import _triton_decode as dec
 
 OP = "adapter_attention"
 
 
+# cu_seqlens_q/k None: padded (B, H, L, d) operands; else packed (total, H, d) ones (see adapter_attention_varlen).
 @torch.library.custom_op("excitor_kernels::adapter_attention_fwd", mutates_args=())
-def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor, causal: bool,
-         softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
+         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+         causal: bool, softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
-                                 softmax_scale, softmax_scale)
+                                 softmax_scale, softmax_scale, pack)
 
 
 @_fwd.register_fake
-def _(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):
-    B, Hq, M, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, M), dtype=torch.float32)
+def _(q, k, v, prompt_keys, prompt_values, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      softmax_scale, deterministic):
+    return torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("excitor_kernels::adapter_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
-         o: Tensor, lse: Tensor, causal: bool, softmax_scale: float, deterministic: bool
+         o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+         max_seqlen_k: int, causal: bool, softmax_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, dpv, dgate, _ = tri.attention_backward(
         tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, o, lse, causal, softmax_scale,
-        softmax_scale, deterministic)
+        softmax_scale, deterministic, pack)
     return dq, dk, dv, dpk, dpv, dgate
 
 
 @_bwd.register_fake
-def _(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, causal, softmax_scale, deterministic):
+def _(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, causal, softmax_scale, deterministic):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
             torch.empty_like(prompt_values), torch.empty_like(gate))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic = inputs
+    q, k, v, prompt_keys, prompt_values, gate, cu_q, cu_k, *args = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, prompt_keys, prompt_values, gate, o, lse)
-    ctx.args = (causal, softmax_scale, deterministic)
+    ctx.save_for_backward(q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k)
+    ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, prompt_keys, prompt_values, gate, o, lse = ctx.saved_tensors
-    grads = _bwd(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, *ctx.args)
-    return (*grads, None, None, None)
+    q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k = ctx.saved_tensors
+    grads = _bwd(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k, *ctx.args)
+    return (*grads,) + (None,) * 7
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -112,4 +118,38 @@ def adapter_attention(
 
         return _cuda.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
                                        deterministic)
-    return _fwd(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, bool(deterministic))[0]
+    return _fwd(q, k, v, prompt_keys, prompt_values, gate, None, None, 0, 0, causal, softmax_scale,
+                bool(deterministic))[0]
+
+
+def adapter_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_keys: Tensor,
+    prompt_values: Tensor,
+    gate: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """:func:`adapter_attention` on packed variable-length sequences; layout, prompts (``(S, Hkv, P, d)``
+    per sequence) and backends as :func:`excitor_attention_varlen`."""
+    p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            prompt_values=prompt_values, softmax_scale=softmax_scale, needs_prompt_values=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    if select_backend(OP + "_varlen", backend, p) == "reference":
+        def attend(qb, kb, vb, prompts, _sim):
+            return adapter_attention_reference(qb, kb, vb, *prompts, gate, causal=causal, softmax_scale=softmax_scale)
+
+        return per_sequence(attend, q, k, v, (prompt_keys, prompt_values), None, cu_seqlens_q, cu_seqlens_k)
+    return _fwd(q, k, v, prompt_keys, prompt_values, gate, cu_seqlens_q, cu_seqlens_k, p.q_len, p.kv_len, causal,
+                softmax_scale, bool(deterministic))[0]

@@ -12,55 +12,61 @@ import torch
 from torch import Tensor
 
 from .._dispatch import select_backend
-from .._validate import check_inputs
-from ..reference import excitor_attention_reference
+from .._validate import check_inputs, check_varlen_inputs
+from ..reference import excitor_attention_reference, per_sequence
 from . import _triton_attention as tri
 from . import _triton_decode as dec
 
 OP = "excitor_attention"
 
 
+# cu_seqlens_q/k None: padded (B, H, L, d) operands; else packed (total, H, d) ones (see excitor_attention_varlen).
 @torch.library.custom_op("excitor_kernels::excitor_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
+         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
-                                 prompt_scale)
+                                 prompt_scale, pack)
 
 
 @_fwd.register_fake
-def _(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic):
-    B, Hq, M, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, M), dtype=torch.float32)
+def _(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      softmax_scale, prompt_scale, deterministic):
+    return torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("excitor_kernels::excitor_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
-         o: Tensor, lse: Tensor, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
+         o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+         max_seqlen_k: int, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, _, dgate, dsim = tri.attention_backward(
         tri.EXCITOR, do, q, k, v, prompt_keys, None, gate, sim_keys, o, lse, causal, softmax_scale, prompt_scale,
-        deterministic)
+        deterministic, pack)
     return dq, dk, dv, dpk, dgate, (q.new_empty(0) if dsim is None else dsim)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, causal, softmax_scale, prompt_scale, deterministic):
+def _(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      causal, softmax_scale, prompt_scale, deterministic):
     dsim = q.new_empty(0) if sim_keys is None else torch.empty_like(sim_keys)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
             torch.empty_like(gate), dsim)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic = inputs
+    q, k, v, prompt_keys, gate, sim_keys, cu_q, cu_k, *args = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys, o, lse)
-    ctx.args = (causal, softmax_scale, prompt_scale, deterministic)
+    ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys, o, lse, cu_q, cu_k)
+    ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, softmax_scale, prompt_scale, deterministic
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, prompt_keys, gate, sim_keys, o, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dgate, dsim = _bwd(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, *ctx.args)
-    return dq, dk, dv, dpk, dgate, (dsim if sim_keys is not None else None), None, None, None, None
+    q, k, v, prompt_keys, gate, sim_keys, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv, dpk, dgate, dsim = _bwd(do, q, k, v, prompt_keys, gate, sim_keys, o, lse, cu_q, cu_k, *ctx.args)
+    return (dq, dk, dv, dpk, dgate, (dsim if sim_keys is not None else None)) + (None,) * 8
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -120,4 +126,49 @@ def excitor_attention(
 
         return _cuda.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
                                        deterministic)
-    return _fwd(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, bool(deterministic))[0]
+    return _fwd(q, k, v, prompt_keys, gate, sim_keys, None, None, 0, 0, causal, softmax_scale, prompt_scale,
+                bool(deterministic))[0]
+
+
+def excitor_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_keys: Tensor,
+    gate: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    sim_keys: Optional[Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    prompt_scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """:func:`excitor_attention` on packed variable-length sequences (flash-attention's varlen layout).
+
+    ``q (total_q, Hq, d)``, ``k, v, sim_keys (total_k, Hkv, d)``: sequence ``b`` owns rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of ``q`` and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of ``k, v``
+    (int32 or int64, ``(S + 1,)``, starting at 0, non-decreasing, ending at ``total``; empty sequences are
+    allowed). ``max_seqlen_q/k`` bound the sequence lengths. ``prompt_keys`` is ``(Hkv, P, d)`` shared or
+    ``(S, Hkv, P, d)`` per sequence. Each sequence is attended alone, causal bottom-right aligned within it;
+    the result equals :func:`excitor_attention` on each sequence by itself. Backends: reference, triton
+    (``cuda`` has no varlen kernels: it raises, ``auto`` skips it).
+    """
+    p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            sim_keys=sim_keys, softmax_scale=softmax_scale, prompt_scale=prompt_scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    prompt_scale = float(softmax_scale if prompt_scale is None else prompt_scale)
+    if select_backend(OP + "_varlen", backend, p) == "reference":
+        def attend(qb, kb, vb, prompts, sb):
+            return excitor_attention_reference(qb, kb, vb, prompts[0], gate, sim_keys=sb, causal=causal,
+                                               softmax_scale=softmax_scale, prompt_scale=prompt_scale)
+
+        return per_sequence(attend, q, k, v, (prompt_keys,), sim_keys, cu_seqlens_q, cu_seqlens_k)
+    return _fwd(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, p.q_len, p.kv_len, causal,
+                softmax_scale, prompt_scale, bool(deterministic))[0]
