@@ -6,7 +6,6 @@ stride, device) naming the argument, what it got and what it needs, before any k
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 

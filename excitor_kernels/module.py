@@ -23,8 +23,9 @@ KV cache: keys and values go through ``past_key_values.update`` like the origina
 ``sim_rank`` the key cache of the layer holds ``[k | sim]`` concatenated on the head dimension (2d),
 so cached tokens keep their similarity keys; the two halves are read back as strided views.
 
-Padding: see :mod:`excitor_kernels.padding` (batched causal call when exact, per-sample calls on the
-kept tokens otherwise).
+Padding and packing: see :mod:`excitor_kernels.padding` (batched causal call when exact, per-sample
+calls on the kept tokens otherwise; packed sequences, from ``DataCollatorWithFlattening`` for instance,
+run the varlen operators, with a prompt context of one entry per packed sequence).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ import torch
 from torch import nn
 
 from ._dispatch import BACKENDS
-from .ops import adapter_attention, excitor_attention
-from .padding import padding_plan, visibility
+from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
+from .padding import padding_plan, sequence_packing, visibility
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -157,21 +158,35 @@ class ExcitorAttention(nn.Module):
         if self.prompt_context is not None:
             ctx = self.prompt_context
             if ctx.dim() != 3 or tuple(ctx.shape) != (batch, *self.prompts.shape):
-                raise ValueError(f"prompt context must have shape (B={batch}, num_prompts={self.num_prompts}, "
+                raise ValueError(f"prompt context must have shape (B={batch} samples, or packed sequences, num_prompts={self.num_prompts}, "
                                  f"hidden={self.prompts.shape[1]}); got {tuple(ctx.shape)}")
             x = x + ctx.to(x.dtype)
         y = proj(x.to(proj.weight.dtype))
         return y.view(*y.shape[:-1], self.num_kv_heads, self.head_dim).transpose(-3, -2)
 
     def _attend(self, q, k, v, pk, pv, sim, gate, causal=True):
+        """The operator on ``(B, H, L, d)`` views."""
         if self.mode == "excitor":
             return excitor_attention(q, k, v, pk, gate, sim_keys=sim, causal=causal, softmax_scale=self.scaling,
                                      backend=self.backend)
         return adapter_attention(q, k, v, pk, pv, gate, causal=causal, softmax_scale=self.scaling,
                                  backend=self.backend)
 
+    def _attend_packed(self, q, k, v, pk, pv, sim, gate, packing):
+        """The varlen operator on a packed batch of one; returns ``(1, Hq, M, d)``."""
+        def flat(t):  # (1, H, L, d) view -> (L, H, d) view
+            return None if t is None else t[0].transpose(0, 1)
+
+        if self.mode == "excitor":
+            o = excitor_attention_varlen(flat(q), flat(k), flat(v), pk, gate, *packing, sim_keys=flat(sim),
+                                         softmax_scale=self.scaling, backend=self.backend)
+        else:
+            o = adapter_attention_varlen(flat(q), flat(k), flat(v), pk, pv, gate, *packing,
+                                         softmax_scale=self.scaling, backend=self.backend)
+        return o.transpose(0, 1).unsqueeze(0)
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, position_ids=None, **kwargs):
         if position_embeddings is None:
             raise ValueError("position_embeddings must be the (cos, sin) pair from the model's rotary embedding; "
                              "got None")
@@ -197,12 +212,16 @@ class ExcitorAttention(nn.Module):
             raise ValueError(f"sequence of {N} keys is longer than the layer's sliding_window={self.sliding_window}; "
                              f"the operators implement full causal attention only")
 
-        pk = self._project_prompts(self.k_proj, B).to(q.dtype)
-        pv = self._project_prompts(self.v_proj, B).to(q.dtype) if self.mode == "adapter" else None
-        gate = self.gate_values()
         allowed = visibility(attention_mask, B, M, N)
-        plan = None if allowed is None else padding_plan(allowed)
-        if plan is None:
+        packing = sequence_packing(allowed, position_ids, kwargs, B, M, N)
+        prompt_batch = B if packing is None else packing.num_sequences
+        pk = self._project_prompts(self.k_proj, prompt_batch).to(q.dtype)
+        pv = self._project_prompts(self.v_proj, prompt_batch).to(q.dtype) if self.mode == "adapter" else None
+        gate = self.gate_values()
+        plan = None if allowed is None or packing is not None else padding_plan(allowed)
+        if packing is not None:
+            o = self._attend_packed(q, k, v, pk, pv, sim, gate, packing)
+        elif plan is None:
             o = self._attend(q, k, v, pk, pv, sim, gate)
         else:
             o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate)

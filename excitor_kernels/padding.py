@@ -19,18 +19,100 @@ real iff it sees its own key ``i + N - M``. Rows of padding queries are never re
   on the kept tokens because every kept key inside the query window is a kept query. The plan is one
   ``(query_index, key_index)`` pair per sample.
 
-Masks of any other form (packed sequences, sliding windows, prefix-LM, additive biases) are rejected
-with a ``ValueError``: the operators cannot express them.
+Packed sequences (several sequences concatenated in one row of a batch of one, as transformers'
+``DataCollatorWithFlattening`` makes them) run the operators' varlen form; :func:`sequence_packing`
+finds them, in this order, from
+
+* the ``cu_seq_lens_q/k, max_length_q/k`` keyword arguments of transformers' flash-attention path;
+* a block-diagonal causal mask (what transformers builds from restarting ``position_ids`` for sdpa/eager);
+* with no mask, ``position_ids`` that restart (a step other than +1 starts a new sequence), as
+  transformers' flash-attention path reads them; only for a batch of one with no earlier cached tokens.
+
+Masks of any other form (sliding windows, prefix-LM, additive biases) are rejected with a
+``ValueError``: the operators cannot express them.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .reference import causal_mask
 
 SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indices of valid keys)
+
+
+class Packing(NamedTuple):
+    """The varlen arguments of a packed batch of one: rows cu_seqlens[s]:cu_seqlens[s + 1] are sequence s."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens_q.numel() - 1
+
+
+def _packing_from_starts(starts: torch.Tensor) -> Packing:
+    """Packing of a row whose sequences begin where the boolean ``starts`` (L,) is True (starts[0] is)."""
+    first = starts.nonzero().squeeze(1)
+    cu = torch.cat([first, first.new_tensor([starts.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return Packing(cu, cu, longest, longest)
+
+
+def _packing_from_mask(allowed: torch.Tensor) -> Optional[Packing]:
+    """The packing whose block-diagonal causal mask ``allowed`` (1, L, L) is, or None (one block or no such mask)."""
+    B, M, N = allowed.shape
+    if B != 1 or M != N or M < 2:
+        return None
+    a = allowed[0]
+    i = torch.arange(1, M, device=a.device)
+    starts = torch.ones(M, dtype=torch.bool, device=a.device)
+    starts[1:] = ~a[i, i - 1]                                   # token i does not see token i - 1
+    if int(starts.sum()) < 2:
+        return None
+    segment = starts.cumsum(0)
+    expected = causal_mask(M, N, a.device) & (segment[:, None] == segment[None, :])
+    return _packing_from_starts(starts) if torch.equal(a, expected) else None
+
+
+def sequence_packing(allowed: Optional[torch.Tensor], position_ids, kwargs: dict, batch: int, q_len: int,
+                     kv_len: int) -> Optional[Packing]:
+    """The packed sequences of this call, or None for an ordinary (possibly padded) batch.
+
+    ``allowed`` is :func:`visibility` of the attention mask, ``kwargs`` the layer's keyword arguments
+    (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``).
+    """
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    given = [kwargs.get(n) is not None for n in names]
+    if any(given):
+        if not all(given):
+            raise ValueError(f"packed sequences need all of {names}; got only "
+                             f"{[n for n, g in zip(names, given) if g]}")
+        if batch != 1:
+            raise ValueError(f"packed sequences (cu_seq_lens_q/k) need a batch of one row; got batch size {batch}")
+        cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+        packing = Packing(cu_q, cu_k, int(kwargs["max_length_q"]), int(kwargs["max_length_k"]))
+        if allowed is not None:
+            from_mask = _packing_from_mask(allowed)
+            if from_mask is None or not (torch.equal(from_mask.cu_seqlens_q, cu_q.to(torch.int32))
+                                         and torch.equal(from_mask.cu_seqlens_k, cu_k.to(torch.int32))):
+                raise ValueError("attention_mask does not keep attention within the sequences of cu_seq_lens_q/k; "
+                                 "pass attention_mask=None with packed sequences")
+        return packing
+    if allowed is not None:
+        return _packing_from_mask(allowed)
+    if position_ids is None or batch != 1 or q_len != kv_len or q_len < 2:
+        return None
+    positions = position_ids.reshape(-1)
+    if positions.numel() != q_len:
+        return None
+    starts = torch.ones(q_len, dtype=torch.bool, device=positions.device)
+    starts[1:] = positions[1:] - positions[:-1] != 1
+    return _packing_from_starts(starts) if bool(starts[1:].any()) else None
 
 
 def visibility(attention_mask, batch: int, q_len: int, kv_len: int) -> Optional[torch.Tensor]:
@@ -74,7 +156,8 @@ def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
     consistent = ((allowed == expected) | ~real[:, :, None]).all() & (valid[:, N - M:] == real).all()
     if not bool(consistent):
         raise ValueError(
-            "attention_mask is not a causal mask with padding (e.g. packed sequences, a sliding window or a "
-            "prefix-LM mask); excitor/adapter attention supports only causal attention with left or right padding"
+            "attention_mask is not a causal mask with padding or packed sequences (e.g. a sliding window or a "
+            "prefix-LM mask); excitor/adapter attention supports causal attention with left or right padding and "
+            "packed sequences (a block-diagonal causal mask in a batch of one)"
         )
     return [(real[b].nonzero().squeeze(1), valid[b].nonzero().squeeze(1)) for b in range(B)]

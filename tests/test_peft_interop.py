@@ -4,26 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from excitor_kernels.patch import apply_excitor, excitor_layers
 from excitor_kernels.peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-HIDDEN, HEADS, VOCAB = 64, 4, 97
+from tiny_models import DEVICES, HIDDEN, rel, tiny_model, tokens
 
 
-def tiny_model(device, kv_heads=2, layers=3):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=HEADS,
-                      num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=VOCAB,
-                      initializer_range=0.15)
-    return LlamaForCausalLM(cfg).to(device)
+
+def peft_base(device, kv_heads=2, layers=3):
+    return tiny_model(device, num_key_value_heads=kv_heads, num_hidden_layers=layers).train()
 
 
 def peft_model(device, kv_heads=2, adapter_len=5, adapter_layers=2):
-    model = get_peft_model(tiny_model(device, kv_heads),
+    model = get_peft_model(peft_base(device, kv_heads),
                            AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
                                                 task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(3)
@@ -32,14 +27,6 @@ def peft_model(device, kv_heads=2, adapter_len=5, adapter_layers=2):
             if p.requires_grad:  # adaption_prompt (1, P, hidden) and adaption_gate (1,)
                 p.copy_(torch.randn(p.shape, generator=gen).to(device))
     return model
-
-
-def tokens(device, B=2, L=10):
-    return torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(5)).to(device)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def grads_by_layer(model, suffixes):
@@ -56,7 +43,7 @@ def grads_by_layer(model, suffixes):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_from_peft_matches_logits_and_gradients(device, kv_heads):
-    x = tokens(device)
+    x = tokens(device, L=10)
     peft = peft_model(device, kv_heads).train()
     out = peft(input_ids=x, labels=x)
     out.loss.backward()
@@ -73,12 +60,12 @@ def test_from_peft_matches_logits_and_gradients(device, kv_heads):
     assert set(got) == set(expected) == {(i, k) for i in (1, 2) for k in ("prompt", "gate")}
     for key, g in expected.items():
         assert rel(got[key], g) <= 1e-5, key
-    assert rel(expected_logits, tiny_model(device, kv_heads)(input_ids=x).logits) > 1e-3
+    assert rel(expected_logits, peft_base(device, kv_heads)(input_ids=x).logits) > 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_round_trip_back_to_peft_and_save(device, tmp_path):
-    x = tokens(device)
+    x = tokens(device, L=10)
     peft = peft_model(device)
     with torch.no_grad():
         expected = peft(input_ids=x).logits
@@ -127,7 +114,7 @@ def official_adapter_layer(layer, x, cos, sin):
 
 @pytest.mark.parametrize("kv_heads", [1, 4])
 def test_official_llama_adapter_formula(kv_heads):
-    model = apply_excitor(tiny_model("cpu", kv_heads), num_prompts=6, num_layers=1, mode="adapter",
+    model = apply_excitor(peft_base("cpu", kv_heads), num_prompts=6, num_layers=1, mode="adapter",
                           backend="reference", init_std=1.0)
     layer = model.model.layers[-1].self_attn
     with torch.no_grad():
