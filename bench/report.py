@@ -170,6 +170,23 @@ def _model_lines(results: dict) -> list[str]:
     return lines
 
 
+def _packed_lines(results: dict) -> list[str]:
+    rows = {(r["mode"], r["layout"]): r for r in results.values() if r["kind"] == "packed"}
+    if not rows:
+        return []
+    lines = ["", "| mode | layout | sequences | real tokens | token slots | tokens/s (real) | peak MiB | x padded |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (mode, layout), r in sorted(rows.items()):
+        padded = rows.get((mode, "padded"))
+        ok = r["status"] == "ok"
+        ratio = (r["tokens_per_s"] / padded["tokens_per_s"]
+                 if ok and padded is not None and padded["status"] == "ok" else None)
+        lines.append(f"| {mode} | {layout} | {r['sequences']} | {r['real_tokens']} | "
+                     f"{_fmt(r.get('slot_tokens'), 'd')} | {_fmt(r.get('tokens_per_s'), '.0f') if ok else r['status']} | "
+                     f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(ratio)} |")
+    return lines
+
+
 def _long_context_lines(results: dict) -> list[str]:
     rows = sorted((r for r in results.values() if r["kind"] == "long_context"), key=lambda r: (r["op"], r["provider"]))
     if not rows:
@@ -209,6 +226,12 @@ def _file_section(path: Path, data: dict, plot: Path | None) -> list[str]:
         size = "a tiny Llama (hidden 256)" if smoke else "Llama-7B-shaped (hidden 4096, 32 heads)"
         lines += ["", f"### Model level: 4 decoder layers of {size}, top 2 adapted, P = 10", "",
                   "train: tokens/s of one optimisation step; decode: generated tokens/s after the context."] + model
+    if packed := _packed_lines(results):
+        first = next(r for r in results.values() if r["kind"] == "packed")
+        lines += ["", "### Packed against padded training (one optimisation step)", "",
+                  f"Lengths: {first['length_model']} (Alpaca-shaped); padded: micro-batches of {first['micro_batch']} "
+                  f"right-padded to their longest; packed: one row from DataCollatorWithFlattening. All 4 layers "
+                  f"adapted, P = 10; x padded: real tokens/s over the padded layout's."] + packed
     if long := _long_context_lines(results):
         lines += ["", "### Longest context per provider"] + long
     return lines
