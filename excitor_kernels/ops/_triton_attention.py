@@ -548,9 +548,14 @@ def _prompt_strides(t: torch.Tensor | None) -> tuple:
     return (0,) + tuple(t.stride()[:2]) if t.dim() == 3 else tuple(t.stride()[:3])
 
 
-def _blocks(q: torch.Tensor, M: int, N: int, d: int) -> dict:
-    """Tile sizes. On a GPU: flash-attention-tutorial shapes; interpreted: tiles no larger than the problem."""
-    if q.is_cuda:
+def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dict, dict]:
+    """(forward, backward) tile sizes and launch options. On a GPU: flash-attention-tutorial shapes, halved
+    for float32 inputs (whose 128 x 64 forward tiles with d = 128 need more shared memory than a block may
+    have, tests/triton_gpu_compile.py); interpreted: tiles no larger than the problem."""
+    if on_gpu and itemsize > 2:
+        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        bwd = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=2)
+    elif on_gpu:
         fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if d > 64 else 4, num_stages=3 if d <= 128 else 2)
         bwd = dict(KV_BLOCK_M=32, KV_BLOCK_N=64, Q_BLOCK_M=64, Q_BLOCK_N=32, num_warps=4, num_stages=2)
     else:
@@ -601,7 +606,7 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(pack.stats_shape, dtype=torch.float32, device=q.device)
     s = k if sim is None else sim
-    fwd, _ = _blocks(q, M, N, d)
+    fwd, _ = blocks(q.is_cuda, M, N, d, q.element_size())
     grid = (triton.cdiv(M, fwd["BLOCK_M"]), B * Hq)
     attention_fwd_kernel[grid](
         q, k, v, s, pk, pk if pv is None else pv, gate, o, lse, pack.cu_q, pack.cu_k,
@@ -625,7 +630,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, bwd = _blocks(q, M, N, d)
+    _, bwd = blocks(q.is_cuda, M, N, d, q.element_size())
     prec = _precision(q)
     BLOCK_D, BLOCK_P = _pow2(d), _pow2(P)
 

@@ -196,6 +196,14 @@ def _num_splits(q: torch.Tensor, programs: int, N: int, block_n: int) -> int:
     return max(1, min(4, tiles))
 
 
+def decode_blocks(on_gpu: bool, R: int, N: int, d: int) -> tuple[int, int, dict]:
+    """(BLOCK_N, BLOCK_R, launch options) for ``R = groups * M`` query rows per key/value head."""
+    BLOCK_R = _pow2(R)
+    if not on_gpu:
+        return min(32, _pow2(N)), BLOCK_R, {}
+    return 64, BLOCK_R, dict(num_warps=8 if BLOCK_R * _pow2(d) >= 64 * 128 else 4, num_stages=2)
+
+
 def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
                    prompt_scale, *, num_splits=None):
     """Decode forward of ``bypass`` (``EXCITOR`` or ``ADAPTER``) for ``M <= 16`` queries; returns ``o``.
@@ -216,11 +224,11 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     if cache_seqlens is not None:
         check_cache_seqlens(cache_seqlens, B, N, q.device)
     groups = Hq // Hkv
-    block_n = 64 if q.is_cuda else min(32, _pow2(N))
+    R = groups * M
+    block_n, BLOCK_R, launch = decode_blocks(q.is_cuda, R, N, d)
     S = num_splits or _num_splits(q, B * Hkv, N, block_n)
-    R, BLOCK_R, BLOCK_D, BLOCK_P = groups * M, _pow2(groups * M), _pow2(d), _pow2(P)
+    BLOCK_D, BLOCK_P = _pow2(d), _pow2(P)
     prec = _precision(q)
-    launch = dict(num_warps=8 if BLOCK_R * BLOCK_D >= 64 * 128 else 4, num_stages=2) if q.is_cuda else {}
 
     ws_acc = new_output((S, B * Hkv, R, d), dtype=torch.float32, device=q.device)
     ws_m = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
