@@ -231,3 +231,12 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
         raise ValueError(f"prompt_values must have prompt_keys' shape {_shape(prompt_keys)}; "
                          f"got {_shape(prompt_values)}")
     return replace(p, batch=S, q_len=max_q, kv_len=max_k, per_sample_prompts=prompt_keys.dim() == 4, varlen=True)
+
+
+def resolve_scales(p: Problem, causal, softmax_scale, prompt_scale=None) -> tuple[float, float]:
+    """Check ``causal`` and return (softmax_scale, prompt_scale) with their defaults ``d ** -0.5`` and
+    ``softmax_scale`` (the values themselves were checked by :func:`check_inputs`)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    return softmax_scale, float(softmax_scale if prompt_scale is None else prompt_scale)

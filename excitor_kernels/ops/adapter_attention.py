@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import select_backend
-from .._validate import check_inputs, check_varlen_inputs
+from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import adapter_attention_reference, per_sequence
 from . import _triton_attention as tri
 from . import _triton_decode as dec
@@ -97,9 +97,7 @@ def adapter_attention(
     """
     p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
                      needs_prompt_values=True)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
-    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    softmax_scale, _ = resolve_scales(p, causal, softmax_scale)
     if cache_seqlens is not None:
         dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
     backend = select_backend(OP, backend, p)
@@ -143,9 +141,7 @@ def adapter_attention_varlen(
     per sequence) and backends as :func:`excitor_attention_varlen`."""
     p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             prompt_values=prompt_values, softmax_scale=softmax_scale, needs_prompt_values=True)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
-    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+    softmax_scale, _ = resolve_scales(p, causal, softmax_scale)
     if select_backend(OP + "_varlen", backend, p) == "reference":
         def attend(qb, kb, vb, prompts, _sim):
             return adapter_attention_reference(qb, kb, vb, *prompts, gate, causal=causal, softmax_scale=softmax_scale)

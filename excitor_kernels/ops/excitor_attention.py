@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import select_backend
-from .._validate import check_inputs, check_varlen_inputs
+from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import excitor_attention_reference, per_sequence
 from . import _triton_attention as tri
 from . import _triton_decode as dec
@@ -103,10 +103,7 @@ def excitor_attention(
     """
     p = check_inputs(q, k, v, prompt_keys, gate, sim_keys=sim_keys, softmax_scale=softmax_scale,
                      prompt_scale=prompt_scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
-    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
-    prompt_scale = float(softmax_scale if prompt_scale is None else prompt_scale)
+    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale)
     if cache_seqlens is not None:
         dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
     backend = select_backend(OP, backend, p)
@@ -160,10 +157,7 @@ def excitor_attention_varlen(
     """
     p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             sim_keys=sim_keys, softmax_scale=softmax_scale, prompt_scale=prompt_scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
-    softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
-    prompt_scale = float(softmax_scale if prompt_scale is None else prompt_scale)
+    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale)
     if select_backend(OP + "_varlen", backend, p) == "reference":
         def attend(qb, kb, vb, prompts, sb):
             return excitor_attention_reference(qb, kb, vb, prompts[0], gate, sim_keys=sb, causal=causal,
