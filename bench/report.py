@@ -182,7 +182,8 @@ def _packed_lines(results: dict) -> list[str]:
         ratio = (r["tokens_per_s"] / padded["tokens_per_s"]
                  if ok and padded is not None and padded["status"] == "ok" else None)
         lines.append(f"| {mode} | {layout} | {r['sequences']} | {r['real_tokens']} | "
-                     f"{_fmt(r.get('slot_tokens'), 'd')} | {_fmt(r.get('tokens_per_s'), '.0f') if ok else r['status']} | "
+                     f"{_fmt(r.get('slot_tokens'), 'd')} | "
+                     f"{_fmt(r.get('tokens_per_s'), '.0f') if ok else r['status']} | "
                      f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(ratio)} |")
     return lines
 

@@ -175,15 +175,40 @@ def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def _require_max_seqlen(name: str, value, lengths: list) -> int:
+def _require_max_seqlen(name: str, value, longest: int) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
         value = int(value.item())
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    longest = max(lengths)
     if value < longest:
         raise ValueError(f"{name} must be at least the longest sequence ({longest}); got {value}")
     return value
+
+
+def memo_on(t: torch.Tensor, name: str, key: tuple, compute):
+    """``compute()``, kept on ``t`` itself under ``name`` and reused while ``key`` stays the same; ``key``
+    must hold the version counters of every tensor the result reads. Layers of one model forward get the
+    same offset tensors, so their host-side checks (a device sync each) run once, not once per layer."""
+    if torch.compiler.is_compiling():
+        return compute()
+    cached = t.__dict__.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = compute()
+    t.__dict__[name] = (key, value)
+    return value
+
+
+def _longest_sequences(cu_q: torch.Tensor, cu_k: torch.Tensor, totals: tuple) -> tuple[int, int]:
+    """Check the offsets on the host (one device sync) and return the longest query and key sequences."""
+    offsets = torch.stack([cu_q.long(), cu_k.long()]).cpu()
+    longest = []
+    for cu, name, total in zip(offsets, ("cu_seqlens_q", "cu_seqlens_k"), totals):
+        if cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
+                             f"got {cu.tolist()}")
+        longest.append(int((cu[1:] - cu[:-1]).max()))
+    return longest[0], longest[1]
 
 
 def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -203,16 +228,11 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got shapes "
                          f"{_shape(cu_q)} and {_shape(cu_k)}")
     S = cu_q.numel() - 1
-    offsets = torch.stack([cu_q.long(), cu_k.long()]).cpu()
-    lengths = {}
-    for row, (name, total) in enumerate((("cu_seqlens_q", q.shape[0]), ("cu_seqlens_k", k.shape[0]))):
-        cu = offsets[row]
-        if cu[0] != 0 or cu[-1] != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
-                             f"got {cu.tolist()}")
-        lengths[name] = (cu[1:] - cu[:-1]).tolist()
-    max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q, lengths["cu_seqlens_q"])
-    max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k, lengths["cu_seqlens_k"])
+    totals = (q.shape[0], k.shape[0])
+    longest = memo_on(cu_q, "_excitor_longest", (cu_q._version, id(cu_k), cu_k._version, totals),
+                      lambda: _longest_sequences(cu_q, cu_k, totals))
+    max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q, longest[0])
+    max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k, longest[1])
 
     if isinstance(prompt_keys, torch.Tensor) and prompt_keys.dim() == 4 and prompt_keys.shape[0] != S:
         raise ValueError(f"per-sequence prompt_keys must have shape (S={S}, Hkv, P, d), one entry per packed "

@@ -158,7 +158,8 @@ class ExcitorAttention(nn.Module):
         if self.prompt_context is not None:
             ctx = self.prompt_context
             if ctx.dim() != 3 or tuple(ctx.shape) != (batch, *self.prompts.shape):
-                raise ValueError(f"prompt context must have shape (B={batch} samples, or packed sequences, num_prompts={self.num_prompts}, "
+                raise ValueError(f"prompt context must have shape (B={batch} samples or packed sequences, "
+                                 f"num_prompts={self.num_prompts}, "
                                  f"hidden={self.prompts.shape[1]}); got {tuple(ctx.shape)}")
             x = x + ctx.to(x.dtype)
         y = proj(x.to(proj.weight.dtype))

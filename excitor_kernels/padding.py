@@ -37,6 +37,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._validate import memo_on
 from .reference import causal_mask
 
 SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indices of valid keys)
@@ -107,10 +108,15 @@ def sequence_packing(allowed: Optional[torch.Tensor], position_ids, kwargs: dict
         return _packing_from_mask(allowed)
     if position_ids is None or batch != 1 or q_len != kv_len or q_len < 2:
         return None
-    positions = position_ids.reshape(-1)
-    if positions.numel() != q_len:
+    if position_ids.numel() != q_len:
         return None
-    starts = torch.ones(q_len, dtype=torch.bool, device=positions.device)
+    return memo_on(position_ids, "_excitor_packing", (position_ids._version,),
+                   lambda: _packing_from_positions(position_ids))
+
+
+def _packing_from_positions(position_ids: torch.Tensor) -> Optional[Packing]:
+    positions = position_ids.reshape(-1)
+    starts = torch.ones(positions.numel(), dtype=torch.bool, device=positions.device)
     starts[1:] = positions[1:] - positions[:-1] != 1
     return _packing_from_starts(starts) if bool(starts[1:].any()) else None
 

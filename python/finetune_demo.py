@@ -27,9 +27,10 @@ VOCAB = 259
 TASKS = {
     "reverse": lambda w: w[::-1],
     "upper": str.upper,
-    "double": lambda w: w + w,
     "first": lambda w: w[0],
+    "mirror": lambda w: w[::-1],  # a new instruction word for a known skill: only seen while tuning
 }
+PRETRAIN_TASKS = ("first", "reverse", "upper")
 
 
 def encode(text: str) -> list:
@@ -62,25 +63,27 @@ def make_batch(examples, device):
 
 
 def pretrain(model, rng, device, steps: int, batch: int) -> None:
-    """Stand-in for a pre-trained checkpoint: fit every weight on the tasks other than "double"."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    """Stand-in for a pre-trained checkpoint: fit every weight on the tasks other than "mirror"."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(1, steps + 1):
-        ids, mask, labels = make_batch([make_example(rng, ("first", "reverse", "upper")) for _ in range(batch)],
-                                       device)
+        ids, mask, labels = make_batch([make_example(rng, PRETRAIN_TASKS) for _ in range(batch)], device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 20 == 0:
+        schedule.step()
+        if step % 100 == 0:
             print(f"pre-train step {step:3d}  loss {loss.item():.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--pretrain-steps", type=int, default=80)
-    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mode", choices=("excitor", "adapter"), default="excitor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -93,25 +96,25 @@ def main() -> None:
                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.1)
     model = LlamaForCausalLM(config).to(device)
     pretrain(model, rng, device, steps=args.pretrain_steps, batch=args.batch)
-    apply_excitor(model, num_prompts=10, num_layers=3, mode=args.mode, backend="auto",
+    apply_excitor(model, num_prompts=10, num_layers=4, mode=args.mode, backend="auto",
                   sim_rank=8 if args.mode == "excitor" else None, init_std=1.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
-          f"{sum(p.numel() for p in model.parameters()):,} ({args.mode}, 3 of 4 layers, 10 prompts)")
+          f"{sum(p.numel() for p in model.parameters()):,} ({args.mode}, all 4 layers, 10 prompts)")
 
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     model.train()
     tokens, window, start = 0, [], time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, mask, labels = make_batch([make_example(rng) for _ in range(args.batch)], device)
+        ids, mask, labels = make_batch([make_example(rng, ("mirror",)) for _ in range(args.batch)], device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         tokens += int(mask.sum())
         window.append(loss.item())
-        if step % 5 == 0:
-            print(f"step {step:3d}  mean loss of the last 5 batches {sum(window) / len(window):.3f}")
+        if step % 10 == 0:
+            print(f"step {step:3d}  mean loss of the last 10 batches {sum(window) / len(window):.3f}")
             window = []
     elapsed = time.perf_counter() - start
     print(f"throughput: {tokens / elapsed:,.0f} tokens/s (forward + backward + step, {elapsed:.1f}s)")
@@ -128,7 +131,7 @@ def main() -> None:
     print(f"backend auto vs reference: relative logit error {err:.2e}")
     assert err <= 1e-3, err
 
-    prompt, answer = make_example(rng, ("double",))
+    prompt, answer = make_example(rng, ("mirror",))
     prompt_ids = torch.tensor([[BOS] + encode(prompt)], device=device)
     out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
                          do_sample=False, eos_token_id=EOS, pad_token_id=PAD)

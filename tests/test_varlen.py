@@ -205,3 +205,12 @@ def test_cuda_backend_refuses_varlen_and_auto_falls_back():
         warnings.simplefilter("always")
         o = excitor_attention_varlen(**args, backend="auto")
     assert o.shape == args["q"].shape and not torch.isnan(o).any()
+
+
+def test_offsets_changed_in_place_are_checked_again():
+    """The host-side offset check is kept on the offset tensor per version: an in-place change re-runs it."""
+    args = _excitor_args()
+    excitor_attention_varlen(**args, backend="reference")
+    args["cu_seqlens_q"][-1] = 60
+    with pytest.raises(ValueError, match="end at the packed length 51"):
+        excitor_attention_varlen(**args, backend="reference")
