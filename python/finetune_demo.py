@@ -1,15 +1,18 @@
 """Tune a small Llama with LLaMA-Excitor prompts on a synthetic instruction set (nothing downloaded).
 
-    python python/finetune_demo.py [--steps 40] [--pretrain-steps 80] [--mode excitor|adapter] [--device cpu|cuda]
+    python python/finetune_demo.py [--steps 200] [--pretrain-steps 600] [--lr 1e-2] [--mode excitor|adapter]
+                                   [--device cpu|cuda]
 
-A small Llama is built from a config and briefly pre-trained (all weights) on made-up instructions
-("reverse: abc" -> "cba", "upper: ab" -> "AB", ...; tokenised byte by byte, loss on the answers only)
-without the task "double". Then its top layers are adapted with ``apply_excitor`` (everything else
-frozen) and the prompts, gates and the rank-r similarity projection are tuned on the mixture including
-"double".
-Prints the loss curve, the trainable parameter count and tokens/s, compares the logits of the backend
-in use (``auto``: the fused kernels on CUDA, the reference on a CPU) with ``backend="reference"``, and
-generates a reply. Finishes in well under two minutes on a 2-core CPU.
+A small Llama is built from a config and pre-trained (all weights) on made-up instructions
+("reverse: abc" -> "cba", "upper: ab" -> "AB", "first: abc" -> "a"; byte tokens, loss on the answers
+only): the stand-in for a pre-trained checkpoint. Then every layer is adapted with ``apply_excitor``
+(everything else frozen) and only the prompts, gates and the rank-r similarity projection are tuned to a
+new global behaviour: answer in capitals ("reverse: abc" -> "CBA").
+Prints the trainable parameter count, the loss curve, the loss on held-out tuning examples before and
+after, tokens/s, compares the logits of the backend in use (``auto``: the fused kernels on CUDA, the
+reference on a CPU) with ``backend="reference"``, and generates a reply with the KV cache. A model this
+small, tuned for seconds, is a demonstration of the mechanics, not of the method's quality: the loss
+falls, the reply need not be right. About half a minute on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ TASKS = {
     "reverse": lambda w: w[::-1],
     "upper": str.upper,
     "first": lambda w: w[0],
-    "mirror": lambda w: w[::-1],  # a new instruction word for a known skill: only seen while tuning
 }
 PRETRAIN_TASKS = ("first", "reverse", "upper")
+TUNE_TASKS = ("first", "reverse")  # tuned to answer in capitals: a new global behaviour, as prompt tuning learns
 
 
 def encode(text: str) -> list:
@@ -41,10 +44,11 @@ def decode(ids) -> str:
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def make_example(rng: random.Random, tasks=tuple(sorted(TASKS))) -> tuple:
+def make_example(rng: random.Random, tasks=PRETRAIN_TASKS, shout=False) -> tuple:
     task = rng.choice(tasks)
     word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5)))
-    return f"{task}: {word}\n=", TASKS[task](word)
+    answer = TASKS[task](word)
+    return f"{task}: {word}\n=", answer.upper() if shout else answer
 
 
 def make_batch(examples, device):
@@ -63,7 +67,7 @@ def make_batch(examples, device):
 
 
 def pretrain(model, rng, device, steps: int, batch: int) -> None:
-    """Stand-in for a pre-trained checkpoint: fit every weight on the tasks other than "mirror"."""
+    """Stand-in for a pre-trained checkpoint: fit every weight on the tasks (answers in lower case)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-3, total_steps=steps, pct_start=0.1)
     model.train()
@@ -78,11 +82,17 @@ def pretrain(model, rng, device, steps: int, batch: int) -> None:
             print(f"pre-train step {step:3d}  loss {loss.item():.3f}")
 
 
+def heldout_loss(model, batch) -> float:
+    ids, mask, labels = batch
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mode", choices=("excitor", "adapter"), default="excitor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +112,15 @@ def main() -> None:
     print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
           f"{sum(p.numel() for p in model.parameters()):,} ({args.mode}, all 4 layers, 10 prompts)")
 
+    heldout_rng = random.Random(1)
+    heldout = make_batch([make_example(heldout_rng, TUNE_TASKS, shout=True) for _ in range(64)], device)
+    print(f"held-out tuning loss before: {heldout_loss(model, heldout):.3f}")
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     model.train()
     tokens, window, start = 0, [], time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, mask, labels = make_batch([make_example(rng, ("mirror",)) for _ in range(args.batch)], device)
+        examples = [make_example(rng, TUNE_TASKS, shout=True) for _ in range(args.batch)]
+        ids, mask, labels = make_batch(examples, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -118,6 +132,7 @@ def main() -> None:
             window = []
     elapsed = time.perf_counter() - start
     print(f"throughput: {tokens / elapsed:,.0f} tokens/s (forward + backward + step, {elapsed:.1f}s)")
+    print(f"held-out tuning loss after:  {heldout_loss(model, heldout):.3f}")
 
     model.eval()
     ids, mask, _ = make_batch([make_example(rng) for _ in range(4)], device)
@@ -131,12 +146,11 @@ def main() -> None:
     print(f"backend auto vs reference: relative logit error {err:.2e}")
     assert err <= 1e-3, err
 
-    prompt, answer = make_example(rng, ("mirror",))
+    prompt, _ = make_example(rng, ("reverse",))
     prompt_ids = torch.tensor([[BOS] + encode(prompt)], device=device)
     out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
                          do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
-    print(f"prompt {prompt!r} -> reply {decode(out[0, prompt_ids.shape[1]:].tolist())!r} (target {answer!r})")
-
+    print(f"generate() with the KV cache: {prompt!r} -> {decode(out[0, prompt_ids.shape[1]:].tolist())!r}")
 
 if __name__ == "__main__":
     main()
