@@ -188,6 +188,26 @@ def _packed_lines(results: dict) -> list[str]:
     return lines
 
 
+def _decode_lines(results: dict) -> list[str]:
+    rows = sorted((r for r in results.values() if r["kind"] == "decode"),
+                  key=lambda r: (r["op"], r["batch"], r["context"], r["provider"]))
+    if not rows:
+        return []
+    copy = results.get("ceiling/copy")
+    sdpa = {(r["batch"], r["context"]): r for r in rows if r["provider"] == "sdpa" and r["status"] == "ok"}
+    lines = ["", "| op | B | context | provider | ms | GB/s (K+V once) | % copy | x SDPA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['op']} | {r['batch']} | {r['context']} | {r['provider']} | {r['status']} | | | |")
+            continue
+        peer = sdpa.get((r["batch"], r["context"]))
+        lines.append(f"| {r['op']} | {r['batch']} | {r['context']} | {r['provider']} | {r['ms']:.3f} | "
+                     f"{r['gbps']:.1f} | {_fmt(100 * r['gbps'] / copy['gbps'] if copy else None, '.0f')} | "
+                     f"{_fmt(peer['ms'] / r['ms'] if peer else None)} |")
+    return lines
+
+
 def _long_context_lines(results: dict) -> list[str]:
     rows = sorted((r for r in results.values() if r["kind"] == "long_context"), key=lambda r: (r["op"], r["provider"]))
     if not rows:
@@ -227,6 +247,13 @@ def _file_section(path: Path, data: dict, plot: Path | None) -> list[str]:
         size = "a tiny Llama (hidden 256)" if smoke else "Llama-7B-shaped (hidden 4096, 32 heads)"
         lines += ["", f"### Model level: 4 decoder layers of {size}, top 2 adapted, P = 10", "",
                   "train: tokens/s of one optimisation step; decode: generated tokens/s after the context."] + model
+    if decode := _decode_lines(results):
+        first = next(r for r in results.values() if r["kind"] == "decode")
+        lines += ["", "### Decode attention (one query per sequence against the KV cache)", "",
+                  f"{first['heads']} query / {first['kv_heads']} key-value heads, d = {first['head_dim']}, "
+                  f"P = {first['prompts']}, {first['dtype']}, no gradient; GB/s counts the K and V cache read "
+                  f"once; % copy relates it to the device copy rate; x SDPA: plain decode time over this "
+                  f"provider's (1.0 = no cost for the prompts)."] + decode
     if packed := _packed_lines(results):
         first = next(r for r in results.values() if r["kind"] == "packed")
         lines += ["", "### Packed against padded training (one optimisation step)", "",
