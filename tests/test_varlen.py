@@ -214,3 +214,21 @@ def test_offsets_changed_in_place_are_checked_again():
     args["cu_seqlens_q"][-1] = 60
     with pytest.raises(ValueError, match="end at the packed length 51"):
         excitor_attention_varlen(**args, backend="reference")
+
+
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_varlen_custom_ops_pass_opcheck(op):
+    """torch.library.opcheck: schema, fake (meta) implementation and autograd registration of the varlen
+    form of the custom ops agree with the real kernels (what torch.compile relies on)."""
+    c = CASES[1]
+    x = make_inputs(c, op, torch.float32, "cpu")
+    cq, ck = cu_seqlens(c.lq, "cpu"), cu_seqlens(c.key_lengths, "cpu")
+    lens = (cq, ck, max(c.lq), max(c.key_lengths), c.causal, c.d ** -0.5)
+    if op == "excitor":
+        args = (x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], x["sim_keys"], *lens, c.d ** -0.5, False)
+        fwd = torch.ops.excitor_kernels.excitor_attention_fwd
+    else:
+        args = (x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"], x["gate"], *lens, False)
+        fwd = torch.ops.excitor_kernels.adapter_attention_fwd
+    torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
