@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -9,7 +10,12 @@ import torch
 import excitor_kernels
 from excitor_kernels import adapter_attention, excitor_attention
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton runs either interpreted (TRITON_INTERPRET=1, read when the kernels are decorated) or compiled, never
+# both in one process: without a GPU the tests run on the CPU, interpreted (conftest.py sets it); with a GPU
+# they run on CUDA, compiled, and `TRITON_INTERPRET=1 python -m pytest tests` runs the CPU half there.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = ["cpu"] if INTERPRETED or not torch.cuda.is_available() else ["cuda"]
+TRITON_DEVICE = DEVICES[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # SPEC.md: ||out - ref|| / ||ref|| against a float64 evaluation of the formulas
 BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}

@@ -14,9 +14,8 @@ import excitor_kernels
 from excitor_kernels import adapter_attention_reference, excitor_attention_reference
 from excitor_kernels.ops._triton_attention import ADAPTER, EXCITOR
 from excitor_kernels.ops._triton_decode import decode_forward
+from helpers import BUDGET, DEVICES
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @dataclasses.dataclass(frozen=True)

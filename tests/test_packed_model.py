@@ -12,6 +12,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from excitor_kernels.padding import sequence_packing
+from helpers import TRITON_DEVICE
 from tiny_models import DEVICES, HIDDEN, VOCAB, adapted, rel
 
 LENGTHS = (1, 7, 40, 4)  # 1, odd, longer than an interpreted block (32)
@@ -124,8 +125,8 @@ def test_packing_detection():
 
 def test_packed_training_under_torch_compile():
     """A packed batch through a compiled adapted model (Triton backend) gives the eager loss and gradients."""
-    inputs = packed_inputs(sequences("cpu", (3, 9, 5)), "cu_seq_lens")
-    model = adapted("cpu", "excitor", 4, num_layers=None, backend="triton").train()
+    inputs = packed_inputs(sequences(TRITON_DEVICE, (3, 9, 5)), "cu_seq_lens")
+    model = adapted(TRITON_DEVICE, "excitor", 4, num_layers=None, backend="triton").train()
     eager = model(**inputs)
     eager.loss.backward()
     expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]

@@ -17,7 +17,7 @@ import excitor_kernels
 from excitor_kernels import (adapter_attention, adapter_attention_varlen, excitor_attention,
                              excitor_attention_varlen)
 
-from helpers import BUDGET, DEVICES, rel_err
+from helpers import BUDGET, DEVICES, TRITON_DEVICE, rel_err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +221,8 @@ def test_varlen_custom_ops_pass_opcheck(op):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration of the varlen
     form of the custom ops agree with the real kernels (what torch.compile relies on)."""
     c = CASES[1]
-    x = make_inputs(c, op, torch.float32, "cpu")
-    cq, ck = cu_seqlens(c.lq, "cpu"), cu_seqlens(c.key_lengths, "cpu")
+    x = make_inputs(c, op, torch.float32, TRITON_DEVICE)
+    cq, ck = cu_seqlens(c.lq, TRITON_DEVICE), cu_seqlens(c.key_lengths, TRITON_DEVICE)
     lens = (cq, ck, max(c.lq), max(c.key_lengths), c.causal, c.d ** -0.5)
     if op == "excitor":
         args = (x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], x["sim_keys"], *lens, c.d ** -0.5, False)

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from excitor_kernels.patch import apply_excitor, excitor_layers
+from helpers import DEVICES  # noqa: F401 (re-exported for the module tests)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 4, 2, 3, 97
 
 
