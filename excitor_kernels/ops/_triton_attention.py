@@ -13,6 +13,10 @@ Scores are kept in base 2: ``qk_scale = softmax_scale * log2(e)`` and the saved 
 ``lse_i = max_j + log2(sum_j exp2(...))`` in those units; a row that sees no key stores ``lse = +inf``
 so that ``exp2(score - lse) = 0`` in the backward and the row passes no gradient.
 
+The constexpr ``VARLEN`` switches from padded ``(B, H, L, d)`` batches to packed sequences (flash-attention's
+varlen layout): batch index ``b`` is then a sequence whose rows start at ``cu_seqlens[b]`` and whose
+lengths replace ``M`` and ``N`` (which only size the grid); see :class:`Packing`.
+
 Cross-program reductions (prompt and gate gradients) go through ``tl.atomic_add`` into float32
 buffers. With ``deterministic=True`` the launcher gives each program its own slice of the buffer
 (non-zero tile strides), so every address receives exactly one add and the host sums the slices in a
