@@ -1,6 +1,8 @@
 """The DDP worker of tests/test_module.py: ``python ddp_worker.py RANK WORLD INIT_FILE OUT``."""
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import sys
 
 import torch
@@ -26,8 +28,11 @@ def setup():
 def worker(rank, world, init_file, out_path):
     from torch.nn.parallel import DistributedDataParallel
 
+    # A stuck rendezvous or collective ends the worker with its stack in the log instead of hanging the test.
+    faulthandler.dump_traceback_later(240, exit=True)
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=180))
     try:
         model, batch = setup()
         ddp = DistributedDataParallel(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,16 +251,23 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     # stuck rendezvous fails this test instead of hanging the suite; nothing of pytest's state is inherited.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    # Output goes to files, not pipes: an undrained pipe could block one rank while the other waits for it.
     init_file, out = tmp_path / "init", tmp_path / "grads.pt"
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(rank), "2", str(init_file),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
+                               str(out)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for rank, log in enumerate(logs)]
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):  # one rank failed: the other would wait forever
+            break
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
             p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+        p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(f"rank {r} (exit {p.returncode}):\n{log.read_text()}"
+                                                          for r, (p, log) in enumerate(zip(procs, logs)))
     model, batch = ddp_worker.setup()
     model(input_ids=batch, labels=batch).loss.backward()
     ddp_grads = torch.load(out)
