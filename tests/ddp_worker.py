@@ -33,15 +33,17 @@ def worker(rank, world, init_file, out_path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=180))
-    try:
-        model, batch = setup()
-        ddp = DistributedDataParallel(model)
-        part = batch.chunk(world)[rank]
-        ddp(input_ids=part, labels=part).loss.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
-    finally:
-        torch.distributed.destroy_process_group()
+    model, batch = setup()
+    ddp = DistributedDataParallel(model)
+    part = batch.chunk(world)[rank]
+    ddp(input_ids=part, labels=part).loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_path)
+    # Teardown in order, both ranks together: the DDP reducer goes before its process group, and neither rank
+    # leaves while the other still talks to it (a rank freeing gloo state after its peer exited could hang).
+    del ddp
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
