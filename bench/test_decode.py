@@ -69,20 +69,16 @@ def test_decode_attention(op, provider, batch, context, benchmark, record):
     base = dict(key=f"decode/{op}/{provider}/B{batch}-ctx{context}", kind="decode", op=op, provider=provider,
                 batch=batch, context=context, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, prompts=PROMPTS,
                 dtype=str(DTYPE).removeprefix("torch."))
-    try:
+    scale = HEAD_DIM ** -0.5
+    cache_bytes = 2 * batch * KV_HEADS * context * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+
+    def factory():
         x = _inputs(batch, context, device)
-        scale = HEAD_DIM ** -0.5
 
         def step():
             with torch.no_grad():
                 _call(provider, op, x, scale)
+        return step
 
-        benchmark.pedantic(step, **timing.plan(step, **BUDGET))
-        peak = timing.peak_mib(step)
-    except torch.cuda.OutOfMemoryError as exc:
-        timing.free_memory()
-        record(dict(base, status="oom"))
-        pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
-    seconds = benchmark.stats.stats.median
-    cache_bytes = 2 * x["k"].numel() * x["k"].element_size()
+    seconds, peak = timing.measure(benchmark, record, base, factory, BUDGET)
     record(dict(base, status="ok", ms=seconds * 1e3, gbps=cache_bytes / seconds / 1e9, peak_mib=peak))

@@ -45,19 +45,7 @@ def _subject(provider, mode, max_positions):
 
 def _run(benchmark, record, base, step_factory, tokens_per_step):
     """Time the step from ``step_factory()``; record tokens/s and peak MiB, or "oom"."""
-    oom = None
-    try:
-        step = step_factory()
-        benchmark.pedantic(step, **timing.plan(step, **BUDGET))
-        peak = timing.peak_mib(step)
-    except torch.cuda.OutOfMemoryError as exc:
-        oom = str(exc).splitlines()[0]
-    if oom is not None:
-        step = None
-        timing.free_memory()
-        record(dict(base, status="oom"))
-        pytest.skip(f"out of memory: {oom}")
-    seconds = benchmark.stats.stats.median
+    seconds, peak = timing.measure(benchmark, record, base, step_factory, BUDGET)
     record(dict(base, status="ok", ms=seconds * 1e3, tokens_per_s=tokens_per_step / seconds, peak_mib=peak))
 
 

@@ -92,13 +92,6 @@ def test_packed_vs_padded_training(mode, layout, benchmark, record):
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in lengths]
     step, slots = (packed_step if layout == "packed" else padded_step)(model, optimizer, seqs)
-    try:
-        benchmark.pedantic(step, **timing.plan(step, **BUDGET))
-        peak = timing.peak_mib(step)
-    except torch.cuda.OutOfMemoryError as exc:
-        timing.free_memory()
-        record(dict(base, status="oom"))
-        pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
-    seconds = benchmark.stats.stats.median
+    seconds, peak = timing.measure(benchmark, record, base, lambda: step, BUDGET)
     record(dict(base, status="ok", ms=seconds * 1e3, tokens_per_s=real / seconds, slot_tokens=slots,
                 peak_mib=peak))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 
+import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
@@ -69,3 +70,22 @@ def peak_mib(step) -> float | None:
 def free_memory() -> None:
     if HAS_GPU:
         torch.cuda.empty_cache()
+
+
+def measure(benchmark, record, base: dict, step_factory, budget: dict) -> tuple[float, float | None]:
+    """Build the step (``step_factory()``), time it with pytest-benchmark (``plan(step, **budget)``) and measure
+    its peak memory: (median seconds, peak MiB). Out of device memory: record ``base`` with status "oom" and
+    skip the test."""
+    oom = None
+    try:
+        step = step_factory()
+        benchmark.pedantic(step, **plan(step, **budget))
+        peak = peak_mib(step)
+    except torch.cuda.OutOfMemoryError as exc:
+        oom = str(exc).splitlines()[0]
+    if oom is not None:
+        step = None
+        free_memory()
+        record(dict(base, status="oom"))
+        pytest.skip(f"out of memory: {oom}")
+    return benchmark.stats.stats.median, peak
