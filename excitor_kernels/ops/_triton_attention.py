@@ -73,7 +73,9 @@ def _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, N, pk, offs_p, P, p
     else:
         st = _load_rows(s_base, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     a = _prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
-    ke = _dot(a.to(pk.dtype), pk, PREC)
+    # a stays float32 (tf32 on a GPU for half inputs): ke feeds the cancelling gate-gradient sum, where
+    # rounding a to the input dtype would double the error of dgate
+    ke = _dot(a, pk.to(tl.float32), PREC)
     return a, ke
 
 
@@ -264,9 +266,11 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_key_tile_head(dkp, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                        offs_n, offs_d, lo, hi, M, shift, qk_scale,
-                       MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                       MASKED: tl.constexpr, FLOAT32_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PREC: tl.constexpr):
     """Accumulate, for one key tile and one query head, dk'^T-free sums over query tiles [lo, hi):
-    dv += p^T do and dkp += ds^T q (the softmax_scale factor is applied by the caller)."""
+    dv += p^T do and dkp += ds^T q (the softmax_scale factor is applied by the caller). FLOAT32_DS keeps ds
+    in float32 for that product (the Excitor: dk' feeds the cancelling gate-gradient sum)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
@@ -280,7 +284,10 @@ def _bwd_key_tile_head(dkp, dv, kt, vt, q_base, do_base, lse_base, delta_base, s
         dv += _dot(pT.to(do.dtype), do, PREC)
         dpT = _dot(vt, tl.trans(do), PREC)
         dsT = pT * (dpT - delta[None, :])
-        dkp += _dot(dsT.to(q.dtype), q, PREC)
+        if FLOAT32_DS:
+            dkp += _dot(dsT, q.to(tl.float32), PREC)
+        else:
+            dkp += _dot(dsT.to(q.dtype), q, PREC)
     return dkp, dv
 
 
@@ -347,10 +354,10 @@ def _bwd_dkdv(pid, Q, K, V, S, PK, GATE, DO, LSE, DELTA, DK, DV, DS, DPK, DGATE,
         dkp = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
                                      stride_qm, stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale,
-                                     True, BLOCK_M, HEAD_DIM, PREC)
+                                     True, BYPASS == 1, BLOCK_M, HEAD_DIM, PREC)
         dkp, dv = _bwd_key_tile_head(dkp, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
                                      stride_qm, stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale,
-                                     False, BLOCK_M, HEAD_DIM, PREC)
+                                     False, BYPASS == 1, BLOCK_M, HEAD_DIM, PREC)
         dkp = tl.where(in_range[:, None], dkp * softmax_scale, 0.0)          # dk'[h]
         dk += dkp
         if BYPASS == 1:
