@@ -37,7 +37,7 @@ from torch import nn
 
 from ._dispatch import BACKENDS
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import padding_plan, sequence_packing, visibility
+from .padding import attention_layout
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -213,13 +213,11 @@ class ExcitorAttention(nn.Module):
             raise ValueError(f"sequence of {N} keys is longer than the layer's sliding_window={self.sliding_window}; "
                              f"the operators implement full causal attention only")
 
-        allowed = visibility(attention_mask, B, M, N)
-        packing = sequence_packing(allowed, position_ids, kwargs, B, M, N)
+        packing, plan = attention_layout(attention_mask, position_ids, kwargs, B, M, N)
         prompt_batch = B if packing is None else packing.num_sequences
         pk = self._project_prompts(self.k_proj, prompt_batch).to(q.dtype)
         pv = self._project_prompts(self.v_proj, prompt_batch).to(q.dtype) if self.mode == "adapter" else None
         gate = self.gate_values()
-        plan = None if allowed is None or packing is not None else padding_plan(allowed)
         if packing is not None:
             o = self._attend_packed(q, k, v, pk, pv, sim, gate, packing)
         elif plan is None:

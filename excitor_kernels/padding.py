@@ -41,6 +41,8 @@ from ._validate import memo_on
 from .reference import causal_mask
 
 SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indices of valid keys)
+# what transformers' flash-attention path passes for packed sequences
+PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class Packing(NamedTuple):
@@ -87,12 +89,11 @@ def sequence_packing(allowed: Optional[torch.Tensor], position_ids, kwargs: dict
     ``allowed`` is :func:`visibility` of the attention mask, ``kwargs`` the layer's keyword arguments
     (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``).
     """
-    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-    given = [kwargs.get(n) is not None for n in names]
+    given = [kwargs.get(n) is not None for n in PACKING_KWARGS]
     if any(given):
         if not all(given):
-            raise ValueError(f"packed sequences need all of {names}; got only "
-                             f"{[n for n, g in zip(names, given) if g]}")
+            raise ValueError(f"packed sequences need all of {PACKING_KWARGS}; got only "
+                             f"{[n for n, g in zip(PACKING_KWARGS, given) if g]}")
         if batch != 1:
             raise ValueError(f"packed sequences (cu_seq_lens_q/k) need a batch of one row; got batch size {batch}")
         cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
@@ -167,3 +168,19 @@ def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
             "packed sequences (a block-diagonal causal mask in a batch of one)"
         )
     return [(real[b].nonzero().squeeze(1), valid[b].nonzero().squeeze(1)) for b in range(B)]
+
+
+def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int
+                     ) -> Tuple[Optional[Packing], Optional[List[SamplePlan]]]:
+    """(packing, padding plan) of one layer call: at most one is not None; both None means one batched
+    causal call. Every decoder layer gets the same mask object, so a mask's analysis (O(M * N) and a
+    device sync) is kept on it and done once per forward, not once per layer."""
+    def analyse():
+        allowed = visibility(attention_mask, batch, q_len, kv_len)
+        packing = sequence_packing(allowed, position_ids, kwargs, batch, q_len, kv_len)
+        plan = None if allowed is None or packing is not None else padding_plan(allowed)
+        return packing, plan
+
+    if not isinstance(attention_mask, torch.Tensor) or any(kwargs.get(n) is not None for n in PACKING_KWARGS):
+        return analyse()
+    return memo_on(attention_mask, "_excitor_layout", (attention_mask._version, batch, q_len, kv_len), analyse)
