@@ -15,7 +15,7 @@ so that ``exp2(score - lse) = 0`` in the backward and the row passes no gradient
 
 The constexpr ``VARLEN`` switches from padded ``(B, H, L, d)`` batches to packed sequences (flash-attention's
 varlen layout): batch index ``b`` is then a sequence whose rows start at ``cu_seqlens[b]`` and whose
-lengths replace ``M`` and ``N`` (which only size the grid); see :class:`Packing`.
+lengths replace ``M`` and ``N`` (which only size the grid); see :class:`RowLayout`.
 
 Cross-program reductions (prompt and gate gradients) go through ``tl.atomic_add`` into float32
 buffers. With ``deterministic=True`` the launcher gives each program its own slice of the buffer
@@ -581,7 +581,7 @@ def stats_shape(q, cu_seqlens_q) -> tuple:
     return tuple(q.shape[:3]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
 
 
-class Packing:
+class RowLayout:
     """Where the rows of each batch entry live, for padded ``(B, H, L, d)`` or packed ``(total, H, d)`` tensors.
 
     Padded: ``B`` entries of ``M`` query and ``N`` key rows. Packed (varlen): sequence ``b`` owns rows
@@ -610,31 +610,31 @@ class Packing:
         return (0, stats.stride(0)) if self.varlen else tuple(stats.stride()[:2])
 
 
-def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, pack):
-    """Launch the forward; returns (o, lse) with lse float32 (``pack.stats_shape``) in base-2 units."""
-    B, Hq, M, N, d, P = pack.B, pack.Hq, pack.M, pack.N, pack.d, pk.shape[-2]
+def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
+    """Launch the forward; returns (o, lse) with lse float32 (``rows.stats_shape``) in base-2 units."""
+    B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
-    lse = new_output(pack.stats_shape, dtype=torch.float32, device=q.device)
+    lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
     s = k if sim is None else sim
     fwd, _ = blocks(q.is_cuda, M, N, d, q.element_size())
     grid = (triton.cdiv(M, fwd["BLOCK_M"]), B * Hq)
     attention_fwd_kernel[grid](
-        q, k, v, s, pk, pk if pv is None else pv, gate, o, lse, pack.cu_q, pack.cu_k,
-        *pack.strides(q), *pack.strides(k), *pack.strides(v), *pack.strides(s),
-        *_prompt_strides(pk), *_prompt_strides(pv), *pack.strides(o), *pack.stats_strides(lse),
-        Hq, M, N, P, Hq // pack.Hkv, softmax_scale * LOG2E, prompt_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=pack.varlen, HEAD_DIM=d,
+        q, k, v, s, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
+        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(s),
+        *_prompt_strides(pk), *_prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
+        Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E, prompt_scale * LOG2E,
+        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=rows.varlen, HEAD_DIM=d,
         BLOCK_D=_pow2(d), BLOCK_P=_pow2(P), PREC=_precision(q), **fwd,
     )
     return o, lse
 
 
 def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, softmax_scale, prompt_scale,
-                       deterministic, pack):
+                       deterministic, rows):
     """Launch the backward; returns (dq, dk, dv, dpk, dpv, dgate, dsim) in the inputs' dtypes
     (dpv and dsim are None where the operator has no such input)."""
-    B, Hq, Hkv, M, N, d, P = pack.B, pack.Hq, pack.Hkv, pack.M, pack.N, pack.d, pk.shape[-2]
+    B, Hq, Hkv, M, N, d, P = rows.B, rows.Hq, rows.Hkv, rows.M, rows.N, rows.d, pk.shape[-2]
     groups = Hq // Hkv
     gate = gate.contiguous()
     per_sample = pk.dim() == 4
@@ -645,13 +645,13 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     prec = _precision(q)
     BLOCK_D, BLOCK_P = _pow2(d), _pow2(P)
 
-    delta = new_output(pack.stats_shape, dtype=torch.float32, device=dev)
+    delta = new_output(rows.stats_shape, dtype=torch.float32, device=dev)
     pre_bm = bwd["Q_BLOCK_M"]
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
-        o, do, q, pk, pk if pv is None else pv, gate, delta, pack.cu_q,
-        *pack.strides(o), *pack.strides(do), *pack.strides(q), *_prompt_strides(pk), *_prompt_strides(pv),
-        *pack.stats_strides(delta), Hq, M, P, groups, softmax_scale * LOG2E,
-        BYPASS=bypass, VARLEN=pack.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
+        o, do, q, pk, pk if pv is None else pv, gate, delta, rows.cu_q,
+        *rows.strides(o), *rows.strides(do), *rows.strides(q), *_prompt_strides(pk), *_prompt_strides(pv),
+        *rows.stats_strides(delta), Hq, M, P, groups, softmax_scale * LOG2E,
+        BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
@@ -689,15 +689,15 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, o, lse, causal, s
     grid = (num_key_programs + q_tiles * B * Hq,)
     attention_bwd_kernel[grid](
         q, k, v, s, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dk, dv, ds, dpk_buf, dpv_buf,
-        dg_buf, dg_buf, pack.cu_q, pack.cu_k,
-        *pack.strides(q), *pack.strides(k), *pack.strides(v), *pack.strides(s),
-        *_prompt_strides(pk), *_prompt_strides(pv), *pack.strides(do), *pack.strides(dq),
-        *pack.strides(dk), *pack.strides(dv), *pack.strides(ds),
+        dg_buf, dg_buf, rows.cu_q, rows.cu_k,
+        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(s),
+        *_prompt_strides(pk), *_prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
+        *rows.strides(dk), *rows.strides(dv), *rows.strides(ds),
         *(k_strides if bypass == EXCITOR else no_strides[:6]),
-        *(q_strides if bypass == ADAPTER else no_strides), *pack.stats_strides(lse),
+        *(q_strides if bypass == ADAPTER else no_strides), *rows.stats_strides(lse),
         Hq, Hkv, M, N, P, groups, num_key_programs, softmax_scale * LOG2E, softmax_scale, prompt_scale,
         prompt_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=pack.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+        CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim is None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
         BLOCK_P=BLOCK_P, PREC=prec, **bwd,
     )
 

@@ -25,9 +25,9 @@ OP = "excitor_attention"
 def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
-    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
-                                 prompt_scale, pack)
+                                 prompt_scale, rows)
 
 
 @_fwd.register_fake
@@ -41,10 +41,10 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate:
          o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
          max_seqlen_k: int, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pack = tri.Packing(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, _, dgate, dsim = tri.attention_backward(
         tri.EXCITOR, do, q, k, v, prompt_keys, None, gate, sim_keys, o, lse, causal, softmax_scale, prompt_scale,
-        deterministic, pack)
+        deterministic, rows)
     return dq, dk, dv, dpk, dgate, (q.new_empty(0) if dsim is None else dsim)
 
 
