@@ -161,3 +161,21 @@ SUPPORT_GRID = [
     Case(B=2, Hq=4, Hkv=2, M=29, N=29, d=64, P=2, transposed=True, sim=True),
     Case(B=1, Hq=4, Hkv=1, M=17, N=31, d=128, P=64, causal=False, per_sample=True),
 ]
+
+
+def support_grid_tests(op: str, grid: list, reference_cases: list):
+    """The two grid tests of an operator's test module: the Triton backend on every case of ``grid`` and the
+    reference backend on ``reference_cases``, each in every dtype and on every device, against the oracle."""
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @param_cases(grid)
+    def test_triton_matches_float64(case, dtype, device):
+        check_against_oracle(op, case, dtype, device)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @param_cases(reference_cases)
+    def test_reference_backend_matches_float64(case, dtype, device):
+        check_against_oracle(op, case, dtype, device, backend="reference")
+
+    return test_triton_matches_float64, test_reference_backend_matches_float64

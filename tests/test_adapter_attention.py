@@ -9,27 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from excitor_kernels import adapter_attention
-from helpers import (SUPPORT_GRID, BUDGET, DEVICES, DTYPES, Case, check_against_oracle, make_inputs, oracle, param_cases, rel_err,
-                     run_with_grads)
+from helpers import (BUDGET, DEVICES, SUPPORT_GRID, Case, check_against_oracle, make_inputs, oracle, rel_err,
+                     run_with_grads, support_grid_tests)
 
 OP = "adapter"
 
 # The same support grid as excitor_attention (sim_keys does not exist for this operator).
 GRID = [dataclasses.replace(c, sim=False) for c in SUPPORT_GRID]
 
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@param_cases(GRID)
-def test_triton_matches_float64(case, dtype, device):
-    check_against_oracle(OP, case, dtype, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@param_cases(GRID[:2])
-def test_reference_backend_matches_float64(case, dtype, device):
-    check_against_oracle(OP, case, dtype, device, backend="reference")
+test_triton_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:2])
 
 
 @pytest.mark.parametrize("device", DEVICES)

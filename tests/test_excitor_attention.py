@@ -11,26 +11,14 @@ from hypothesis import strategies as st
 
 import excitor_kernels
 from excitor_kernels import _dispatch, excitor_attention
-from helpers import (SUPPORT_GRID, BUDGET, DEVICES, DTYPES, Case, call, check_against_oracle, make_inputs, oracle, param_cases,
-                     rel_err, run_with_grads)
+from helpers import (BUDGET, DEVICES, DTYPES, SUPPORT_GRID, Case, call, check_against_oracle, make_inputs, oracle,
+                     param_cases, rel_err, run_with_grads, support_grid_tests)
 
 OP = "excitor"
 
 GRID = SUPPORT_GRID
 
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@param_cases(GRID)
-def test_triton_matches_float64(case, dtype, device):
-    check_against_oracle(OP, case, dtype, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@param_cases(GRID[:3])
-def test_reference_backend_matches_float64(case, dtype, device):
-    check_against_oracle(OP, case, dtype, device, backend="reference")
+test_triton_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:3])
 
 
 @pytest.mark.parametrize("device", DEVICES)
