@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from excitor_kernels import (apply_excitor, export_llama_adapter, load_excitor, load_llama_adapter, prompt_context,
                              save_excitor)
 from excitor_kernels.patch import excitor_layers
-from tiny_models import HEADS, HIDDEN, LAYERS, randomize, rel, tiny_model, tokens
+from tiny_models import HEADS, HIDDEN, LAYERS, VOCAB, randomize, rel, tiny_model, tokens
 
 P_OFFICIAL = 10  # adapter_len / query_len default of the official code
 
@@ -101,7 +101,6 @@ class OfficialForward:
             o = o + gate * (torch.softmax(q @ pk.transpose(-1, -2) / d ** 0.5, -1) @ pv)
         return attn.o_proj(o.transpose(1, 2).reshape(B, M, -1))
 
-    @torch.no_grad()
     def __call__(self, ids):
         start = self.cache[0][0].shape[2] if self.cache else 0
         m = self.model.model
@@ -153,6 +152,29 @@ def test_official_checkpoint_logits(case, kv_heads):
     if layout == "v1":
         other = "v1" if variant == "v1-inference" else "v1-inference"
         assert rel(got, OfficialForward(base(kv_heads), ckpt, other)(ids)) > 1e-3
+
+
+def test_gradients_match_the_official_forward():
+    """Training parity (V2.1 with a visual query): gradients of prompts, gates, new_gate and the visual query."""
+    ckpt = official_checkpoint("v2", new_gate=True)
+    state = {k: v.double().requires_grad_() for k, v in ckpt["model"].items()}
+    visual = torch.randn(2, P_OFFICIAL, HIDDEN, dtype=torch.float64, requires_grad=True)
+    visual_copy = visual.detach().clone().requires_grad_()
+    ids = tokens("cpu", B=2, L=9)
+    weights = torch.randn(2, 9, VOCAB, dtype=torch.float64)
+    (OfficialForward(base(), {"model": state}, "v2", visual=visual)(ids) * weights).sum().backward()
+
+    model = load_llama_adapter(base(), ckpt, backend="reference").train()
+    with prompt_context(model, visual_copy):
+        (model(input_ids=ids).logits * weights).sum().backward()
+    layers = excitor_layers(model)
+    got_rows = torch.cat([layer.prompts.grad for layer in layers])
+    assert rel(got_rows, state["adapter_query.weight"].grad) <= 1e-6
+    assert rel(visual_copy.grad, visual.grad) <= 1e-6
+    for layer in layers:
+        key = f"llama.layers.{layer.layer_idx}.attention."
+        assert rel(layer.gate.grad, state[key + "gate"].grad.view(-1)) <= 1e-6
+        assert rel(layer.gate_scale.grad, state[key + "new_gate"].grad.view(-1)) <= 1e-6
 
 
 def test_prompt_and_layer_counts_from_arguments():
@@ -275,6 +297,8 @@ def test_bad_checkpoints_name_the_key(name):
 
 
 def test_bad_arguments_and_mismatched_models():
+    with pytest.raises(TypeError, match="gate_scale must be a bool; got 1"):
+        apply_excitor(base(), gate_scale=1)
     with pytest.raises(TypeError, match="checkpoint must be a state dict or the path"):
         load_llama_adapter(base(), 3, "v1")
     with pytest.raises(ValueError, match="num_prompts must be None or an int >= 1"):
