@@ -232,7 +232,7 @@ def export_llama_adapter(model: nn.Module, variant: str, dtype: Optional[torch.d
         if layer.gate_scale is not None and layout != "v2":
             raise ValueError(f"variant={variant!r} has no new_gate; model is adapted with gate_scale=True (use 'v2')")
     n_layers, _, heads = _model_shape(model)
-    scaled = layers[0].gate_scale is not None
+    scaled = any(layer.gate_scale is not None for layer in layers)
 
     def out(t):  # a copy, never a view of a parameter
         return t.detach().to("cpu", dtype or t.dtype, copy=True)
@@ -245,7 +245,8 @@ def export_llama_adapter(model: nn.Module, variant: str, dtype: Optional[torch.d
         gate = layer.gate.expand(heads) if layer is not None else torch.zeros(heads, dtype=gate_dtype)
         state[_gate_key(layout, i)] = out(gate.reshape(1, heads, 1, 1))
         if scaled:
-            scale = layer.gate_scale if layer is not None else torch.ones(1, dtype=gate_dtype)
+            has_scale = layer is not None and layer.gate_scale is not None
+            scale = layer.gate_scale if has_scale else torch.ones(1, dtype=gate_dtype)  # official init
             state[_gate_key(layout, i, "new_gate")] = out(scale.reshape(1, 1, 1, 1))
     if layout == "v1":
         return state
