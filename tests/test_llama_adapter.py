@@ -7,8 +7,12 @@ variant's gate (tanh(gate), raw gate, tanh(gate) * new_gate), V2's visual query 
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -205,10 +209,15 @@ def test_export_round_trip(case, tmp_path):
     default = export_llama_adapter(model, variant)  # float32, the official dtype of adapter parameters
     assert {t.dtype for t in default.get("model", default).values()} == {torch.float32}
     torch.save(default, tmp_path / "adapter.pth")
-    reloaded = load_llama_adapter(base(), tmp_path / "adapter.pth", variant, backend="reference")
+    paths = [tmp_path / "adapter.pth"]
+    if layout == "v1":  # a flat dict also travels as safetensors
+        save_file(default, str(tmp_path / "adapter.safetensors"))
+        paths.append(str(tmp_path / "adapter.safetensors"))
     ids = tokens("cpu", B=2, L=9)
-    with torch.no_grad():
-        assert rel(reloaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
+    for path in paths:
+        reloaded = load_llama_adapter(base(), path, variant, backend="reference")
+        with torch.no_grad():
+            assert rel(reloaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
 
 
 def test_export_scalar_identity_gates_as_released_v1():
@@ -232,6 +241,22 @@ def test_gate_scale_survives_save_excitor(tmp_path):
     ids = tokens("cpu", B=2, L=8)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_load_excitor_reads_files_written_before_gate_scale(tmp_path):
+    model = randomize(apply_excitor(base(), num_prompts=4, num_layers=2, mode="adapter", backend="reference"))
+    save_excitor(model, str(tmp_path / "new.safetensors"))
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        options = json.loads(f.metadata()["excitor"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del options["gate_scale"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"excitor": json.dumps(options)})
+    ids = tokens("cpu", B=1, L=7)
+    already = apply_excitor(base(), num_prompts=4, num_layers=2, mode="adapter", backend="reference")
+    for target in (base(), already):  # a plain model is adapted, an adapted one compared with the file
+        reloaded = load_excitor(target, str(tmp_path / "old.safetensors"), backend="reference")
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_adapter_mode_defaults_follow_the_official_code():
@@ -280,8 +305,8 @@ BAD = {
                            "'visual_query.weight'; pass strict=False"),
     "partial new_gate": ({"model": _drop(V2["model"], "llama.layers.2.attention.new_gate")}, {"strict": False},
                          "misses key 'llama.layers.2.attention.new_gate'"),
-    "new_gate shape": ({"model": _replace(V2["model"], "llama.layers.1.attention.new_gate", torch.ones(1, HEADS, 1, 1))},
-                       {"strict": False}, r"'llama.layers.1.attention.new_gate' has shape \(1, 4, 1, 1\)"),
+    "new_gate shape": ({"model": _replace(V2["model"], "llama.layers.1.attention.new_gate",
+                                          torch.ones(1, HEADS, 1, 1))}, {"strict": False}, r"'llama.layers.1.attention.new_gate' has shape \(1, 4, 1, 1\)"),
     "v1 with new_gate": ({**V1, "layers.2.attention.new_gate": torch.ones(1, 1, 1, 1)}, {"variant": "v1"},
                          "'layers.2.attention.new_gate'; pass strict=False"),
 }
