@@ -105,7 +105,8 @@ class ExcitorAttention(nn.Module):
         num_prompts: ``P``, the learnable prompt tokens.
         mode: ``"excitor"`` or ``"adapter"``.
         backend: operator backend, ``"auto" | "reference" | "triton" | "cuda"``.
-        gate_activation: ``"tanh"`` (official LLaMA-Adapter / Excitor) or ``"identity"`` (PEFT).
+        gate_activation: ``"tanh"`` (Excitor; official LLaMA-Adapter v1 training code and V2) or ``"identity"``
+            (PEFT; the released LLaMA-Adapter v1 inference code).
         gate_per_head: one gate per query head, or one scalar broadcast to all heads (PEFT).
         gate_scale: add a learnable scalar (one init) multiplying the activated gate (LLaMA-Adapter V2.1).
         sim_rank: rank of the learnable similarity projection (excitor mode), None for ``sim = k``.
