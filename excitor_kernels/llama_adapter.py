@@ -95,7 +95,7 @@ def _split(rows: int, num_prompts: Optional[int], num_layers: Optional[int]) -> 
         num_prompts = OFFICIAL_NUM_PROMPTS
     P = num_prompts if num_prompts is not None else rows // num_layers
     L = num_layers if num_layers is not None else rows // num_prompts
-    if P * L != rows:
+    if P * L != rows or rows == 0:
         raise ValueError(f"{QUERY!r} has {rows} rows, which is not num_layers * num_prompts for num_prompts="
                          f"{num_prompts}, num_layers={num_layers}")
     return P, L

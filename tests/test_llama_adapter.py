@@ -299,6 +299,7 @@ BAD = {
     "too many layers": (official_checkpoint("v1", num_layers=4, model_layers=3), {"variant": "v1"},
                         "'adapter_query.weight' holds 4 layers x 10 prompts but the model has 3 decoder layers"),
     "rows": (_replace(V1, "adapter_query.weight", torch.zeros(25, HIDDEN)), {"variant": "v1"}, "has 25 rows"),
+    "no rows": (_replace(V1, "adapter_query.weight", torch.zeros(0, HIDDEN)), {"variant": "v1"}, "has 0 rows"),
     "v1 needs a variant": (V1, {}, "variant='v1-inference'"),
     "wrong variant": (V1, {"variant": "v2"}, "needs the v2 layout; the checkpoint has the v1 layout"),
     "unknown variant": (V1, {"variant": "v3"}, "variant must be one of"),
