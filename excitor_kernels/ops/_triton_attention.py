@@ -293,8 +293,11 @@ def attention_bwd_dkdv_kernel(
                                 stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM, PREC)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
-    dk_base = DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh
+    # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
     dv_base = DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh
+    if ACCUMULATE:
+        dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+    store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
     if BYPASS == 1:
         # dgate[h] = sum_j <dk'[h, j], ke_j>; ke is centred (docs/design.md), so the sum does not cancel
         ke = load_rows(ke_base, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -304,11 +307,10 @@ def attention_bwd_dkdv_kernel(
         if ACCUMULATE:
             dke += load_rows(dke_base, offs_n, stride_dken, offs_d, N, HEAD_DIM, True)
         store_rows(dke_base, dke, offs_n, stride_dken, offs_d, N, HEAD_DIM)
+    dk_base = DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh
     if ACCUMULATE:
         dk += load_rows(dk_base, offs_n, stride_dkn, offs_d, N, HEAD_DIM, True).to(tl.float32)
-        dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
     store_rows(dk_base, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
-    store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -411,9 +413,9 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dic
         dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     elif on_gpu:
-        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if d > 64 else 4, num_stages=3 if d <= 128 else 2)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
     else:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
         fwd = dkdv = dq = dict(BLOCK_M=bm, BLOCK_N=bn)
