@@ -58,12 +58,16 @@ def _read(path: Path, mtime: float) -> dict:
     return table
 
 
-def load() -> dict | None:
-    """The table (``EXCITOR_AUTO_TABLE`` overrides the shipped path), or None when there is none."""
-    path = _path()
+def load_file(path: Path) -> dict | None:
+    """The table at ``path`` (re-read when the file changes), or None when there is none."""
     if not path.is_file():
         return None
     return _read(path, path.stat().st_mtime)
+
+
+def load() -> dict | None:
+    """The table ``backend="auto"`` reads: the shipped one, or ``EXCITOR_AUTO_TABLE``'s path when set."""
+    return load_file(_path())
 
 
 def _distance(a: int, b: int) -> float:
