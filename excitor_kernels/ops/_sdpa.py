@@ -45,19 +45,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .._alloc import new_output
-from ._triton_attention import (LOG2E, _dot, _load_rows, _pow2, _precision, _prompt_attention, _prompt_softmax,
-                                _prompt_strides, _store_rows)
+from ._triton_attention import _prompt_attention
+from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
+from ._triton_prompt_keys import prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
-
-
-@triton.jit
-def _centred_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr):
-    """(a, ke) for one tile of rows: a = softmax(prompt_scale s pk^T) and ke = a pk - mean_n pk_n, float32."""
-    a = _prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
-    pk32 = pk.to(tl.float32)
-    ke = _dot(a, pk32, PREC) - (tl.sum(pk32, 0) / P)[None, :]  # padded prompts are zero rows
-    return a, ke
 
 
 @triton.jit
@@ -67,7 +59,7 @@ def excitor_keys_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     Hkv, N, P, GROUPS, prompt_scale_log2,
     CONCAT: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
     heads of the key/value head, or [k, ke] (CONCAT)."""
@@ -77,23 +69,23 @@ def excitor_keys_fwd_kernel(
     g = bg % Hkv
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
-    kt = _load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
+    kt = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
     if SIM_IS_K:
         st = kt
     else:
-        st = _load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = _load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = _centred_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+        st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
-        _store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
-        _store_rows(out + HEAD_DIM, ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
+        store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
+        store_rows(out + HEAD_DIM, ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
     else:
         k32 = kt.to(tl.float32)
         for hh in range(0, GROUPS):
             h = g * GROUPS + hh
             gate_h = tl.load(GATE + h).to(tl.float32)
-            _store_rows(KP + b * stride_ob + h * stride_oh, k32 + gate_h * ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
+            store_rows(KP + b * stride_ob + h * stride_oh, k32 + gate_h * ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -104,7 +96,7 @@ def excitor_keys_bwd_kernel(
     stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b,
     Hkv, N, P, GROUPS, prompt_scale, prompt_scale_log2,
     CONCAT: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
     (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt and gate gradients."""
@@ -116,42 +108,35 @@ def excitor_keys_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     if SIM_IS_K:
-        st = _load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
+        st = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
     else:
-        st = _load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = _load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    a, ke = _centred_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+        st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
     if CONCAT:  # the gate sits on the query side there: its gradient comes from autograd of [q, gate q]
         base = DKP + b * stride_gb + g * stride_gh
-        dk = _load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
-        dke = _load_rows(base + HEAD_DIM, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        dke = load_rows(base + HEAD_DIM, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
     else:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dke = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for hh in range(0, GROUPS):
             h = g * GROUPS + hh
             gate_h = tl.load(GATE + h).to(tl.float32)
-            dkp = _load_rows(DKP + b * stride_gb + h * stride_gh, offs_n, stride_gn, offs_d, N, HEAD_DIM,
+            dkp = load_rows(DKP + b * stride_gb + h * stride_gh, offs_n, stride_gn, offs_d, N, HEAD_DIM,
                              True).to(tl.float32)                         # rows j >= N load as 0
             dk += dkp
             dke += gate_h * dkp
             tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dkp * ke, 1), 0))
-    # back through ke = a pk and a = softmax(prompt_scale s pk^T): da[j, n] = <dke_j, pk_n>
-    da = _dot(dke.to(pk.dtype), tl.trans(pk), PREC)
-    dz = a * (da - tl.sum(a * da, 1)[:, None])
-    dsim = prompt_scale * _dot(dz.to(pk.dtype), pk, PREC)
-    # dpk_n = sum_j a[j, n] dke_j + prompt_scale sum_j dz[j, n] s_j (the mean's gradient, -sum_j dke_j / P for
-    # every n, is zero: SDPA's sum_j dk'[h, j] vanishes since each softmax row's ds sums to zero)
-    dpk = _dot(tl.trans(a).to(pk.dtype), dke.to(pk.dtype), PREC) + prompt_scale * _dot(tl.trans(dz).to(pk.dtype),
-                                                                                        st, PREC)
+    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale)  # back through ke and a
     dpk_ptrs = (DPK + tile * stride_dpk_t + b * stride_dpk_b + g * stride_dpk_h + offs_p[:, None] * stride_dpk_p
                 + offs_d[None, :])
     tl.atomic_add(dpk_ptrs, dpk, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM))
     if SIM_IS_K:
         dk += dsim
     else:
-        _store_rows(DS + b * stride_dsb + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N, HEAD_DIM)
-    _store_rows(DK + b * stride_dkb + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
+        store_rows(DS + b * stride_dsb + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N, HEAD_DIM)
+    store_rows(DK + b * stride_dkb + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -169,12 +154,12 @@ def adapter_prompts_fwd_kernel(
     h = bh % Hq
     g = h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
     _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                     stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM, PREC)
-    ot = _load_rows(OT + b * stride_tb + h * stride_th, offs_m, stride_tm, offs_d, M, HEAD_DIM, True)
+    ot = load_rows(OT + b * stride_tb + h * stride_th, offs_m, stride_tm, offs_d, M, HEAD_DIM, True)
     o = ot.to(tl.float32) + tl.load(GATE + h).to(tl.float32) * op
-    _store_rows(O + b * stride_ob + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
+    store_rows(O + b * stride_ob + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
 
 
 @triton.jit
@@ -200,23 +185,23 @@ def adapter_prompts_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     rows = offs_m[:, None] < M
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    do32 = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    do32 = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
                       True).to(tl.float32)                                         # rows i >= M load as 0
     ap, op, pk, pv = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                        stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
     gate_h = tl.load(GATE + h).to(tl.float32)
     tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(do32 * op, 1), 0))
     dop = gate_h * do32
-    dap = _dot(dop.to(pv.dtype), tl.trans(pv), PREC)
+    dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)
     dzp = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, softmax_scale * _dot(dzp.to(pk.dtype), pk, PREC), offs_m,
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, softmax_scale * dot(dzp.to(pk.dtype), pk, PREC), offs_m,
                 stride_dqm, offs_d, M, HEAD_DIM)
     slot = tile * stride_dpk_t + b * stride_dpk_b + (h // ACC_HEAD_DIV) * stride_dpk_h
     ptrs = offs_p[:, None] * stride_dpk_p + offs_d[None, :]
     pmask = (offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
-    tl.atomic_add(DPK + slot + ptrs, softmax_scale * _dot(tl.trans(dzp).to(q.dtype), q, PREC), mask=pmask)
-    tl.atomic_add(DPV + slot + ptrs, _dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC),
+    tl.atomic_add(DPK + slot + ptrs, softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC), mask=pmask)
+    tl.atomic_add(DPV + slot + ptrs, dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC),
                   mask=pmask)
 
 
@@ -226,7 +211,7 @@ def adapter_prompts_bwd_kernel(
 def _rows_block(on_gpu: bool, L: int) -> tuple[int, dict]:
     """(rows per tile, launch options) of the O(L) prompt kernels: 64 rows, 4 warps on a GPU; at most 32
     rows interpreted."""
-    return (64, dict(num_warps=4)) if on_gpu else (min(32, _pow2(L)), {})
+    return (64, dict(num_warps=4)) if on_gpu else (min(32, pow2(L)), {})
 
 
 class _Sums:
@@ -263,10 +248,9 @@ def excitor_keys(k, pk, gate, sim, prompt_scale, concat):
     s = k if sim is None else sim
     block, opts = _rows_block(k.is_cuda, N)
     excitor_keys_fwd_kernel[(triton.cdiv(N, block), B * Hkv)](
-        k, s, pk, gate.contiguous(), kp, *k.stride()[:3], *s.stride()[:3], *_prompt_strides(pk), *kp.stride()[:3],
+        k, s, pk, gate.contiguous(), kp, *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *kp.stride()[:3],
         Hkv, N, P, Hq // Hkv, prompt_scale * LOG2E,
-        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=_pow2(d), BLOCK_P=_pow2(P),
-        PREC=_precision(k), **opts,
+        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **opts,
     )
     return kp
 
@@ -287,11 +271,10 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     sums = _Sums(tiles, B, Hkv, Hq, P, d, pk.dim() == 4, deterministic, k.device)
     excitor_keys_bwd_kernel[(tiles, B * Hkv)](
         dkp, k, s, pk, gate.contiguous(), dk, ds, sums.prompt, sums.gate,
-        *dkp.stride()[:3], *k.stride()[:3], *s.stride()[:3], *_prompt_strides(pk), *dk.stride()[:3],
+        *dkp.stride()[:3], *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
         *ds.stride()[:3], *sums.prompt_strides, *sums.gate_strides,
         Hkv, N, P, Hq // Hkv, prompt_scale, prompt_scale * LOG2E,
-        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=_pow2(d), BLOCK_P=_pow2(P),
-        PREC=_precision(k), **opts,
+        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **opts,
     )
     return dk, sums.prompt_grad(sums.prompt, Hkv, pk), sums.gate_grad(gate), dsim
 
@@ -303,9 +286,9 @@ def adapter_prompts(o_tokens, q, pk, pv, gate, softmax_scale):
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     block, opts = _rows_block(q.is_cuda, M)
     adapter_prompts_fwd_kernel[(triton.cdiv(M, block), B * Hq)](
-        o_tokens, q, pk, pv, gate.contiguous(), o, *o_tokens.stride()[:3], *q.stride()[:3], *_prompt_strides(pk),
-        *_prompt_strides(pv), *o.stride()[:3], Hq, M, P, Hq // Hkv, softmax_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block, BLOCK_D=_pow2(d), BLOCK_P=_pow2(P), PREC=_precision(q),
+        o_tokens, q, pk, pv, gate.contiguous(), o, *o_tokens.stride()[:3], *q.stride()[:3], *prompt_strides(pk),
+        *prompt_strides(pv), *o.stride()[:3], Hq, M, P, Hq // Hkv, softmax_scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q),
         **opts,
     )
     return o
@@ -324,10 +307,10 @@ def adapter_prompts_backward(do, q, pk, pv, gate, softmax_scale, deterministic):
     dpv_buf = torch.zeros_like(sums.prompt)
     adapter_prompts_bwd_kernel[(tiles, B * Hq)](
         do, q, pk, pv, gate.contiguous(), dq, sums.prompt, dpv_buf, sums.gate,
-        *do.stride()[:3], *q.stride()[:3], *_prompt_strides(pk), *_prompt_strides(pv), *dq.stride()[:3],
+        *do.stride()[:3], *q.stride()[:3], *prompt_strides(pk), *prompt_strides(pv), *dq.stride()[:3],
         *sums.prompt_strides, *sums.gate_strides, Hq, M, P, Hq // Hkv, 1 if deterministic else Hq // Hkv,
         softmax_scale, softmax_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block, BLOCK_D=_pow2(d), BLOCK_P=_pow2(P), PREC=_precision(q),
+        HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q),
         **opts,
     )
     return dq, sums.prompt_grad(sums.prompt, Hkv, pk), sums.prompt_grad(dpv_buf, Hkv, pv), sums.gate_grad(gate)
