@@ -225,9 +225,13 @@ def test_sdpa_gqa_values_are_views_not_copies(monkeypatch):
 
 @pytest.mark.parametrize("concat", [False, True])
 def test_sdpa_custom_ops_pass_opcheck(concat):
-    """torch.library.opcheck on the sdpa backend's Excitor key op: schema, fake implementation, autograd."""
+    """torch.library.opcheck on the sdpa backend's Excitor ops (keys; the concat form's queries): schema, fake
+    implementation, autograd registration."""
     case = Case(B=2, Hq=4, Hkv=2, M=9, N=9, P=3, sim=True, per_sample=True)
     x = make_inputs(case, OP, torch.float32, DEVICES[0])
-    args = (x["k"], x["prompt_keys"], x["gate"], x["sim_keys"], 0.125, concat, False)
-    torch.library.opcheck(torch.ops.excitor_kernels.sdpa_excitor_keys, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    ops = torch.ops.excitor_kernels
+    torch.library.opcheck(ops.sdpa_excitor_keys, (x["k"], x["prompt_keys"], x["gate"], x["sim_keys"], 0.125, concat,
+                                                  False), test_utils=checks)
+    if concat:
+        torch.library.opcheck(ops.sdpa_gated_queries, (x["q"], x["gate"], True), test_utils=checks)

@@ -14,9 +14,10 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
     ``(b, kv head)``: ``q`` and ``v`` are then views (``v`` broadcast with head stride 0) when their batch and
     head axes merge, which they do for ``(B, H, L, d)``-contiguous tensors; other layouts are copied.
   - ``"concat"`` (GQA only, the exact rewrite ``<q, k + g ke> = <[q, g q], [k, ke]>``): ``[k, ke]``,
-    ``(B, Hkv, N, 2d)``, with ``[q, gate[h] q]`` built by torch ops and SDPA's ``enable_gqa``: keys and values
-    stay per key/value head, at twice the q/k head dim (SDPA backends that take a q/k head dim different from
-    v's: README, "The sdpa backend").
+    ``(B, Hkv, N, 2d)``, with queries ``[q, gate[h] q]`` (one more small kernel, whose backward gives
+    ``dq = dq2[:d] + gate[h] dq2[d:]`` and ``dgate[h] = sum_i <dq2_i[d:], q_i>``, float32 products and sums)
+    and SDPA's ``enable_gqa``: keys and values stay per key/value head, at twice the q/k head dim (SDPA
+    backends that take a q/k head dim different from v's: README, "The sdpa backend").
 
   The backward takes SDPA's ``dk'`` (or ``d[k, ke]``) through one program per key tile: ``dk = sum_h dk'[h]``,
   ``dke = sum_h gate[h] dk'[h]`` and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` in float32 registers, then the prompt
@@ -113,7 +114,7 @@ def excitor_keys_bwd_kernel(
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
-    if CONCAT:  # the gate sits on the query side there: its gradient comes from autograd of [q, gate q]
+    if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
         dke = load_rows(base + HEAD_DIM, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -137,6 +138,36 @@ def excitor_keys_bwd_kernel(
     else:
         store_rows(DS + b * stride_dsb + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N, HEAD_DIM)
     store_rows(DK + b * stride_dkb + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
+
+
+@triton.jit
+def gated_queries_kernel(
+    Q, GATE, Q2, DQ2, DQ, DGATE,
+    stride_qb, stride_qh, stride_qm, stride_2b, stride_2h, stride_2m, stride_dqb, stride_dqh, stride_dqm,
+    stride_dg_t, stride_dg_b, Hq, M,
+    BACKWARD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (query tile, batch * query head) of the concat form's queries q2 = [q, gate[h] q]:
+    forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to dq = dlo + gate[h] dhi and adds
+    sum_i <dhi_i, q_i> to dgate[h] (float32 products and sums: the sum cancels, see the module docstring)."""
+    tile = tl.program_id(0)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    offs_d = tl.arange(0, BLOCK_D)
+    gate_h = tl.load(GATE + h).to(tl.float32)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    if BACKWARD:
+        base = DQ2 + b * stride_2b + h * stride_2h
+        dlo = load_rows(base, offs_m, stride_2m, offs_d, M, HEAD_DIM, True).to(tl.float32)
+        dhi = load_rows(base + HEAD_DIM, offs_m, stride_2m, offs_d, M, HEAD_DIM, True).to(tl.float32)
+        store_rows(DQ + b * stride_dqb + h * stride_dqh, dlo + gate_h * dhi, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
+        tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dhi * q.to(tl.float32), 1), 0))
+    else:
+        base = Q2 + b * stride_2b + h * stride_2h
+        store_rows(base, q, offs_m, stride_2m, offs_d, M, HEAD_DIM)
+        store_rows(base + HEAD_DIM, gate_h * q.to(tl.float32), offs_m, stride_2m, offs_d, M, HEAD_DIM)
 
 
 @triton.jit
@@ -279,6 +310,33 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     return dk, sums.prompt_grad(sums.prompt, Hkv, pk), sums.gate_grad(gate), dsim
 
 
+def _gated_launch(q, gate, q2, dq, sums, backward):
+    B, Hq, M, d = q.shape
+    block, opts = _rows_block(q.is_cuda, M)
+    gated_queries_kernel[(triton.cdiv(M, block), B * Hq)](
+        q, gate.contiguous(), q2, q2, dq, sums.gate, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3],
+        *sums.gate_strides, Hq, M, BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
+    )
+
+
+def gated_queries(q, gate):
+    """The concat form's queries ``[q, gate[h] q] (B, Hq, M, 2d)``."""
+    B, Hq, M, d = q.shape
+    q2 = new_output((B, Hq, M, 2 * d), dtype=q.dtype, device=q.device)
+    _gated_launch(q, gate, q2, q2, _Sums(1, B, Hq, Hq, 0, d, False, False, q.device), False)
+    return q2
+
+
+def gated_queries_backward(dq2, q, gate, deterministic):
+    """(dq, dgate) from the gradient of :func:`gated_queries`' output."""
+    B, Hq, M, d = q.shape
+    dq2 = dq2 if dq2.stride(-1) == 1 else dq2.contiguous()
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
+    sums = _Sums(triton.cdiv(M, _rows_block(q.is_cuda, M)[0]), B, Hq, Hq, 0, d, False, deterministic, q.device)
+    _gated_launch(q, gate, dq2, dq, sums, True)
+    return dq, sums.gate_grad(gate)
+
+
 def adapter_prompts(o_tokens, q, pk, pv, gate, softmax_scale):
     """``o_tokens + gate[h] softmax(softmax_scale q pk^T) pv``, in ``q``'s layout."""
     B, Hq, M, d = q.shape
@@ -360,6 +418,38 @@ def _keys_backward(ctx, dkp):
 _keys_op.register_autograd(_keys_backward, setup_context=_keys_setup)
 
 
+@torch.library.custom_op("excitor_kernels::sdpa_gated_queries", mutates_args=())
+def _gated_op(q: Tensor, gate: Tensor, deterministic: bool) -> Tensor:
+    return gated_queries(q, gate)
+
+
+@_gated_op.register_fake
+def _(q, gate, deterministic):
+    return q.new_empty((*q.shape[:-1], 2 * q.shape[-1]))
+
+
+@torch.library.custom_op("excitor_kernels::sdpa_gated_queries_bwd", mutates_args=())
+def _gated_bwd_op(dq2: Tensor, q: Tensor, gate: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return gated_queries_backward(dq2, q, gate, deterministic)
+
+
+@_gated_bwd_op.register_fake
+def _(dq2, q, gate, deterministic):
+    return torch.empty_like(q), torch.empty_like(gate)
+
+
+def _gated_setup(ctx, inputs, output):
+    q, gate, ctx.deterministic = inputs
+    ctx.save_for_backward(q, gate)
+
+
+def _gated_backward(ctx, dq2):
+    return (*_gated_bwd_op(dq2, *ctx.saved_tensors, ctx.deterministic), None)
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
 @torch.library.custom_op("excitor_kernels::sdpa_adapter_prompts", mutates_args=())
 def _prompts_op(o_tokens: Tensor, q: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
                 softmax_scale: float, deterministic: bool) -> Tensor:
@@ -426,7 +516,7 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     det = bool(deterministic)
     if Hq != Hkv and gqa_form == "concat":
         kk = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, True, det)        # [k, ke] (B, Hkv, N, 2d)
-        qq = torch.cat([q, q * gate.to(q.dtype).view(1, Hq, 1, 1)], dim=-1)           # [q, gate[h] q]
+        qq = _gated_op(q, gate, det)                                                    # [q, gate[h] q]
         return attend(qq, kk, v, causal, softmax_scale, enable_gqa=True)
     kp = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, False, det)            # k' (B, Hq, N, d)
     if Hq == Hkv:
