@@ -99,7 +99,7 @@ class ExcitorAttention(nn.Module):
         attention: the layer to replace; its projections are taken over (not copied).
         num_prompts: ``P``, the learnable prompt tokens.
         mode: ``"excitor"`` or ``"adapter"``.
-        backend: operator backend, ``"auto" | "reference" | "triton" | "cuda"``.
+        backend: operator backend, ``"auto" | "reference" | "triton" | "cuda" | "sdpa" | "sdpa_concat"``.
         gate_activation: ``"tanh"`` (official LLaMA-Adapter / Excitor) or ``"identity"`` (PEFT).
         gate_per_head: one gate per query head, or one scalar broadcast to all heads (PEFT).
         sim_rank: rank of the learnable similarity projection (excitor mode), None for ``sim = k``.
