@@ -60,10 +60,12 @@ def excitor_keys_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     Hkv, N, P, GROUPS, prompt_scale_log2,
     CONCAT: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
-    heads of the key/value head, or [k, ke] (CONCAT)."""
+    heads of the key/value head, or [k, ke] (CONCAT). The mixture takes the input dtype's tensor-core dots
+    (PREC): its rounding is below that of k' itself, which is stored in the input dtype; the backward recomputes
+    a and ke in exact float32 for the cancelling gate sum."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -76,7 +78,7 @@ def excitor_keys_fwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
         store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
@@ -281,7 +283,8 @@ def excitor_keys(k, pk, gate, sim, prompt_scale, concat):
     excitor_keys_fwd_kernel[(triton.cdiv(N, block), B * Hkv)](
         k, s, pk, gate.contiguous(), kp, *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *kp.stride()[:3],
         Hkv, N, P, Hq // Hkv, prompt_scale * LOG2E,
-        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **opts,
+        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P),
+        PREC=precision(k), **opts,
     )
     return kp
 
