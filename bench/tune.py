@@ -8,6 +8,7 @@ of every input. SDPA runs the kernel PyTorch picks for it, as in a user's call. 
 ``excitor_kernels/auto_table.json`` (format: ``excitor_kernels._tuning``) under the GPU's architecture, or
 into ``--out``. A backend that cannot run a case, or runs out of memory, gets ``null``.
 
+Each run merges into the existing table, so ``--op`` / ``--dtype`` split the full grid over several commands.
 ``--quick`` trims the grid to bf16, d=128, GQA 1 and 4, N 1k/4k/16k (a few minutes). ``--smoke`` runs tiny
 float32 cases on the CPU with Triton interpreted, recorded under the architecture "cpu" into ``--out``
 (required): it checks the machinery, and its times say nothing about a GPU.
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="bf16, d=128, GQA 1/4, N 1k/4k/16k")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU cases (interpreted Triton) into --out")
     parser.add_argument("--out", help=f"table to merge into (default {_tuning.TABLE_PATH})")
+    parser.add_argument("--op", choices=("excitor", "adapter"), help="measure one operator only")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), help="measure one dtype only")
     args = parser.parse_args(argv)
     if args.smoke and not args.out:
         parser.error("--smoke writes CPU times, never into the shipped table: give --out")
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     gpu = "cpu" if args.smoke else _tuning.arch(device)
     entries = []
     for case in grid(args.quick, args.smoke):
+        if (args.op or case["op"]) != case["op"] or (args.dtype or case["dtype"]) != case["dtype"]:
+            continue
         entries.append(dict(case, ms=measure(case, device, args.smoke)))
         print(entries[-1], flush=True)
     info = dict(device="cpu" if args.smoke else torch.cuda.get_device_name(device), torch=torch.__version__,
