@@ -116,17 +116,16 @@ def _auto(op: str, p: Problem) -> Choice:
         return Choice("reference", f"no fused backend runs these inputs ({'; '.join(reasons)})")
     if "triton" in able and not p.requires_grad and p.q_len <= DECODE_MAX_QUERIES:
         return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
-    gpu = _tuning.arch(p.device) if p.device.type == "cuda" else p.device.type
     case = _tuning.case_of(op, p)
-    entry = _tuning.lookup(_tuning.load(), gpu, case)
-    timed = {} if entry is None else {n: entry["ms"][n] for n in able if entry["ms"].get(n) is not None}
+    gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0, *case.values())
+    timed = {} if entry is None else {n: ms for n, ms in entry[3] if n in able}
+    where = f"{gpu} {case['op']} {case['mode']} {case['dtype']}"
     if timed:
         best = min(timed, key=timed.get)
-        near = {f: entry[f] for f in ("head_dim", "gqa", "seq")}
         times = ", ".join(f"{n} {ms:.3g} ms" for n, ms in sorted(timed.items(), key=lambda t: t[1]))
-        return Choice(best, f"measured on {gpu} for {case['op']} {case['mode']} {case['dtype']} {near}: {times}")
-    why = (f"no measured entry for {gpu} {case['op']} {case['mode']} {case['dtype']}" if entry is None
-           else f"the measured entry has no time for {able}")
+        return Choice(best, f"measured on {where} (nearest entry: head dim {entry[0]}, GQA {entry[1]}, "
+                            f"N {entry[2]}): {times}")
+    why = f"no measured entry for {where}" if entry is None else f"the measured entry has no time for {able}"
     return Choice(able[0], f"{why}; rule {' > '.join(FUSED_ORDER[:3])} picks {able[0]} among {able}")
 
 

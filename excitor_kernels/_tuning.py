@@ -85,6 +85,21 @@ def lookup(table: dict | None, gpu: str, case: dict) -> dict | None:
     return min(same, key=lambda e: tuple(_distance(e[f], case[f]) for f in ("head_dim", "gqa", "seq")))
 
 
+@torch.compiler.assume_constant_result
+def nearest_times(device_type: str, device_index: int, op: str, mode: str, dtype: str, head_dim: int, gqa: int,
+                  seq: int) -> tuple:
+    """``(gpu, entry)`` for a call: ``gpu`` the architecture name (the device type off CUDA) and ``entry`` the
+    nearest entry of the current table as ``(head_dim, gqa, seq, ((backend, ms), ...))``, or None. Under
+    ``torch.compile`` it runs once at trace time and its result is a constant (no file reads in the graph)."""
+    gpu = arch(torch.device(device_type, device_index)) if device_type == "cuda" else device_type
+    case = dict(op=op, mode=mode, dtype=dtype, head_dim=head_dim, gqa=gqa, seq=seq)
+    e = lookup(load(), gpu, case)
+    if e is None:
+        return gpu, None
+    return gpu, (e["head_dim"], e["gqa"], e["seq"], tuple((n, ms) for n, ms in sorted(e["ms"].items())
+                                                         if ms is not None))
+
+
 def merge(table: dict | None, gpu: str, info: dict, entries: list) -> dict:
     """``table`` with ``entries`` of GPU ``gpu`` added (an entry of the same case is replaced)."""
     table = table or {"format": FORMAT, "gpus": {}}
