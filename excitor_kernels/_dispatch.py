@@ -114,7 +114,7 @@ def _auto(op: str, p: Problem) -> Choice:
             reasons.append(f"{name}: {why}")
     if not able:
         return Choice("reference", f"no fused backend runs these inputs ({'; '.join(reasons)})")
-    if "triton" in able and not p.requires_grad and p.q_len <= DECODE_MAX_QUERIES:
+    if "triton" in able and not p.varlen and not p.requires_grad and p.q_len <= DECODE_MAX_QUERIES:
         return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
     case = _tuning.case_of(op, p)
     gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0, *case.values())
