@@ -30,9 +30,9 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
 Causal masks are bottom-right aligned (SPEC.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
 use ``is_causal``; ``M > N`` attends the last ``N`` queries with ``is_causal`` (the first ``M - N`` see no key:
 output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
-then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask). Nothing ``M x N`` is kept by our
-code and no float32 ``(B, H, N, d)`` tensor is kept; SDPA keeps its inputs (``k'`` or ``[k, ke]``) for its
-backward. Prompt and gate gradients are summed with float32 atomics, or per tile in a fixed order with
+then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask; SDPA keeps it for its backward).
+Otherwise nothing ``M x N`` is kept, and no float32 ``(B, H, N, d)`` tensor; SDPA keeps its inputs (``k'`` or
+``[k, ke]``) for its backward. Prompt and gate gradients are summed with float32 atomics, or per tile in a fixed order with
 ``deterministic=True``. Packed (varlen) sequences are not covered: SDPA has no varlen entry point on dense tensors.
 """
 from __future__ import annotations
