@@ -14,6 +14,7 @@ import torch
 
 import excitor_kernels
 from excitor_kernels import _dispatch, _tuning
+from excitor_kernels.ops import _sdpa
 from helpers import BUDGET, Case, call, make_inputs, oracle, rel_err
 
 TRAIN = Case(B=1, Hq=4, Hkv=2, M=40, N=40, d=16, P=4)
@@ -64,10 +65,8 @@ def test_the_table_picks_the_fastest_backend_of_the_nearest_entry(fused_on_cpu):
 def test_auto_runs_the_backend_the_table_names_and_logs_it_once(fused_on_cpu, caplog, monkeypatch):
     _tuning.write(_tuning.merge(None, "cpu", {}, [_entry("excitor", "training", 2, 32, triton=9.0, sdpa_concat=1.0)]),
                   fused_on_cpu)
-    from excitor_kernels.ops import _sdpa
-
-    ran = []
-    monkeypatch.setattr(_sdpa, "excitor_attention", lambda *a: ran.append(a[-1]) or _sdpa_excitor(*a))
+    ran, sdpa_excitor = [], _sdpa.excitor_attention
+    monkeypatch.setattr(_sdpa, "excitor_attention", lambda *a: ran.append(a[-1]) or sdpa_excitor(*a))
     x = make_inputs(TRAIN, "excitor", torch.float32, "cpu")
     do = torch.randn(1, 4, 40, 16)
     with caplog.at_level(logging.DEBUG, logger="excitor_kernels"):
@@ -78,8 +77,6 @@ def test_auto_runs_the_backend_the_table_names_and_logs_it_once(fused_on_cpu, ca
     assert len(lines) == 1 and "measured on cpu" in lines[0]
     assert rel_err(o, oracle("excitor", x, True, do)[0]) <= BUDGET[torch.float32]
 
-
-_sdpa_excitor = __import__("excitor_kernels.ops._sdpa", fromlist=["x"]).excitor_attention
 
 
 def test_decode_shaped_calls_take_the_decode_kernel(fused_on_cpu):
