@@ -22,6 +22,7 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
   The backward takes SDPA's ``dk'`` (or ``d[k, ke]``) through one program per key tile: ``dk = sum_h dk'[h]``,
   ``dke = sum_h gate[h] dk'[h]`` and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` in float32 registers, then the prompt
   chain rule (``a`` and ``ke`` recomputed from ``s`` and the prompts, nothing saved) gives ``dpk`` and ``dsim``.
+  The prompt products use the helpers of ``_triton_prompt_keys`` (input-dtype tensor cores, float32 sums).
 * **Adapter** (``adapter_prompts``): ``o = SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``; one
   program per query tile computes the prompt softmax, the gate and the sum. The two terms' gradients separate:
   SDPA's backward gives the token part, one program per query tile the prompt part (``dq`` of the prompt term,
@@ -63,9 +64,8 @@ def excitor_keys_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
-    heads of the key/value head, or [k, ke] (CONCAT). The mixture takes the input dtype's tensor-core dots
-    (PREC): its rounding is below that of k' itself, which is stored in the input dtype; the backward recomputes
-    a and ke in exact float32 for the cancelling gate sum."""
+    heads of the key/value head, or [k, ke] (CONCAT). Products on the input dtype's tensor cores (PREC),
+    float32 accumulation, as in the prompt-keys pre-pass."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -99,7 +99,7 @@ def excitor_keys_bwd_kernel(
     stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b,
     Hkv, N, P, GROUPS, prompt_scale, prompt_scale_log2,
     CONCAT: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
     (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt and gate gradients."""
@@ -115,7 +115,7 @@ def excitor_keys_bwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
+    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -131,7 +131,7 @@ def excitor_keys_bwd_kernel(
             dk += dkp
             dke += gate_h * dkp
             tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dkp * ke, 1), 0))
-    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale)  # back through ke and a
+    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC)  # back through ke and a
     dpk_ptrs = (DPK + tile * stride_dpk_t + b * stride_dpk_b + g * stride_dpk_h + offs_p[:, None] * stride_dpk_p
                 + offs_d[None, :])
     tl.atomic_add(dpk_ptrs, dpk, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM))
@@ -308,7 +308,8 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
         *dkp.stride()[:3], *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
         *ds.stride()[:3], *sums.prompt_strides, *sums.gate_strides,
         Hkv, N, P, Hq // Hkv, prompt_scale, prompt_scale * LOG2E,
-        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **opts,
+        CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P),
+        PREC=precision(k), **opts,
     )
     return dk, sums.prompt_grad(sums.prompt, Hkv, pk), sums.gate_grad(gate), dsim
 
