@@ -57,7 +57,7 @@ def test_official_llama_adapter_formula(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
-def test_deterministic_backward_is_bitwise_repeatable(device, backend):
+def test_deterministic_backward_is_bitwise_repeatable(device, backend, deterministic_torch):
     case = Case(B=2, Hq=4, Hkv=2, M=45, N=40, P=16)
     x = make_inputs(case, OP, torch.float32, device)
     do = torch.randn(case.B, case.Hq, case.M, case.d, device=device)
