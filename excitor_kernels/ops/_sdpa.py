@@ -33,8 +33,8 @@ use ``is_causal``; ``M > N`` attends the last ``N`` queries with ``is_causal`` (
 output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
 then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask; SDPA keeps it for its backward).
 Otherwise nothing ``M x N`` is kept, and no float32 ``(B, H, N, d)`` tensor; SDPA keeps its inputs (``k'`` or
-``[k, ke]``) for its backward. Prompt and gate gradients are summed with float32 atomics, or per tile in a fixed order with
-``deterministic=True``. Packed (varlen) sequences are not covered: SDPA has no varlen entry point on dense tensors.
+``[k, ke]``) for its backward. Prompt and gate gradients are summed with float32 atomics, or per tile in a fixed
+order with ``deterministic=True``. Packed (varlen) sequences are not covered (README, "The sdpa backend").
 """
 from __future__ import annotations
 
