@@ -55,6 +55,14 @@ BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA fo
 
 
 @triton.jit
+def _program(H, BLOCK: tl.constexpr):
+    """(row tile, its row offsets, batch entry, head) of this program; grid (row tiles, batch * H heads)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    return tile, tile * BLOCK + tl.arange(0, BLOCK), (bh // H).to(tl.int64), bh % H
+
+
+@triton.jit
 def excitor_keys_fwd_kernel(
     K, S, PK, GATE, KP,
     stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp,
@@ -66,10 +74,7 @@ def excitor_keys_fwd_kernel(
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
     heads of the key/value head, or [k, ke] (CONCAT). Products on the input dtype's tensor cores (PREC),
     float32 accumulation, as in the prompt-keys pre-pass."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bg = tl.program_id(1)
-    b = (bg // Hkv).to(tl.int64)
-    g = bg % Hkv
+    _, offs_n, b, g = _program(Hkv, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     kt = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
@@ -103,11 +108,7 @@ def excitor_keys_bwd_kernel(
 ):
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
     (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt and gate gradients."""
-    tile = tl.program_id(0)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    bg = tl.program_id(1)
-    b = (bg // Hkv).to(tl.int64)
-    g = bg % Hkv
+    tile, offs_n, b, g = _program(Hkv, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     if SIM_IS_K:
@@ -152,11 +153,7 @@ def gated_queries_kernel(
     """One program per (query tile, batch * query head) of the concat form's queries q2 = [q, gate[h] q]:
     forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to dq = dlo + gate[h] dhi and adds
     sum_i <dhi_i, q_i> to dgate[h] (float32 products and sums: the sum cancels, see the module docstring)."""
-    tile = tl.program_id(0)
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    tile, offs_m, b, h = _program(Hq, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     gate_h = tl.load(GATE + h).to(tl.float32)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
@@ -181,10 +178,7 @@ def adapter_prompts_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (query tile, batch * query head): o = o_tokens + gate[h] softmax(scale q pk^T) pv."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    _, offs_m, b, h = _program(Hq, BLOCK_M)
     g = h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
@@ -209,11 +203,7 @@ def adapter_prompts_bwd_kernel(
     dzp = ap (dap - rowsum(ap dap)), dq = scale dzp pk, dpk = scale dzp^T q, dpv = ap^T dop. The prompt
     gradient slot is (tile, batch, h // ACC_HEAD_DIV): the key/value head for atomics, the query head when
     deterministic (each address then receives one add)."""
-    tile = tl.program_id(0)
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    tile, offs_m, b, h = _program(Hq, BLOCK_M)
     g = h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
