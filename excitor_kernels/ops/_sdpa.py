@@ -83,7 +83,7 @@ def excitor_keys_fwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
         store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
@@ -116,7 +116,7 @@ def excitor_keys_bwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
