@@ -52,13 +52,18 @@ def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, devi
 
 
 def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool, cache_seqlens=None) -> torch.Tensor:
-    """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0."""
+    """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0.
+
+    Non-finite values propagate as in ``scaled_dot_product_attention``: a NaN score, or a +inf one, makes
+    its row NaN. Only a row that sees no key is set to 0 (its softmax over nothing is 0/0), chosen by the
+    mask and never by looking at the values, so a NaN from the inputs is never hidden.
+    """
     visible = visible_keys(scores.shape[-2], scores.shape[-1], causal, cache_seqlens, scores.device)
     if visible is None:
         return torch.softmax(scores, dim=-1) @ v
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
-    return probs @ v
+    empty = ~visible.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).masked_fill(empty, 0.0)
+    return (probs @ v).masked_fill(empty, 0.0)  # 0 * a NaN value it does not see must not reach the row
 
 
 def excitor_attention_reference(
