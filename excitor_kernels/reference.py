@@ -1,6 +1,6 @@
 """Plain PyTorch statements of the operators (``backend="reference"``).
 
-These are the readable form of ``SPEC.md``: any device, any float dtype, autograd for the backward,
+These are the readable form of ``docs/contract.md``: any device, any float dtype, autograd for the backward,
 memory O(M * N) per head. Half-precision inputs are computed in float32 and the result cast back;
 float64 inputs stay float64, which is how the tests evaluate the formulas exactly.
 """
@@ -79,7 +79,7 @@ def excitor_attention_reference(
     prompt_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LLaMA-Excitor attention, exactly as SPEC.md writes it.
+    """LLaMA-Excitor attention, exactly as docs/contract.md writes it.
 
     a[j, n]  = softmax_n(prompt_scale * <s_j, pk_n>),  s = sim_keys or k
     ke[j]    = sum_n a[j, n] pk_n
@@ -113,7 +113,7 @@ def adapter_attention_reference(
     softmax_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LLaMA-Adapter zero-init attention, exactly as SPEC.md writes it.
+    """LLaMA-Adapter zero-init attention, exactly as docs/contract.md writes it.
 
     o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n
     """
