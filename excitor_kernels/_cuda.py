@@ -43,7 +43,7 @@ def status() -> str:
     if why is not None:
         return f"cannot be built here: {why}"
     lib = _cuda_build.cached()
-    return f"cached at {lib}" if lib else "not built yet: compiled with ninja on first use of backend='cuda' (~1-3 min)"
+    return f"cached at {lib}" if lib else "not built yet: compiled with ninja on first use of backend='cuda'"
 
 
 def unsupported_reason(op: str, p: Problem, *, explicit: bool = False) -> str | None:
