@@ -4,6 +4,7 @@ What the operators compute, differentiate and support: docs/contract.md. ``pytho
 the environment and self-checks the available backends.
 """
 from ._alloc import poisoned_outputs
+from ._dispatch import explain_backend
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .reference import adapter_attention_reference, excitor_attention_reference
 from .module import ExcitorAttention
@@ -21,6 +22,7 @@ __all__ = [
     "excitor_attention_reference",
     "adapter_attention_reference",
     "poisoned_outputs",
+    "explain_backend",
     "ExcitorAttention",
     "apply_excitor",
     "save_excitor",

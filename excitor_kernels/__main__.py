@@ -7,11 +7,12 @@ available backend against the float64 reference (both operators, forward and eve
 and ends with one line that sums it all up. Exit status 1 when a self-check fails.
 
 Without a GPU the Triton kernels run interpreted, which needs ``TRITON_INTERPRET=1`` before triton is imported:
-the report then runs the Triton check in a child process with it set (in parallel with the rest). Under 10 s
+the report then runs the checks of the Triton-based backends (triton, and sdpa with its Triton prompt passes)
+in a child process with it set, in parallel with the rest. Under 10 s
 on a 2-core CPU.
 
-``python -m excitor_kernels --self-check BACKEND`` runs one backend's check and prints it as JSON (used for
-that child process).
+``python -m excitor_kernels --self-check BACKEND[,BACKEND...]`` runs those checks and prints one JSON line each
+(used for that child process).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from .reference import adapter_attention_reference, excitor_attention_reference
 
 # docs/contract.md: ||out - ref|| / ||ref|| against float64
 BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-CASE = dict(B=1, Hq=2, Hkv=1, M=20, N=20, d=64, P=4)  # GQA-free, small: seconds when interpreted
+CASE = dict(B=1, Hq=2, Hkv=1, M=20, N=20, d=64, P=4)  # GQA, small: seconds when interpreted
+BACKENDS = tuple(b for b in _dispatch.BACKENDS if b != "auto")
+ON_TRITON = tuple(b for b in BACKENDS if b not in ("reference", "cuda"))  # Triton kernels (sdpa: its prompt passes)
 
 
 def _version(package: str) -> str:
@@ -95,33 +98,38 @@ def _attend(op: str, x: dict, backend: str | None):
     return fn(*args, x["gate"], backend=backend)
 
 
-def _problem(device: torch.device, dtype: torch.dtype):
-    x = _inputs("excitor", dtype, device)
-    return check_inputs(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"])
+def _problem(device: torch.device, dtype: torch.dtype, op: str = "excitor"):
+    x = _inputs(op, dtype, device)
+    return check_inputs(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], prompt_values=x.get("prompt_values"),
+                        needs_prompt_values=op == "adapter")
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """The dispatcher's reason why ``backend`` cannot run the self-check case on ``device`` (None: it can)."""
-    p = _problem(device, _case_dtype(backend, device))
-    if backend == "triton":
-        return _dispatch.triton_unsupported("excitor_attention", p, explicit=True)
-    if backend == "cuda":
-        why = _dispatch.cuda_unsupported("excitor_attention", p, explicit=True)
-        build = _cuda.cannot_build()
-        return why if why is None or build is None or build in why else f"{why}; the extension: {build}"
-    return None
+def why_unavailable(backend: str, device: torch.device, op: str = "excitor") -> str | None:
+    """The dispatcher's reason why ``backend`` cannot run the self-check case of ``op`` on ``device``."""
+    if backend == "reference":
+        return None
+    why = _dispatch.unsupported(backend, f"{op}_attention", _problem(device, _case_dtype(backend, device), op),
+                                explicit=True)
+    build = _cuda.cannot_build() if backend == "cuda" else None
+    return why if why is None or build is None or build in why else f"{why}; the extension: {build}"
 
 
 def self_check(backend: str) -> dict:
-    """Both operators on ``backend``: the worst relative error of o and every gradient against float64."""
+    """Both operators (those ``backend`` runs) on ``backend``: the worst relative error of o and every gradient
+    against float64."""
     device = torch.device("cuda" if backend != "reference" and torch.cuda.is_available() else "cpu")
     dtype = _case_dtype(backend, device)
     start, worst = time.perf_counter(), {}
     for op in ("excitor", "adapter"):
+        if op == "adapter" and why_unavailable(backend, device, op) is not None:
+            continue  # e.g. sdpa_concat: the Excitor keys' rewrite only
         x = {n: t.requires_grad_(True) for n, t in _inputs(op, dtype, device).items()}
         do = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        o = _attend(op, x, backend)
-        grads = torch.autograd.grad(o, list(x.values()), do)
+        try:
+            o = _attend(op, x, backend)
+            grads = torch.autograd.grad(o, list(x.values()), do)
+        except Exception as exc:  # a report reports: the failing backend, not a traceback
+            return dict(backend=backend, ok=False, error=f"{op}: {type(exc).__name__}: {exc}")
         x64 = {n: t.detach().double().cpu().requires_grad_(True) for n, t in x.items()}
         o64 = _attend(op, x64, None)
         grads64 = torch.autograd.grad(o64, list(x64.values()), do.double().cpu())
@@ -134,21 +142,25 @@ def self_check(backend: str) -> dict:
     return dict(backend=backend, device=device.type, dtype=str(dtype).replace("torch.", ""), ok=ok,
                 budget=budget, worst={op: [n, e] for op, (n, e) in worst.items()},
                 seconds=round(time.perf_counter() - start, 2),
-                interpreted=_dispatch.triton_interpreted() if backend == "triton" else False)
+                interpreted=_dispatch.triton_interpreted() and backend in ON_TRITON)
 
 
-def _triton_in_child() -> subprocess.Popen:
+def _interpreted_in_child() -> subprocess.Popen:
+    """The Triton-based backends' checks in a child process with TRITON_INTERPRET=1 (no GPU here)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    return subprocess.Popen([sys.executable, "-m", "excitor_kernels", "--self-check", "triton"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "excitor_kernels", "--self-check", ",".join(ON_TRITON)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _from_child(child: subprocess.Popen) -> dict:
+def _from_child(child: subprocess.Popen) -> tuple[dict, list]:
+    """({backend: reason it cannot run} and [self-check results]) from the child's JSON lines."""
     out, err = child.communicate(timeout=600)
-    for line in reversed(out.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return dict(backend="triton", ok=False, error=(err.strip().splitlines() or ["no output"])[-1])
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        error = (err.strip().splitlines() or ["no output"])[-1]
+        return {}, [dict(backend=b, ok=False, error=error) for b in ON_TRITON]
+    reasons = {r["backend"]: r["unavailable"] for r in lines if "unavailable" in r}
+    return reasons, [r for r in lines if "unavailable" not in r]
 
 
 def _describe(result: dict) -> str:
@@ -165,9 +177,8 @@ def report() -> int:
     device = torch.device("cuda" if gpu else "cpu")
     # Triton without a GPU: interpreted, which needs TRITON_INTERPRET=1 before triton is imported.
     child = None
-    triton_reason = why_unavailable("triton", device)
     if not gpu and not _dispatch.triton_interpreted() and _dispatch._triton_importable():
-        child, triton_reason = _triton_in_child(), None
+        child = _interpreted_in_child()
 
     gpus = _gpus()
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -186,24 +197,28 @@ def report() -> int:
     for name, value in rows:
         print(f"  {name:15} {value}")
 
-    reasons = {"reference": None, "triton": triton_reason, "cuda": why_unavailable("cuda", device)}
-    print("backends (what backend='auto' picks: cuda, then triton, on CUDA tensors; else the reference)")
+    in_child = ON_TRITON if child is not None else ()
+    reasons = {name: None if name in in_child else why_unavailable(name, device) for name in BACKENDS}
+    results = [self_check(name) for name, why in reasons.items() if why is None and name not in in_child]
+    if child is not None:
+        child_reasons, child_results = _from_child(child)
+        reasons.update(child_reasons)
+        results += child_results
+    results.sort(key=lambda r: BACKENDS.index(r["backend"]))
+
+    print("backends (backend='auto' chooses among the fused ones per call; the reference when none runs)")
     for name, why in reasons.items():
         note = "available" if why is None else f"unavailable: {why}"
-        if name == "triton" and why is None and not gpu:
+        if why is None and name in in_child:
             note = "available on the CPU only interpreted (TRITON_INTERPRET=1), for testing"
         print(f"  {name:15} {note}")
 
-    print(f"self-check against the float64 formulas (excitor and adapter, o and every gradient, "
-          f"B={CASE['B']} H={CASE['Hq']} M=N={CASE['M']} d={CASE['d']} P={CASE['P']})")
-    results = [self_check(name) for name, why in reasons.items() if why is None and name != "triton" or
-               (name == "triton" and why is None and child is None)]
-    if child is not None:
-        results.append(_from_child(child))
+    print(f"self-check against the float64 formulas (o and every gradient, "
+          f"B={CASE['B']} Hq={CASE['Hq']} Hkv={CASE['Hkv']} M=N={CASE['M']} d={CASE['d']} P={CASE['P']})")
     for r in results:
         print(f"  {r['backend']:15} {_describe(r)}")
 
-    ok = all(r["ok"] for r in results)
+    ok = bool(results) and all(r["ok"] for r in results)
     checked = ", ".join(f"{r['backend']} {'ok' if r['ok'] else 'FAIL'}" for r in results)
     skipped = ", ".join(n for n, why in reasons.items() if why is not None)
     print(f"excitor-kernels {__version__} | torch {torch.__version__} | triton {_version('triton')} | "
@@ -215,11 +230,14 @@ def report() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m excitor_kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--self-check", choices=("reference", "triton", "cuda"),
-                        help="run one backend's self-check and print it as one JSON line")
+    parser.add_argument("--self-check", metavar="BACKEND[,BACKEND...]",
+                        help="run these backends' self-checks, one JSON line each (or why a backend cannot run)")
     args = parser.parse_args(argv)
     if args.self_check:
-        print(json.dumps(self_check(args.self_check)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for name in args.self_check.split(","):
+            why = why_unavailable(name, device)
+            print(json.dumps(dict(backend=name, unavailable=why) if why else self_check(name)), flush=True)
         return 0
     return report()
 

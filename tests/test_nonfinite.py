@@ -35,7 +35,7 @@ OPERANDS = {"excitor": ("q", "k", "v", "sim_keys", "prompt_keys", "gate"),
 
 def _backends():
     why = "no CUDA device" if TRITON_DEVICE != "cuda" else _cuda.cannot_build()
-    return ["reference", "triton",
+    return ["reference", "triton", "sdpa", "sdpa_concat",
             pytest.param("cuda", marks=pytest.mark.skipif(why is not None, reason=f"the CUDA backend: {why}"))]
 
 
@@ -169,14 +169,29 @@ TRITON_KNOWN = {
 }
 
 
+# What the sdpa backends get wrong today on the CPU (found by this test; cause not analysed yet).
+_SDPA_ROWS = "sdpa backend: output rows that the formula makes NaN come out finite (forward and no-grad call)"
+SDPA_KNOWN = {
+    ("sdpa", "excitor", n, v): _SDPA_ROWS
+    for n, v in (("q", "nan"), ("k", "nan"), ("k", "inf"), ("sim_keys", "nan"), ("sim_keys", "inf"),
+                 ("prompt_keys", "nan"), ("prompt_keys", "inf"), ("gate", "nan"), ("gate", "inf"))
+}
+SDPA_KNOWN.update({("sdpa", "adapter", "k", "nan"): _SDPA_ROWS, ("sdpa", "adapter", "k", "inf"): _SDPA_ROWS,
+                   ("sdpa_concat", "excitor", "k", "inf"): _MINUS_INF_ROW.replace("(forward and decode kernels)",
+                                                                                  "(forward and no-grad call)")})
+
+
 def _cases():
     for op, names in OPERANDS.items():
         for name in names:
             for backend in _backends():
+                if op == "adapter" and backend == "sdpa_concat":
+                    continue  # the rewrite of the Excitor keys only
                 for value, vid in ((float("nan"), "nan"), (float("inf"), "inf")):
                     marks = list(getattr(backend, "marks", ()))
                     backend_name = getattr(backend, "values", (backend,))[0]
-                    known = TRITON_KNOWN.get((op, name, vid)) if backend_name == "triton" else None
+                    known = (TRITON_KNOWN.get((op, name, vid)) if backend_name == "triton" else
+                             SDPA_KNOWN.get((backend_name, op, name, vid)))
                     if known:
                         marks.append(pytest.mark.xfail(strict=True, reason=known))
                     yield pytest.param(op, name, backend_name, value, marks=marks,
