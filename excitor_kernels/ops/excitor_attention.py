@@ -1,4 +1,4 @@
-"""``excitor_attention``: LLaMA-Excitor's reconstructed-key bypass (SPEC.md), all backends.
+"""``excitor_attention``: LLaMA-Excitor's reconstructed-key bypass (docs/contract.md), all backends.
 
 The Triton backend is two ``torch.library`` custom ops (forward, backward) with fake implementations
 and a registered autograd formula, so ``torch.compile`` traces models that call it without a graph
@@ -96,7 +96,7 @@ def excitor_attention(
 ) -> Tensor:
     """Causal attention whose keys carry LLaMA-Excitor's gated, prompt-reconstructed bypass.
 
-    Shapes (SPEC.md): ``q (B, Hq, M, d)``; ``k, v, sim_keys (B, Hkv, N, d)`` with ``Hq % Hkv == 0``;
+    Shapes (docs/contract.md): ``q (B, Hq, M, d)``; ``k, v, sim_keys (B, Hkv, N, d)`` with ``Hq % Hkv == 0``;
     ``prompt_keys (Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per sample; ``gate (Hq,)`` used as is.
     Any strides with a contiguous last dimension (``x.view(B, M, H, d).transpose(1, 2)`` is taken
     without a copy). Causal masking is bottom-right aligned: query ``i`` sees keys ``j <= i + N - M``.
