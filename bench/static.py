@@ -5,7 +5,8 @@ triton) for sm_80 and sm_90 (sm_90a) at the tile sizes and launch options its la
 the CUDA kernels of ``csrc/`` with nvcc (when nvcc is on PATH), then reads the machine code. Per kernel:
 
 * registers, spill store/load bytes and warnings (e.g. C7512, wgmma serialised) from ``ptxas -v``;
-* shared memory (Triton: the compiled kernel's; CUDA: static only, the dynamic size is set at launch);
+* shared memory per CTA (Triton: the compiled kernel's; CUDA: static plus the dynamic size its launch asks
+  for, found by running the launch functions against CUDA runtime stand-ins, ``csrc_probe/``);
 * counts over the whole SASS (``cuobjdump -sass``) and over each *main loop*: tensor-core instructions by
   opcode (``HMMA.16816.F32.BF16``, ``HGMMA.64x64x16.F32.BF16``; TF32 ones also counted apart), their
   multiply-adds per CTA, ``MUFU.EX2``, global loads (``LDG``, ``LDGSTS``, ``UTMALDG``) and their bytes per
@@ -109,27 +110,31 @@ def arg_type(name: str, dtype: str) -> str:
     raise ValueError(f"bench.static: no rule in ARG_TYPES gives argument {name!r} a type; add one")
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    return {name: "constexpr" if name in constexprs else arg_type(name, dtype) for name in kernel.arg_names}
+def signature(kernel, dtype: str, constexprs: dict, types: dict | None = None) -> dict:
+    """Triton signature: constexprs, then the job's own ``types`` (an argument whose type depends on the
+    launch, e.g. a float32 buffer in place of an input-dtype one), then :data:`ARG_TYPES`."""
+    types = types or {}
+    return {name: "constexpr" if name in constexprs else types.get(name) or arg_type(name, dtype)
+            for name in kernel.arg_names}
 
 
-def alignment(kernel, dtype: str, constexprs: dict) -> dict:
+def alignment(kernel, sig: dict) -> dict:
     """The divisibility a GPU launch at the report's shapes gives triton (it specialises 16-byte aligned
     pointers and integers divisible by 16): every pointer, and the integers :data:`ALIGNED_INTS` names."""
-    sig = signature(kernel, dtype, constexprs)
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
             if sig[name].startswith("*") or (sig[name] == "i32" and re.fullmatch(ALIGNED_INTS, name))}
 
 
-def job(kernel, config: dict, flags: dict, **extra) -> dict:
+def job(kernel, config: dict, flags: dict, types: dict | None = None, **extra) -> dict:
     """One compile job: the kernel's constexprs picked from ``flags``, ``config`` (the launcher's tiles) and
-    ``extra``; launch options split off ``config``. The result is completed by :func:`triton_jobs`."""
+    ``extra``; launch options split off ``config``; ``types`` overrides :data:`ARG_TYPES` for this launch.
+    The result is completed by :func:`triton_jobs`."""
     merged = {**flags, **config, **extra}
     names = [p.name for p in kernel.params if p.is_constexpr]
     missing = [n for n in names if n not in merged and n != "PREC"]
     if missing:
         raise ValueError(f"bench.static: {kernel.__name__} needs constexpr(s) {missing}; give them in triton_jobs")
-    return dict(kernel=kernel, constexprs={n: merged[n] for n in names if n in merged},
+    return dict(kernel=kernel, constexprs={n: merged[n] for n in names if n in merged}, types=types or {},
                 options={k: merged[k] for k in LAUNCH_OPTIONS if k in merged})
 
 
@@ -366,7 +371,7 @@ def compile_triton(j: dict, use_cache: bool = True) -> dict:
     import triton
 
     parts = ("triton", j["key"], j["kernel"].cache_key, j["constexprs"], j["options"], triton.__version__,
-             _ptxas(j["cc"]).name)
+             _ptxas(j["cc"]).name) + ((j["types"],) if j["types"] else ())
     try:
         raw = _cached(parts, use_cache, lambda: _compile_triton(j))
         ptxas = parse_ptxas(raw["ptxas_log"]).get(raw["name"], {})
@@ -384,8 +389,8 @@ def _compile_triton(j: dict) -> dict:
     from triton.compiler import ASTSource
 
     start = time.time()
-    src = ASTSource(j["kernel"], signature(j["kernel"], j["dtype"], j["constexprs"]), j["constexprs"],
-                    alignment(j["kernel"], j["dtype"], j["constexprs"]))
+    sig = signature(j["kernel"], j["dtype"], j["constexprs"], j["types"])
+    src = ASTSource(j["kernel"], sig, j["constexprs"], alignment(j["kernel"], sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", j["cc"], 32), options=j["options"])
     meta = compiled.metadata
     with tempfile.TemporaryDirectory(prefix="ek_static_") as tmp:
@@ -409,9 +414,9 @@ def csrc_units() -> list[Path]:
 
 
 def compile_csrc(unit: Path, cc: int, use_cache: bool = True) -> list[dict]:
-    """Compile one translation unit for one target (device code only) and measure every kernel in it."""
+    """Compile one translation unit for one target and measure every kernel in it."""
     nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
-    sources = sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.h"))
+    sources = sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.h")) + sorted((Path(__file__).parent / "csrc_probe").iterdir())
     parts = ("csrc", unit.name, cc, [p.read_text() for p in sources], _nvcc_version(nvcc))
     try:
         raw = _cached(parts, use_cache, lambda: _compile_csrc(nvcc, unit, cc))
@@ -434,23 +439,31 @@ def compile_csrc(unit: Path, cc: int, use_cache: bool = True) -> list[dict]:
         p = ptxas.get(mangled, {})
         config = dict(backend="cuda", target=_arch(cc), cc=cc, dtype=dtype, d=d, kernel=name, op=op, layout="any",
                       num_warps=num_warps, unit=unit.name, function=demangled)
-        out.append(_record(f"csrc/sm{cc}/{dtype}/d{d}/{name}/{op}/any", config, p, None, p.get("static_shared", 0),
-                           instructions, num_warps, raw["seconds"],
-                           shared_note="static only; the dynamic size is set at launch"))
+        out.append(_record(f"csrc/sm{cc}/{dtype}/d{d}/{name}/{op}/any", config, p, None,
+                           p.get("static_shared", 0) + raw["dynamic_shared"].get(mangled, 0), instructions,
+                           num_warps, raw["seconds"], static_shared=p.get("static_shared", 0),
+                           dynamic_shared=raw["dynamic_shared"].get(mangled)))
     return out
 
 
 def _compile_csrc(nvcc: str, unit: Path, cc: int) -> dict:
+    """nvcc's ptxas log and SASS of one unit, and the dynamic shared memory each of its launches asks for:
+    the object is linked with ``csrc_probe/`` (CUDA runtime stand-ins) and its launch functions run."""
     start = time.time()
+    probe = Path(__file__).parent / "csrc_probe"
     with tempfile.TemporaryDirectory(prefix="ek_static_") as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        log = _run([nvcc, "-std=c++17", "-O3", f"-arch={_arch(cc)}", "-cubin", "-Xptxas", "-v", unit, "-o", cubin])
-        sass = _sass(cubin)
+        obj, exe = Path(tmp) / "unit.o", Path(tmp) / "probe"
+        log = _run([nvcc, "-std=c++17", "-O3", f"-arch={_arch(cc)}", "-Xptxas", "-v", "-c", unit, "-o", obj])
+        _run([nvcc, "-x", "c", "-c", probe / "runtime_stubs.c", "-o", Path(tmp) / "stubs.o"])
+        _run([nvcc, "-std=c++17", "-x", "c++", f"-I{CSRC}", "-c", probe / "probe.cpp", "-o", Path(tmp) / "probe.o"])
+        _run([nvcc, "-cudart", "none", Path(tmp) / "probe.o", Path(tmp) / "stubs.o", obj, "-o", exe])
+        smem = dict(line.split()[1:] for line in _run([exe]).stdout.splitlines() if line.startswith("smem "))
+        sass = _sass(obj)
     functions = list(parse_sass(sass))
     names = dict(zip(functions, _run(["c++filt"], input="\n".join(functions)).stdout.splitlines()))
     m = re.search(r"kThreads\s*=\s*(\d+)", (CSRC / "common.cuh").read_text())
     return dict(ptxas_log=log.stdout + log.stderr, sass=sass, names=names, threads=int(m.group(1)),
-                seconds=round(time.time() - start, 1))
+                dynamic_shared={k: int(v) for k, v in smem.items()}, seconds=round(time.time() - start, 1))
 
 
 def _nvcc_version(nvcc: str | None) -> str | None:
@@ -552,8 +565,7 @@ def markdown(path: Path, doc: dict) -> list[str]:
              "instructions; the forward has two: key tiles without and with the mask), `a / b` per loop. "
              "tc: tensor-core instructions (tf32: how many of them are TF32), MACs: their multiply-adds per "
              "CTA in thousands, exp2: MUFU.EX2, ld: global loads (LDG + LDGSTS + TMA), spill: bytes stored / "
-             "loaded per thread, smem: shared memory per CTA in bytes (CUDA kernels: static only, the dynamic "
-             "size is set at launch). The plain rows (BYPASS = 0) are the baseline the operators add to."]
+             "loaded per thread, smem: shared memory per CTA in bytes. The plain rows (BYPASS = 0) are the baseline the operators add to."]
     errors = [r for r in results.values() if "error" in r]
     if errors:
         lines += ["", f"**{len(errors)} kernel(s) failed to compile:** "
@@ -567,7 +579,7 @@ def markdown(path: Path, doc: dict) -> list[str]:
     for (backend, target, dtype, d), rows in sorted(groups.items(), key=lambda g: tuple(str(x) for x in g[0])):
         lines += ["", f"### {backend}, {target}, {dtype}, d = {d}", "",
                   "| kernel | op | layout | warps/stages | regs | spill | smem | main-loop tc (tf32) | main-loop MACs (k) "
-                  "| main-loop exp2 | main-loop ld | main-loop tc kinds | kernel tc / exp2 / ld | warnings |",
+                  "| main-loop exp2 | main-loop ld | tc kinds (main loops together) | kernel tc / exp2 / ld | warnings |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows.sort(key=lambda r: (r["config"]["kernel"], r["config"]["layout"], order.get(r["config"]["op"], 9)))
         for r in rows:
