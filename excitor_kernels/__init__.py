@@ -5,6 +5,7 @@ from .reference import adapter_attention_reference, excitor_attention_reference
 from .module import ExcitorAttention
 from .patch import apply_excitor, load_excitor, prompt_context, save_excitor, set_backend, set_prompt_context
 from .peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
+from .llama_adapter import export_llama_adapter, load_llama_adapter
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,6 @@ __all__ = [
     "prompt_context",
     "from_peft_adaption_prompt",
     "to_peft_adaption_prompt",
+    "load_llama_adapter",
+    "export_llama_adapter",
 ]

@@ -5,9 +5,12 @@ load unchanged), the rotary embedding, the KV-cache update and the ``(attn_outpu
 return convention (weights are always ``None``), and computes the attention with this package's
 operators. Per layer it owns
 
-* ``prompts`` ``(P, hidden)``: learnable prompt tokens, normal init with ``init_std``;
+* ``prompts`` ``(P, hidden)``: learnable prompt tokens, normal init with ``init_std`` (default N(0, 1) in
+  adapter mode, as the official LLaMA-Adapter and PEFT; ``config.initializer_range`` in excitor mode);
 * ``gate`` ``(Hq,)`` (or ``(1,)`` with ``gate_per_head=False``, broadcast to all heads): zero init,
   the operator gets ``tanh(gate)`` (``gate_activation="tanh"``) or ``gate`` itself (``"identity"``);
+* with ``gate_scale=True``: ``gate_scale`` ``(1,)``, one init, multiplying the activated gate (the scalar
+  ``new_gate`` of the official LLaMA-Adapter V2.1);
 * with ``sim_rank=r`` (excitor mode only): ``sim_down`` ``(r, hidden)`` and ``sim_up`` ``(Hkv*d, r)``,
   zero-initialised, giving the tokens' side of the prompt similarity
 
@@ -73,8 +76,10 @@ def check_llama_attention(attention: nn.Module, name: str = "attention") -> None
                          f"set config.attention_dropout=0.0")
 
 
-def check_options(*, num_prompts, mode, backend, gate_activation, sim_rank, init_std) -> None:
+def check_options(*, num_prompts, mode, backend, gate_activation, sim_rank, init_std, gate_scale=False) -> None:
     """Validate the per-layer options (shared by ``ExcitorAttention`` and ``apply_excitor``)."""
+    if not isinstance(gate_scale, bool):
+        raise TypeError(f"gate_scale must be a bool; got {gate_scale!r}")
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be an int >= 1; got {num_prompts!r}")
     if mode not in MODES:
@@ -100,21 +105,24 @@ class ExcitorAttention(nn.Module):
         num_prompts: ``P``, the learnable prompt tokens.
         mode: ``"excitor"`` or ``"adapter"``.
         backend: operator backend, ``"auto" | "reference" | "triton" | "cuda"``.
-        gate_activation: ``"tanh"`` (official LLaMA-Adapter / Excitor) or ``"identity"`` (PEFT).
+        gate_activation: ``"tanh"`` (Excitor; official LLaMA-Adapter v1 training code and V2) or ``"identity"``
+            (PEFT; the released LLaMA-Adapter v1 inference code).
         gate_per_head: one gate per query head, or one scalar broadcast to all heads (PEFT).
+        gate_scale: add a learnable scalar (one init) multiplying the activated gate (LLaMA-Adapter V2.1).
         sim_rank: rank of the learnable similarity projection (excitor mode), None for ``sim = k``.
-        init_std: std of the prompts' normal init; default ``config.initializer_range`` or 0.02.
+        init_std: std of the prompts' normal init; default 1.0 in adapter mode (official LLaMA-Adapter's
+            ``nn.Embedding`` and PEFT's ``normal_()``), ``config.initializer_range`` (or 0.02) in excitor mode.
         dtype: dtype of the new parameters; default the projections' dtype.
     """
 
     def __init__(self, attention: nn.Module, *, num_prompts: int = 10, mode: str = "excitor",
                  backend: str = "auto", gate_activation: str = "tanh", gate_per_head: bool = True,
                  sim_rank: Optional[int] = None, init_std: Optional[float] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, gate_scale: bool = False):
         super().__init__()
         check_llama_attention(attention)
         check_options(num_prompts=num_prompts, mode=mode, backend=backend, gate_activation=gate_activation,
-                      sim_rank=sim_rank, init_std=init_std)
+                      sim_rank=sim_rank, init_std=init_std, gate_scale=gate_scale)
         self.attention_class = type(attention)
         self.config = attention.config
         self.layer_idx = attention.layer_idx
@@ -132,9 +140,13 @@ class ExcitorAttention(nn.Module):
         weight = self.k_proj.weight
         dtype = dtype or weight.dtype
         hidden = self.k_proj.in_features
-        std = init_std if init_std is not None else getattr(self.config, "initializer_range", 0.02)
+        if init_std is not None:
+            std = init_std
+        else:
+            std = 1.0 if mode == "adapter" else getattr(self.config, "initializer_range", 0.02)
         self.prompts = nn.Parameter(torch.empty(num_prompts, hidden, device=weight.device, dtype=dtype).normal_(0, std))
         self.gate = nn.Parameter(torch.zeros(self.num_heads if gate_per_head else 1, device=weight.device, dtype=dtype))
+        self.gate_scale = nn.Parameter(torch.ones(1, device=weight.device, dtype=dtype)) if gate_scale else None
         if sim_rank is not None:
             self.sim_down = nn.Linear(hidden, sim_rank, bias=False, device=weight.device, dtype=dtype)
             self.sim_up = nn.Linear(sim_rank, self.num_kv_heads * self.head_dim, bias=False,
@@ -144,12 +156,16 @@ class ExcitorAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, num_prompts={self.num_prompts}, heads={self.num_heads}/{self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, gate_activation={self.gate_activation!r}, sim_rank={self.sim_rank}, "
+                f"head_dim={self.head_dim}, gate_activation={self.gate_activation!r}, "
+                f"gate_scale={self.gate_scale is not None}, sim_rank={self.sim_rank}, "
                 f"backend={self.backend!r}")
 
     def gate_values(self) -> torch.Tensor:
-        """The contiguous ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate``, broadcast when scalar."""
+        """The contiguous ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate`` (times ``gate_scale``
+        when present), broadcast when scalar."""
         g = torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
+        if self.gate_scale is not None:
+            g = g * self.gate_scale
         return g.expand(self.num_heads).contiguous()  # the fused kernels index gate[h] assuming unit stride
 
     def _project_prompts(self, proj: nn.Linear, batch: int) -> torch.Tensor:

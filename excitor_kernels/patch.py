@@ -5,10 +5,10 @@
 validated before the model is touched, so a bad argument leaves the model as it was.
 
 Trainable parameters per adapted layer: ``P * hidden`` (prompts) + ``Hq`` gates (1 with
-``gate_per_head=False``) + ``sim_rank * (hidden + Hkv * d)`` with ``sim_rank``.
+``gate_per_head=False``) + ``sim_rank * (hidden + Hkv * d)`` with ``sim_rank`` (+ 1 with ``gate_scale``).
 
 Files written by ``save_excitor`` are safetensors holding only those parameters, named
-``layers.{i}.{prompts|gate|sim_down.weight|sim_up.weight}`` with ``i`` the decoder layer index, and the
+``layers.{i}.{prompts|gate|gate_scale|sim_down.weight|sim_up.weight}`` with ``i`` the decoder layer index, and the
 options as json under the metadata key ``"excitor"``.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def excitor_layers(model: nn.Module) -> List[ExcitorAttention]:
 def apply_excitor(model: nn.Module, num_prompts: int = 10, num_layers: Optional[int] = None, mode: str = "excitor",
                   backend: str = "auto", gate_activation: str = "tanh", sim_rank: Optional[int] = None,
                   gate_per_head: bool = True, init_std: Optional[float] = None,
-                  dtype: Optional[torch.dtype] = None) -> nn.Module:
+                  dtype: Optional[torch.dtype] = None, gate_scale: bool = False) -> nn.Module:
     """Adapt the top ``num_layers`` decoder layers (all when None) in place and return ``model``.
 
     Only the new prompts, gates (and similarity projections) require grad afterwards. Raises
@@ -52,7 +52,7 @@ def apply_excitor(model: nn.Module, num_prompts: int = 10, num_layers: Optional[
     :class:`ExcitorAttention` for their meaning).
     """
     check_options(num_prompts=num_prompts, mode=mode, backend=backend, gate_activation=gate_activation,
-                  sim_rank=sim_rank, init_std=init_std)
+                  sim_rank=sim_rank, init_std=init_std, gate_scale=gate_scale)
     layers = decoder_layers(model)
     if excitor_layers(model):
         raise ValueError("model is already adapted (it contains ExcitorAttention layers); adapt it only once")
@@ -69,7 +69,8 @@ def apply_excitor(model: nn.Module, num_prompts: int = 10, num_layers: Optional[
     for layer in targets:
         layer.self_attn = ExcitorAttention(layer.self_attn, num_prompts=num_prompts, mode=mode, backend=backend,
                                            gate_activation=gate_activation, gate_per_head=gate_per_head,
-                                           sim_rank=sim_rank, init_std=init_std, dtype=dtype)
+                                           sim_rank=sim_rank, init_std=init_std, dtype=dtype,
+                                           gate_scale=gate_scale)
     return model
 
 
@@ -125,6 +126,22 @@ def _layer_index(model: nn.Module) -> dict:
     return {id(layer.self_attn): i for i, layer in enumerate(layers) if isinstance(layer.self_attn, ExcitorAttention)}
 
 
+def top_adapted_layers(model: nn.Module, target: str) -> List[int]:
+    """Indices of the adapted decoder layers of ``model``, checked to be the top ones with one prompt
+    length, as ``target`` (a checkpoint format named in the errors) requires."""
+    adapted = excitor_layers(model)
+    if not adapted:
+        raise ValueError("model has no ExcitorAttention layers; nothing to convert")
+    layers = decoder_layers(model)
+    index = [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, ExcitorAttention)]
+    if index != list(range(len(layers) - len(index), len(layers))):
+        raise ValueError(f"{target} adapts the top layers only; model has adapted layers {index}")
+    if len({layer.num_prompts for layer in adapted}) != 1:
+        raise ValueError(f"{target} uses one prompt length for all layers; model's layers have "
+                         f"{[layer.num_prompts for layer in adapted]}")
+    return index
+
+
 def excitor_state_dict(model: nn.Module) -> dict:
     """``{"layers.{i}.{name}": tensor}`` for the trainable parameters of every adapted layer."""
     index = _layer_index(model)
@@ -145,7 +162,8 @@ def excitor_config(model: nn.Module) -> dict:
         raise ValueError("model has no ExcitorAttention layers; call apply_excitor first")
     first = layers[0]
     config = {name: getattr(first, name) for name in _OPTIONS}
-    config.update(num_layers=len(layers), gate_per_head=first.gate.numel() > 1, version=FORMAT_VERSION)
+    config.update(num_layers=len(layers), gate_per_head=first.gate.numel() > 1,
+                  gate_scale=first.gate_scale is not None, version=FORMAT_VERSION)
     return config
 
 
@@ -173,24 +191,38 @@ def load_excitor(model: nn.Module, path: str, backend: Optional[str] = None) -> 
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if saved.get("version") != FORMAT_VERSION:
         raise ValueError(f"path {path!r} has format version {saved.get('version')}; this code reads {FORMAT_VERSION}")
-    options = {k: v for k, v in saved.items() if k != "version"}
+    options = {"gate_scale": False, **{k: v for k, v in saved.items() if k != "version"}}  # older files: no gate_scale
+    adapt_or_check(model, options, backend, f"the file {path!r}")
+    load_adapted_state(model, tensors, f"path {path!r}")
+    return model
+
+
+def adapt_or_check(model: nn.Module, options: dict, backend: Optional[str], source: str,
+                   dtype: Optional[torch.dtype] = None) -> None:
+    """Adapt a plain ``model`` with ``options`` (``apply_excitor`` keywords, ``num_layers`` included; new
+    parameters in ``dtype``), or check that an adapted one has exactly these options (``ValueError`` naming
+    ``source`` otherwise); set ``backend`` when given (``"auto"`` for a plain model without one)."""
     if not excitor_layers(model):
-        apply_excitor(model, backend=backend or "auto", **options)
-    else:
-        current = {k: v for k, v in excitor_config(model).items() if k != "version"}
-        if current != options:
-            raise ValueError(f"model is adapted with {current}; the file {path!r} holds {options}")
-        if backend is not None:
-            set_backend(model, backend)
+        apply_excitor(model, backend=backend or "auto", dtype=dtype, **options)
+        return
+    current = {k: v for k, v in excitor_config(model).items() if k != "version"}
+    if current != options:
+        raise ValueError(f"model is adapted with {current}; {source} holds {options}")
+    if backend is not None:
+        set_backend(model, backend)
+
+
+def load_adapted_state(model: nn.Module, tensors: dict, source: str) -> None:
+    """Copy ``tensors``, named as :func:`excitor_state_dict` names them, into the adapted ``model``: the
+    names must match exactly and every shape agree (checked before anything is copied)."""
     state = excitor_state_dict(model)
     if set(state) != set(tensors):
-        raise ValueError(f"path {path!r} holds {sorted(set(tensors) - set(state))} unknown and misses "
+        raise ValueError(f"{source} holds {sorted(set(tensors) - set(state))} unknown and misses "
                          f"{sorted(set(state) - set(tensors))} parameters")
     with torch.no_grad():
         for name, p in state.items():
             if p.shape != tensors[name].shape:
                 raise ValueError(f"{name} has shape {tuple(p.shape)} in the model and {tuple(tensors[name].shape)} "
-                                 f"in {path!r}")
+                                 f"in {source}")
         for name, p in state.items():
             p.copy_(tensors[name])
-    return model

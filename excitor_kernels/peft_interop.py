@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .module import ExcitorAttention
-from .patch import decoder_layers, excitor_layers
+from .patch import decoder_layers, excitor_layers, top_adapted_layers
 
 
 def _adapted_attentions(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
@@ -67,28 +67,24 @@ def from_peft_adaption_prompt(peft_model: nn.Module, backend: str = "auto") -> n
 def to_peft_adaption_prompt(model: nn.Module, adapter_name: str = "default"):
     """Wrap ``model`` (adapted with PEFT-compatible options) back into a PEFT ``AdaptionPrompt`` model.
 
-    ``model`` must be adapted with ``mode="adapter", gate_activation="identity", gate_per_head=False`` on
+    ``model`` must be adapted with ``mode="adapter", gate_activation="identity", gate_per_head=False`` (no
+    ``gate_scale``) on
     its top layers (what :func:`from_peft_adaption_prompt` produces). The original attention classes are
     restored around the same projections, ``get_peft_model`` builds the adapter, and the prompts and gates
     are copied in. Returns the ``PeftModel``; ``save_pretrained`` then writes a standard PEFT checkpoint.
     """
     from peft import AdaptionPromptConfig, get_peft_model
 
+    adapted_idx = top_adapted_layers(model, "PEFT")
     layers = excitor_layers(model)
-    if not layers:
-        raise ValueError("model has no ExcitorAttention layers; nothing to convert")
     for layer in layers:
-        if layer.mode != "adapter" or layer.gate_activation != "identity" or layer.gate.numel() != 1:
+        if (layer.mode != "adapter" or layer.gate_activation != "identity" or layer.gate.numel() != 1
+                or layer.gate_scale is not None):
             raise ValueError(f"model must be adapted with mode='adapter', gate_activation='identity', "
-                             f"gate_per_head=False to match PEFT; got mode={layer.mode!r}, gate_activation="
-                             f"{layer.gate_activation!r}, {layer.gate.numel()} gate values per layer")
-    all_layers = list(decoder_layers(model))
-    adapted_idx = [i for i, layer in enumerate(all_layers) if isinstance(layer.self_attn, ExcitorAttention)]
-    if adapted_idx != list(range(len(all_layers) - len(layers), len(all_layers))):
-        raise ValueError(f"PEFT adapts the top layers only; model has adapted layers {adapted_idx}")
-    if len({layer.num_prompts for layer in layers}) != 1:
-        raise ValueError("PEFT uses one prompt length for all layers; model's layers differ")
-
+                             f"gate_per_head=False, gate_scale=False to match PEFT; got mode={layer.mode!r}, "
+                             f"gate_activation={layer.gate_activation!r}, {layer.gate.numel()} gate values per "
+                             f"layer, gate_scale={layer.gate_scale is not None}")
+    all_layers = decoder_layers(model)
     weights = [(layer.prompts.detach().clone(), layer.gate.detach().clone()) for layer in layers]
     for i in adapted_idx:
         all_layers[i].self_attn = all_layers[i].self_attn.original_attention()

@@ -7,11 +7,15 @@ query heads) has too few programs to fill a GPU and reads the cache once per *qu
   its cache, and packs all ``GROUPS = Hq / Hkv`` query heads x ``M`` queries into the rows of its tile,
   row ``r = (h - g * GROUPS) * M + i``, so the cache (and the Excitor reconstruction) is read once per
   key/value head.
-* Excitor keys are rebuilt per key tile and never stored, not even per head: with
-      a[j, n] = softmax_n(prompt_scale <s_j, pk_n>),  ke_j = sum_n a[j, n] pk_n   (s = sim_keys or k)
-  the score of row r (head h, query i) is
+* Excitor keys are rebuilt per key tile from the prompts (``prompt_mixture``, the centred ``ke`` of
+  docs/design.md) and never stored: the score of row r (head h, query i) is
       <q_i, k_j + gate[h] ke_j> = <q_i, k_j> + gate[h] <q_i, ke_j>
-  i.e. two dots against the shared tiles k and ke, with the gate applied per row.
+  i.e. two dots against the shared tiles k and ke, with the gate applied per row. Rebuilding instead of
+  reading a cached ``ke``: decode is bound by the bytes it reads, and per cached token and key/value head
+  it reads ``k`` and ``v`` (2 d elements) either way; a cached ``ke`` would add d more (+50%, and the cache
+  would have to be kept in step with ``k``), while rebuilding from ``k`` adds no bytes (with ``sim_keys`` it
+  reads ``s`` instead, the same d elements a cached ``ke`` would cost) and ``4 P d`` flops on the half
+  tensor cores, which the memory time hides.
 * Per sample ``L_b = cache_seqlens[b]`` (``N`` without it); causal bottom-right alignment:
       query i sees key j  iff  j < L_b  and  j <= i + L_b - M.
   Split ``s`` of sample ``b`` covers keys ``[s * C_b, min((s + 1) * C_b, L_b))`` with
@@ -35,8 +39,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_attention import (LOG2E, _dot, _load_rows, _pow2, _precision, _prompt_attention, _prompt_strides,
-                                _reconstruct_keys, _store_rows)
+from ._triton_attention import _prompt_attention
+from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
+from ._triton_prompt_keys import prompt_mixture
 
 MAX_DECODE_QUERIES = 16
 
@@ -79,26 +84,29 @@ def decode_split_kernel(
     hi = tl.minimum(lo + chunk, L)
 
     q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
-    q = _load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
+    q = load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
     last_key = offs_r % M + L - M  # causal: row r sees keys j <= i + L - M
     gate_r = tl.load(GATE + g * GROUPS + offs_r // M, mask=offs_r < R, other=0.0).to(tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     s_base = S + b * stride_sb + g * stride_sh
     if BYPASS == 1:
-        pk = _load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+        pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_rows(k_base, offs_n, stride_kn, offs_d, hi, HEAD_DIM, True)
-        qk = _dot(q, tl.trans(kt), PREC)
+        kt = load_rows(k_base, offs_n, stride_kn, offs_d, hi, HEAD_DIM, True)
+        qk = dot(q, tl.trans(kt), PREC)
         if BYPASS == 1:  # Excitor: <q_i, k'_j> = <q_i, k_j> + gate[h] <q_i, ke_j>
-            _, ke = _reconstruct_keys(kt, s_base, stride_sn, offs_n, offs_d, hi, pk, offs_p, P, prompt_scale_log2,
-                                      SIM_IS_K, HEAD_DIM, PREC)
-            qk += gate_r[:, None] * _dot(q, tl.trans(ke.to(q.dtype)), PREC)
+            if SIM_IS_K:
+                st = kt
+            else:
+                st = load_rows(s_base, offs_n, stride_sn, offs_d, hi, HEAD_DIM, True)
+            _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+            qk += gate_r[:, None] * dot(q, tl.trans(ke.to(q.dtype)), PREC)
         visible = offs_n[None, :] < hi
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= last_key[:, None])
@@ -107,13 +115,13 @@ def decode_split_kernel(
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        vt = _load_rows(v_base, offs_n, stride_vn, offs_d, hi, HEAD_DIM, True)
+        vt = load_rows(v_base, offs_n, stride_vn, offs_d, hi, HEAD_DIM, True)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC)
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PREC)
         m_i = m_new
 
     ws = (split * tl.num_programs(1) + bg).to(tl.int64) * R
-    _store_rows(WS_ACC + ws * HEAD_DIM, acc, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM)
+    store_rows(WS_ACC + ws * HEAD_DIM, acc, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM)
     tl.store(WS_M + ws + offs_r, tl.where(l_i == 0.0, float("-inf"), m_i), mask=offs_r < R)
     tl.store(WS_L + ws + offs_r, l_i, mask=offs_r < R)
 
@@ -143,7 +151,7 @@ def decode_combine_kernel(
         ws = (split * tl.num_programs(0) + bg).to(tl.int64) * R
         m_s = tl.load(WS_M + ws + offs_r, mask=offs_r < R, other=float("-inf"))
         l_s = tl.load(WS_L + ws + offs_r, mask=offs_r < R, other=0.0)
-        acc_s = _load_rows(WS_ACC + ws * HEAD_DIM, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM, True)
+        acc_s = load_rows(WS_ACC + ws * HEAD_DIM, offs_r, HEAD_DIM, offs_d, R, HEAD_DIM, True)
         m_new = tl.maximum(m, m_s)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_ref)
@@ -154,7 +162,7 @@ def decode_combine_kernel(
     o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows that saw no key: 0
     if BYPASS == 2:  # Adapter: all rows of kv head g share its prompts: o_i += gate[h] softmax(q_i pk^T) pv
         q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
-        q = _load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
+        q = load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
         _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                         stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
@@ -198,10 +206,10 @@ def _num_splits(q: torch.Tensor, programs: int, N: int, block_n: int) -> int:
 
 def decode_blocks(on_gpu: bool, R: int, N: int, d: int) -> tuple[int, int, dict]:
     """(BLOCK_N, BLOCK_R, launch options) for ``R = groups * M`` query rows per key/value head."""
-    BLOCK_R = _pow2(R)
+    BLOCK_R = pow2(R)
     if not on_gpu:
-        return min(32, _pow2(N)), BLOCK_R, {}
-    return 64, BLOCK_R, dict(num_warps=8 if BLOCK_R * _pow2(d) >= 64 * 128 else 4, num_stages=2)
+        return min(32, pow2(N)), BLOCK_R, {}
+    return 64, BLOCK_R, dict(num_warps=8 if BLOCK_R * pow2(d) >= 64 * 128 else 4, num_stages=2)
 
 
 def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
@@ -227,8 +235,8 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     R = groups * M
     block_n, BLOCK_R, launch = decode_blocks(q.is_cuda, R, N, d)
     S = num_splits or _num_splits(q, B * Hkv, N, block_n)
-    BLOCK_D, BLOCK_P = _pow2(d), _pow2(P)
-    prec = _precision(q)
+    BLOCK_D, BLOCK_P = pow2(d), pow2(P)
+    prec = precision(q)
 
     ws_acc = new_output((S, B * Hkv, R, d), dtype=torch.float32, device=q.device)
     ws_m = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
@@ -236,7 +244,7 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     s = k if sim_keys is None else sim_keys
     decode_split_kernel[(S, B * Hkv)](
         q, k, v, s, prompt_keys, gate, q if cache_seqlens is None else cache_seqlens, ws_acc, ws_m, ws_l,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3], *_prompt_strides(prompt_keys),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3], *prompt_strides(prompt_keys),
         Hkv, M, N, P, groups, S, softmax_scale * LOG2E, prompt_scale * LOG2E,
         CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim_keys is None, HAS_SEQLENS=cache_seqlens is not None,
         HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
@@ -245,7 +253,7 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     pv = prompt_keys if prompt_values is None else prompt_values
     decode_combine_kernel[(B * Hkv,)](
         q, prompt_keys, pv, gate, ws_acc, ws_m, ws_l, o,
-        *q.stride()[:3], *_prompt_strides(prompt_keys), *_prompt_strides(pv), *o.stride()[:3],
+        *q.stride()[:3], *prompt_strides(prompt_keys), *prompt_strides(pv), *o.stride()[:3],
         Hkv, M, P, groups, S, softmax_scale * LOG2E,
         BYPASS=bypass, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
     )

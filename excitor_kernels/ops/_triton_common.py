@@ -1,0 +1,113 @@
+"""Pieces shared by the Triton kernels of every operator: tile loads and stores, the float32-accumulating
+dot, the P-way prompt softmax, packed-sequence offsets, and the host-side row layout and launch helpers."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr):
+    """tl.dot with float32 accumulation. PREC "upcast" computes it in exact float32: the CPU interpreter's
+    bfloat16 dot is wrong (triton 3.6 to 3.9), so interpreted bfloat16 runs take this path."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    mask = cols[None, :] < HEAD_DIM
+    if CHECK_ROWS:
+        mask = mask & (rows[:, None] < n_rows)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def prompt_softmax(x, pk, offs_p, P, scale_log2, PREC: tl.constexpr):
+    """a[r, n] = softmax_n(scale * <x_r, pk_n>) over the P real prompts (padded ones get 0), float32."""
+    z = dot(x, tl.trans(pk), PREC) * scale_log2
+    z = tl.where(offs_p[None, :] < P, z, float("-inf"))
+    a = tl.exp2(z - tl.max(z, 1)[:, None])
+    return a / tl.sum(a, 1)[:, None]
+
+
+@triton.jit
+def sequence(CU, b, L, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``b``: rows [CU[b], CU[b + 1]) of a packed tensor when VARLEN,
+    else (0, L) in batch entry ``b`` of a padded one."""
+    start = 0
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        L = (tl.load(CU + b + 1) - start).to(tl.int32)
+    return start, L
+
+
+EXCITOR, ADAPTER = 1, 2
+
+
+def pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def precision(t: torch.Tensor) -> str:
+    """float32 dots follow torch's TF32 switch; half types use their tensor-core path (see ``dot``)."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return "upcast"
+    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def prompt_strides(t: torch.Tensor | None) -> tuple:
+    """(batch, head, prompt) strides of (Hkv, P, d) shared (batch stride 0) or (B, Hkv, P, d) prompts."""
+    if t is None:
+        return (0, 0, 0)
+    return (0,) + tuple(t.stride()[:2]) if t.dim() == 3 else tuple(t.stride()[:3])
+
+
+def stats_shape(q, cu_seqlens_q) -> tuple:
+    """Shape of the per-row statistics (lse, delta): (B, Hq, M) padded, (Hq, total_q) packed."""
+    return tuple(q.shape[:3]) if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+
+
+class RowLayout:
+    """Where the rows of each batch entry live, for padded ``(B, H, L, d)`` or packed ``(total, H, d)`` tensors.
+
+    Padded: ``B`` entries of ``M`` query and ``N`` key rows. Packed (varlen): sequence ``b`` owns rows
+    ``[cu_q[b], cu_q[b + 1])`` of ``q`` and ``[cu_k[b], cu_k[b + 1])`` of ``k, v``; ``M, N`` are the
+    longest lengths (they size the grid), the kernels read each sequence's own from ``cu_*``. Row
+    statistics (lse, delta) are ``(B, Hq, M)`` padded and ``(Hq, total_q)`` packed.
+    """
+
+    def __init__(self, q, k, cu_q=None, cu_k=None, max_q=0, max_k=0):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.B, self.M, self.N = cu_q.numel() - 1, int(max_q), int(max_k)
+            self.Hq, self.d, self.Hkv = q.shape[1], q.shape[2], k.shape[1]
+            self.cu_q, self.cu_k = cu_q, cu_k
+        else:
+            self.B, self.Hq, self.M, self.d = q.shape
+            self.Hkv, self.N = k.shape[1], k.shape[2]
+            self.cu_q = self.cu_k = q  # never read
+        self.stats_shape = stats_shape(q, cu_q)
+
+    def strides(self, t):
+        """(batch, head, row) strides of ``t``; a packed tensor is one batch entry (batch stride 0)."""
+        return (0, t.stride(1), t.stride(0)) if self.varlen else tuple(t.stride()[:3])
+
+    def stats_strides(self, stats):
+        return (0, stats.stride(0)) if self.varlen else tuple(stats.stride()[:2])
+
+

@@ -1,0 +1,165 @@
+"""The Excitor bypass keys, once per key/value head: a pre-pass for the forward and a post-pass for the backward.
+
+Notation of docs/design.md, per batch entry (or packed sequence) ``b`` and key/value head ``g``; ``s`` is
+``sim_keys`` or ``k`` itself, ``pk`` the ``P`` prompts of that head, ``c = mean_n pk_n``:
+
+    a[j, n] = softmax_n(prompt_scale <s_j, pk_n>)          (P-way, per key j)
+    ke_j    = sum_n a[j, n] pk_n - c                         (centred reconstruction)
+
+Every query head ``h`` of the group then meets ``k'[h, j] = k_j + gate[h] ke_j``. The centring moves every key
+of head ``h`` by the same vector ``gate[h] c``, which adds ``gate[h] <q_i, c>`` to every score of row ``i``
+and so leaves each softmax, the output and every gradient unchanged; it keeps ``ke`` small where the mixture
+is nearly uniform, so that ``k'`` rounds well and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` does not cancel.
+
+The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``, the only memory the bypass adds). The
+backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
+(float32, same shape), and the post-pass applies the chain rule, tile by tile:
+
+    da[j, n] = <dke_j, pk_n>,   dz = a (da - rowsum(a da))
+    dsim_j   = prompt_scale sum_n dz[j, n] pk_n                              (to sim_keys, or added to dk)
+    dpk_n    = sum_j (a[j, n] - 1/P) dke_j + prompt_scale sum_j dz[j, n] s_j
+
+The ``- 1/P`` is the derivative of the centring; it sums to zero over a sequence (each row of ``ds`` sums to
+zero, so ``sum_j dke_j = 0``), and keeping it makes near-uniform mixtures cancel before, not after, the sum.
+Both passes compute in exact float32 (``O(N P d)`` work, small beside the attention's ``O(M N d)``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_output
+from ._triton_common import LOG2E, RowLayout, dot, load_rows, pow2, prompt_softmax, prompt_strides, sequence, store_rows
+
+
+@triton.jit
+def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr):
+    """(a, ke) for one tile of rows ``st`` of s: a = softmax(prompt_scale st pk^T), ke = a pk - mean(pk); float32.
+    PREC "upcast" computes both products in exact float32 (the passes here); the decode kernel, which rebuilds
+    keys in its main loop, passes its input precision and so takes ke = a pk on the half tensor cores."""
+    a = prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    if PREC == "upcast":
+        ke = dot(a, pk.to(tl.float32), PREC)
+    else:
+        ke = dot(a.to(pk.dtype), pk, PREC)
+    return a, ke - (tl.sum(pk.to(tl.float32), 0) / P)[None, :]  # padded prompts load as 0
+
+
+@triton.jit
+def prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale):
+    """(dsim, dpk) of one tile of rows, float32, from dke (float32) and the tile's (a, st); see the module doc."""
+    pk32 = pk.to(tl.float32)
+    da = dot(dke, tl.trans(pk32), "upcast")
+    dz = a * (da - tl.sum(a * da, 1)[:, None])
+    dsim = prompt_scale * dot(dz, pk32, "upcast")
+    a_c = tl.where(offs_p[None, :] < P, a - 1.0 / P, 0.0)
+    dpk = dot(tl.trans(a_c), dke, "upcast") + prompt_scale * dot(tl.trans(dz), st.to(tl.float32), "upcast")
+    return dsim, dpk
+
+
+@triton.jit
+def _tile(CU_K, N, Hkv, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
+    """(b, g, first row of the sequence, its length, offs_n) of this program's key tile."""
+    bg = tl.program_id(1)
+    b = (bg // Hkv).to(tl.int64)
+    k0, N = sequence(CU_K, b, N, VARLEN)
+    return b, bg % Hkv, k0, N, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def prompt_keys_fwd_kernel(
+    S, PK, KE, CU_K,
+    stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_keb, stride_keh, stride_ken,
+    Hkv, N, P, prompt_scale_log2,
+    VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """ke for one tile of keys of one (batch entry or sequence, key/value head)."""
+    b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
+    if tl.program_id(0) * BLOCK_N >= N:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
+    store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke, offs_n, stride_ken, offs_d, N, HEAD_DIM)
+
+
+@triton.jit
+def prompt_keys_bwd_kernel(
+    S, PK, DKE, DK, DS, DPK, CU_K,
+    stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_dkeb, stride_dkeh, stride_dken,
+    stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn, stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p,
+    Hkv, N, P, prompt_scale, prompt_scale_log2,
+    ADD_DS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Chain rule of one key tile: DS = dsim, or DS = DK + dsim when ADD_DS (the s = k case), and the tile's
+    dpk added to its float32 slice (tile stride 0 under atomics, one slice per tile when deterministic)."""
+    b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
+    if tl.program_id(0) * BLOCK_N >= N:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    dke = load_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, offs_n, stride_dken, offs_d, N,
+                    HEAD_DIM, True)
+    a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
+    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale)
+    if ADD_DS:
+        dsim += load_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, offs_n, stride_dkn, offs_d, N,
+                          HEAD_DIM, True).to(tl.float32)
+    store_rows(DS + b * stride_dsb + k0 * stride_dsn + g * stride_dsh, dsim, offs_n, stride_dsn, offs_d, N, HEAD_DIM)
+    ptrs = (DPK + tl.program_id(0) * stride_dpk_t + b * stride_dpk_b + g * stride_dpk_h
+            + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
+    tl.atomic_add(ptrs, dpk, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM))
+
+
+def prompt_blocks(on_gpu: bool, N: int) -> dict:
+    """Tile and launch options of both passes."""
+    if on_gpu:
+        return dict(BLOCK_N=64, num_warps=4)
+    return dict(BLOCK_N=min(64, pow2(N)))
+
+
+def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout) -> torch.Tensor:
+    """ke (s's shape and dtype, contiguous) for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed
+    ``(total_k, Hkv, d)`` as ``rows`` says; ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry."""
+    ke = new_output(s.shape, dtype=s.dtype, device=s.device)
+    launch = prompt_blocks(s.is_cuda, rows.N)
+    grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
+    prompt_keys_fwd_kernel[grid](
+        s, pk, ke, rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke),
+        rows.Hkv, rows.N, pk.shape[-2], prompt_scale * LOG2E,
+        VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=pow2(pk.shape[-2]), **launch,
+    )
+    return ke
+
+
+def prompt_keys_backward(dke: torch.Tensor, s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout,
+                         deterministic: bool, dk: torch.Tensor | None = None):
+    """(dpk, ds) from ``dke`` (float32, s's shape). dpk has pk's shape and dtype; ds has s's shape and dtype and is
+    the gradient to s, or, given ``dk`` (the s = k case: the attention's part of dk, any float dtype, s's
+    shape), ``dk`` plus that gradient. ``deterministic`` sums the per-tile prompt gradients in a fixed order
+    instead of with atomics."""
+    launch = prompt_blocks(s.is_cuda, rows.N)
+    tiles = triton.cdiv(rows.N, launch["BLOCK_N"])
+    per_sample = pk.dim() == 4
+    P, d = pk.shape[-2], rows.d
+    # [tile, batch, head, prompt, d]; the atomic layout (tile and, for shared prompts, batch stride 0) makes
+    # those programs add into one block
+    buf = torch.zeros((tiles if deterministic else 1, rows.B if per_sample or deterministic else 1, rows.Hkv, P, d),
+                      dtype=torch.float32, device=s.device)
+    buf_strides = (buf.stride(0) if deterministic else 0, buf.stride(1) if per_sample or deterministic else 0,
+                   buf.stride(2), buf.stride(3))
+    ds = new_output(s.shape, dtype=s.dtype, device=s.device, like=s)
+    prompt_keys_bwd_kernel[(tiles, rows.B * rows.Hkv)](
+        s, pk, dke, ds if dk is None else dk, ds, buf, rows.cu_k, *rows.strides(s), *prompt_strides(pk),
+        *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *buf_strides, rows.Hkv, rows.N, P, prompt_scale, prompt_scale * LOG2E,
+        ADD_DS=dk is not None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **launch,
+    )
+    dpk = buf.sum(0) if per_sample else buf.sum((0, 1))
+    return dpk.to(pk.dtype), ds
