@@ -35,8 +35,9 @@ Adding or changing a kernel
   ``num_stages`` (and any other :data:`LAUNCH_OPTIONS`) off as launch options.
 * Argument types come from argument names through :data:`ARG_TYPES` (first matching rule wins; ``{dtype}``
   is the inputs' dtype). A name no rule matches is an error, so a new argument is one line there, e.g.
-  ``KE`` (reconstructed keys, input dtype) falls under the capitalised-name rule, ``DKE`` (float32) needs
-  adding to the float32 pointer rule.
+  ``KE`` (reconstructed keys, input dtype) falls under the capitalised-name rule, ``DKE`` under the float32
+  pointer rule. Where a launch passes another type than the rule's (the Excitor's float32 ``DK`` sum), the
+  job says so: ``job(..., types={"DK": "*fp32"})``.
 * A new csrc kernel is found by itself (every ``__global__`` function of ``csrc/*.cu``).
 """
 from __future__ import annotations
@@ -61,6 +62,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 CSRC = ROOT / "csrc"
+PROBE = Path(__file__).resolve().parent / "csrc_probe"  # CUDA runtime stand-ins: the csrc launches' shared memory
 CACHE_DIR = Path(os.environ.get("EXCITOR_STATIC_CACHE", Path.home() / ".cache" / "excitor-kernels" / "static"))
 
 TARGETS = (80, 90)  # compute capabilities; 90 compiles for sm_90a as triton does
@@ -77,7 +79,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 # argument name -> triton signature type; first full match wins
 ARG_TYPES = (
-    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS|num_key_programs", "i32"),
+    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS", "i32"),
     (r"\w*scale\w*", "fp32"),
     (r"GATE|LSE|DELTA|DPK|DPV|DGATE\w*|DKE|WS_\w+", "*fp32"),
     (r"CU_\w+|SEQLENS", "*i32"),
@@ -114,8 +116,8 @@ def signature(kernel, dtype: str, constexprs: dict, types: dict | None = None) -
     """Triton signature: constexprs, then the job's own ``types`` (an argument whose type depends on the
     launch, e.g. a float32 buffer in place of an input-dtype one), then :data:`ARG_TYPES`."""
     types = types or {}
-    return {name: "constexpr" if name in constexprs else types.get(name) or arg_type(name, dtype)
-            for name in kernel.arg_names}
+    return {name: "constexpr" if name in constexprs else types[name].format(dtype=dtype) if name in types
+            else arg_type(name, dtype) for name in kernel.arg_names}
 
 
 def alignment(kernel, sig: dict) -> dict:
@@ -131,7 +133,7 @@ def job(kernel, config: dict, flags: dict, types: dict | None = None, **extra) -
     The result is completed by :func:`triton_jobs`."""
     merged = {**flags, **config, **extra}
     names = [p.name for p in kernel.params if p.is_constexpr]
-    missing = [n for n in names if n not in merged and n != "PREC"]
+    missing = [n for n in names if merged.get(n) is None]
     if missing:
         raise ValueError(f"bench.static: {kernel.__name__} needs constexpr(s) {missing}; give them in triton_jobs")
     return dict(kernel=kernel, constexprs={n: merged[n] for n in names if n in merged}, types=types or {},
@@ -149,32 +151,45 @@ def in_test_subset(config: dict) -> bool:
 
 def triton_jobs(subset: str = "full"):
     """Every Triton kernel at the configuration its launcher uses on a GPU, as dicts with ``key`` (unique),
-    ``kernel``, ``cc``, ``dtype``, ``constexprs``, ``options`` and ``config`` (what the report shows).
-    ``subset="test"`` keeps those :func:`in_test_subset` accepts."""
+    ``kernel``, ``cc``, ``dtype``, ``constexprs``, ``types``, ``options`` and ``config`` (what the report
+    shows). ``subset="test"`` keeps those :func:`in_test_subset` accepts."""
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops import _triton_decode as dec
+    from excitor_kernels.ops import _triton_prompt_keys as pkeys
+    from excitor_kernels.ops._triton_common import pow2
 
     for cc, dtype, d in itertools.product(TARGETS, DTYPES, HEAD_DIMS):
         itemsize = 4 if dtype == "fp32" else 2
-        fwd, bwd = tri.blocks(True, SEQ, SEQ, d, itemsize)
-        shape = dict(HEAD_DIM=d, BLOCK_D=tri._pow2(d), BLOCK_P=tri._pow2(PROMPTS))
+        fwd, dkdv, dq = tri.blocks(True, SEQ, SEQ, d, itemsize)
+        prompt = pkeys.prompt_blocks(True, SEQ)
+        shape = dict(HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(PROMPTS), PREC="ieee" if dtype == "fp32" else "tf32")
         for op, bypass in OPERATORS.items():
-            common = dict(shape, CAUSAL=True, BYPASS=bypass, SIM_IS_K=bypass != tri.EXCITOR)
+            excitor = bypass == tri.EXCITOR
+            # the Excitor with sim_keys given (the paper's low-rank similarity), so ds is its own output
+            common = dict(shape, CAUSAL=True, BYPASS=bypass, SIM_IS_K=not excitor)
             found = []
             for layout in LAYOUTS:
                 flags = dict(common, VARLEN=layout == "varlen")
+                if excitor:
+                    found.append((layout, job(pkeys.prompt_keys_fwd_kernel, prompt, flags)))
                 found.append((layout, job(tri.attention_fwd_kernel, fwd, flags)))
                 if dtype == "fp32":
                     continue
-                found.append((layout, job(tri.attention_bwd_preprocess_kernel, bwd, flags, BLOCK_M=bwd["Q_BLOCK_M"])))
-                found.append((layout, job(tri.attention_bwd_kernel, bwd, flags)))
+                # launched with the dq tiles' BLOCK_M and triton's default launch options
+                found.append((layout, job(tri.attention_bwd_preprocess_kernel, {}, flags, BLOCK_M=dq["BLOCK_M"])))
+                # the Excitor's dk is a float32 sum (finished by the post-pass); elsewhere DKE is dk, unused
+                found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags,
+                                          types={"DK": "*fp32"} if excitor else {"DKE": "*{dtype}"})))
+                found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
+                if excitor:
+                    found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
+                                              types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))
             if dtype != "fp32":
                 block_n, block_r, launch = dec.decode_blocks(True, DECODE_GROUPS * DECODE_QUERIES, SEQ, d)
                 flags = dict(common, HAS_SEQLENS=True, BLOCK_N=block_n, BLOCK_R=block_r)
                 found.append(("decode", job(dec.decode_split_kernel, launch, flags)))
                 found.append(("decode", job(dec.decode_combine_kernel, launch, flags)))
             for layout, j in found:
-                j["constexprs"].setdefault("PREC", "ieee" if dtype == "fp32" else "tf32")  # _precision on a GPU
                 name = j["kernel"].__name__
                 j.update(cc=cc, dtype=dtype,
                          key=f"triton/sm{cc}/{dtype}/d{d}/{name}/{op}/{layout}",
@@ -303,6 +318,15 @@ def parse_ptxas(log: str) -> dict:
     return out
 
 
+def _error(exc: BaseException) -> str:
+    """The exception and its root cause (a triton CompilationError's own text is only the source location)."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = f"{type(exc).__name__}: {exc}"[-3000:]
+    return text if root is exc else f"{type(root).__name__}: {root}"[-1000:] + " -- in -- " + text
+
+
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
     run = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
     if run.returncode != 0:
@@ -340,7 +364,7 @@ def _cached(parts: tuple, use_cache: bool, make) -> dict:
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
     path = CACHE_DIR / f"{key}.json.gz"
     if use_cache and path.exists():
-        return json.loads(gzip.decompress(path.read_bytes()))
+        return dict(json.loads(gzip.decompress(path.read_bytes())), from_cache=True)
     result = make()
     if use_cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -376,10 +400,12 @@ def compile_triton(j: dict, use_cache: bool = True) -> dict:
         raw = _cached(parts, use_cache, lambda: _compile_triton(j))
         ptxas = parse_ptxas(raw["ptxas_log"]).get(raw["name"], {})
         res = re.search(r"REG:(\d+)", raw["usage"])
-        return _record(j["key"], j["config"], ptxas, int(res.group(1)) if res else None, raw["shared"],
-                       parse_sass(raw["sass"])[raw["name"]], raw["num_warps"], raw["seconds"])
+        config = dict(j["config"], num_warps=raw["num_warps"], num_stages=raw.get("num_stages"))  # with defaults
+        return _record(j["key"], config, ptxas, int(res.group(1)) if res else None, raw["shared"],
+                       parse_sass(raw["sass"])[raw["name"]], raw["num_warps"], raw["seconds"],
+                       from_cache=raw.get("from_cache", False))
     except Exception as exc:  # noqa: BLE001 - reported per kernel; the report and the tests fail on any
-        return dict(key=j["key"], config=j["config"], error=f"{type(exc).__name__}: {exc}"[:4000])
+        return dict(key=j["key"], config=j["config"], error=_error(exc))
 
 
 def _compile_triton(j: dict) -> dict:
@@ -400,7 +426,8 @@ def _compile_triton(j: dict) -> dict:
         log = _run([_ptxas(j["cc"]), *_ptxas_flags(j["cc"], meta.enable_fp_fusion), ptx, "-o", Path(tmp) / "v.o"])
         usage = _run([_tool_dir() / "cuobjdump", "-res-usage", cubin]).stdout
         sass = _sass(cubin)
-    return dict(name=meta.name, shared=meta.shared, num_warps=meta.num_warps, ptxas_log=log.stdout + log.stderr,
+    return dict(name=meta.name, shared=meta.shared, num_warps=meta.num_warps, num_stages=meta.num_stages,
+                ptxas_log=log.stdout + log.stderr,
                 usage=usage, sass=sass, seconds=round(time.time() - start, 1))
 
 
@@ -416,14 +443,14 @@ def csrc_units() -> list[Path]:
 def compile_csrc(unit: Path, cc: int, use_cache: bool = True) -> list[dict]:
     """Compile one translation unit for one target and measure every kernel in it."""
     nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
-    sources = sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.h")) + sorted((Path(__file__).parent / "csrc_probe").iterdir())
+    sources = [*sorted(CSRC.glob("*.cu*")), *sorted(CSRC.glob("*.h")), *sorted(PROBE.iterdir())]
     parts = ("csrc", unit.name, cc, [p.read_text() for p in sources], _nvcc_version(nvcc))
     try:
         raw = _cached(parts, use_cache, lambda: _compile_csrc(nvcc, unit, cc))
     except Exception as exc:  # noqa: BLE001 - reported per unit
         return [dict(key=f"csrc/sm{cc}/{unit.name}", config=dict(backend="cuda", target=_arch(cc), cc=cc,
                                                                  kernel=unit.name),
-                     error=f"{type(exc).__name__}: {exc}"[:4000])]
+                     error=_error(exc))]
     ptxas = parse_ptxas(raw["ptxas_log"])
     functions = parse_sass(raw["sass"])
     num_warps = raw["threads"] // 32
@@ -441,7 +468,8 @@ def compile_csrc(unit: Path, cc: int, use_cache: bool = True) -> list[dict]:
                       num_warps=num_warps, unit=unit.name, function=demangled)
         out.append(_record(f"csrc/sm{cc}/{dtype}/d{d}/{name}/{op}/any", config, p, None,
                            p.get("static_shared", 0) + raw["dynamic_shared"].get(mangled, 0), instructions,
-                           num_warps, raw["seconds"], static_shared=p.get("static_shared", 0),
+                           num_warps, round(raw["seconds"] / len(functions), 1),
+                           from_cache=raw.get("from_cache", False), static_shared=p.get("static_shared", 0),
                            dynamic_shared=raw["dynamic_shared"].get(mangled)))
     return out
 
@@ -450,12 +478,11 @@ def _compile_csrc(nvcc: str, unit: Path, cc: int) -> dict:
     """nvcc's ptxas log and SASS of one unit, and the dynamic shared memory each of its launches asks for:
     the object is linked with ``csrc_probe/`` (CUDA runtime stand-ins) and its launch functions run."""
     start = time.time()
-    probe = Path(__file__).parent / "csrc_probe"
     with tempfile.TemporaryDirectory(prefix="ek_static_") as tmp:
         obj, exe = Path(tmp) / "unit.o", Path(tmp) / "probe"
         log = _run([nvcc, "-std=c++17", "-O3", f"-arch={_arch(cc)}", "-Xptxas", "-v", "-c", unit, "-o", obj])
-        _run([nvcc, "-x", "c", "-c", probe / "runtime_stubs.c", "-o", Path(tmp) / "stubs.o"])
-        _run([nvcc, "-std=c++17", "-x", "c++", f"-I{CSRC}", "-c", probe / "probe.cpp", "-o", Path(tmp) / "probe.o"])
+        _run([nvcc, "-x", "c", "-c", PROBE / "runtime_stubs.c", "-o", Path(tmp) / "stubs.o"])
+        _run([nvcc, "-std=c++17", "-x", "c++", f"-I{CSRC}", "-c", PROBE / "probe.cpp", "-o", Path(tmp) / "probe.o"])
         _run([nvcc, "-cudart", "none", Path(tmp) / "probe.o", Path(tmp) / "stubs.o", obj, "-o", exe])
         smem = dict(line.split()[1:] for line in _run([exe]).stdout.splitlines() if line.startswith("smem "))
         sass = _sass(obj)
@@ -517,6 +544,8 @@ def run(subset: str = "full", csrc: bool = True, workers: int = 2, use_cache: bo
                                  triton=triton.__version__, torch=torch.__version__, nvcc=_nvcc_version(nvcc),
                                  ptxas={cc: _ptxas(cc).name + " " + _tool_version(_ptxas(cc)) for cc in TARGETS},
                                  seconds=round(time.time() - start), workers=workers,
+                                 from_cache=sum(r.get("from_cache", False) for r in results.values()),
+                                 compile_seconds=round(sum(r.get("seconds", 0) for r in results.values())),
                                  csrc="compiled" if nvcc else "skipped (nvcc not found)" if csrc else "skipped"),
                 results=dict(sorted(results.items())))
 
@@ -555,44 +584,48 @@ def _tc_kinds(r: dict) -> str:
 def markdown(path: Path, doc: dict) -> list[str]:
     """The "Static cost report" section of BENCHMARKS.md."""
     env, results = doc["environment"], doc["results"]
+    ptxas = ", ".join(f"sm_{k}: {v}" for k, v in env["ptxas"].items())
     lines = ["", f"## Static cost report ({env['device']}), {env['date']}", "",
-             f"File `{path.relative_to(ROOT)}`, written by `python -m bench.static` ({env['subset']} set, "
-             f"{env['seconds']} s with {env['workers']} workers); triton {env['triton']} (ptxas "
-             f"{', '.join(f'sm_{k}: {v}' for k, v in env['ptxas'].items())}), torch {env['torch']}, nvcc "
-             f"{env['nvcc'] or '-'}; CUDA kernels: {env['csrc']}.", "",
-             "Compiled for each target at the launchers' GPU tiles, causal, P = 30; counts are SASS instructions per "
-             "thread. *main-loop* columns count one pass through each main loop (loops holding tensor-core "
-             "instructions; the forward has two: key tiles without and with the mask), `a / b` per loop. "
-             "tc: tensor-core instructions (tf32: how many of them are TF32), MACs: their multiply-adds per "
-             "CTA in thousands, exp2: MUFU.EX2, ld: global loads (LDG + LDGSTS + TMA), spill: bytes stored / "
-             "loaded per thread, smem: shared memory per CTA in bytes. The plain rows (BYPASS = 0) are the baseline the operators add to."]
+             f"File `{path.relative_to(ROOT)}`, written by `python -m bench.static` ({env['subset']} set of "
+             f"{len(results)} kernels: {env['seconds']} s with {env['workers']} workers, {env.get('from_cache', 0)} "
+             f"of them from the cache; compiling them took {env.get('compile_seconds', '-')} s in all); triton "
+             f"{env['triton']} (ptxas {ptxas}), torch {env['torch']}, nvcc {env['nvcc'] or '-'}; CUDA kernels: "
+             f"{env['csrc']}.", "",
+             "Compiled for each target at the launchers' GPU tiles, causal, P = 30, 16-byte aligned pointers and "
+             "strides; counts are SASS instructions per thread. *main-loop* columns count one pass through each "
+             "main loop (loops holding tensor-core instructions; the forward has two: key tiles without and with "
+             "the mask), `a / b` per loop. tc: tensor-core instructions (tf32: how many are TF32), MACs: their "
+             "multiply-adds per CTA in thousands, exp2: MUFU.EX2, ld: global loads (LDG + LDGSTS + TMA), spill: "
+             "bytes stored / loaded per thread, smem: shared memory per CTA in bytes. The plain rows (BYPASS = 0) "
+             "are the baseline the operators add to."]
     errors = [r for r in results.values() if "error" in r]
     if errors:
-        lines += ["", f"**{len(errors)} kernel(s) failed to compile:** "
-                  + ", ".join(f"`{r['key']}`" for r in errors)]
+        lines += ["", f"**{len(errors)} kernel(s) failed to compile:**", ""]
+        lines += [f"* `{r['key']}`: {r['error'].splitlines()[0][:200]}" for r in errors]
     groups = {}
     for r in results.values():
         if "error" not in r:
             c = r["config"]
             groups.setdefault((c["backend"], c["target"], c["dtype"], c["d"]), []).append(r)
     order = {op: i for i, op in enumerate(OPERATORS)}
-    for (backend, target, dtype, d), rows in sorted(groups.items(), key=lambda g: tuple(str(x) for x in g[0])):
-        lines += ["", f"### {backend}, {target}, {dtype}, d = {d}", "",
-                  "| kernel | op | layout | warps/stages | regs | spill | smem | main-loop tc (tf32) | main-loop MACs (k) "
-                  "| main-loop exp2 | main-loop ld | tc kinds (main loops together) | kernel tc / exp2 / ld | warnings |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["kernel", "op", "layout", "warps/stages", "regs", "spill", "smem", "main-loop tc (tf32)",
+              "main-loop MACs (k)", "main-loop exp2", "main-loop ld", "tc kinds (main loops together)",
+              "kernel tc / exp2 / ld", "warnings"]
+    for (backend, target, dtype, d), rows in sorted(groups.items(), key=lambda g: tuple(map(str, g[0]))):
+        lines += ["", f"### {backend}, {target}, {dtype}, d = {d}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
         rows.sort(key=lambda r: (r["config"]["kernel"], r["config"]["layout"], order.get(r["config"]["op"], 9)))
         for r in rows:
-            c, k = r["config"], r["kernel"]
-            tf32 = sum(loop["tf32"] for loop in r["main_loops"])
-            warn = "; ".join(sorted({w[:60] for w in r["warnings"]})) or "-"
-            lines.append(
-                f"| {c['kernel']} | {c['op']} | {c['layout']} | {c.get('num_warps', '-')}/{c.get('num_stages', '-')} "
-                f"| {r['registers']} | {r['spill_stores']} / {r['spill_loads']} | {r['shared']} "
-                f"| {_loops(r, 'tc_total')}{f' ({tf32})' if tf32 else ''} "
-                f"| {' / '.join(str(loop['tc_macs'] // 1000) for loop in r['main_loops']) or '-'} "
-                f"| {_loops(r, 'exp2')} | {_loops(r, 'global_loads')} | {_tc_kinds(r)} "
-                f"| {k['tc_total']} / {k['exp2']} / {k['global_loads']} | {warn} |")
+            c, k, loops = r["config"], r["kernel"], r["main_loops"]
+            tf32 = sum(loop["tf32"] for loop in loops)
+            cells = [c["kernel"], c["op"], c["layout"], f"{c.get('num_warps', '-')}/{c.get('num_stages') or '-'}",
+                     r["registers"], f"{r['spill_stores']} / {r['spill_loads']}", r["shared"],
+                     _loops(r, "tc_total") + (f" ({tf32})" if tf32 else ""),
+                     " / ".join(str(loop["tc_macs"] // 1000) for loop in loops) or "-",
+                     _loops(r, "exp2"), _loops(r, "global_loads"), _tc_kinds(r),
+                     f"{k['tc_total']} / {k['exp2']} / {k['global_loads']}",
+                     "; ".join(sorted({w[:80] for w in r["warnings"]})) or "-"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 

@@ -6,13 +6,18 @@ Resource limits (shared memory, spills) are checked by tests/test_static_cost.py
 """
 from __future__ import annotations
 
-from excitor_kernels.ops import _triton_attention, _triton_decode
+import importlib
+import pkgutil
+
+from excitor_kernels import ops
 
 
 def _kernels() -> set[str]:
-    """Every launchable Triton kernel of the package (``*_kernel`` functions)."""
-    return {name for module in (_triton_attention, _triton_decode) for name in vars(module)
-            if name.endswith("_kernel") and hasattr(getattr(module, name), "arg_names")}
+    """Every launchable Triton kernel of the package: the ``*_kernel`` functions of ``ops/_triton_*.py``."""
+    modules = [importlib.import_module(f"{ops.__name__}.{m.name}") for m in pkgutil.iter_modules(ops.__path__)
+               if m.name.startswith("_triton")]
+    return {name for module in modules for name, obj in vars(module).items()
+            if name.endswith("_kernel") and hasattr(obj, "arg_names")}
 
 
 def test_kernels_compile_for_sm80_and_sm90(static_cost_report):
