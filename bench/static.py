@@ -543,11 +543,20 @@ def run(subset: str = "full", csrc: bool = True, workers: int = 2, use_cache: bo
                                  finished=now.isoformat(timespec="seconds"), subset=subset,
                                  triton=triton.__version__, torch=torch.__version__, nvcc=_nvcc_version(nvcc),
                                  ptxas={cc: _ptxas(cc).name + " " + _tool_version(_ptxas(cc)) for cc in TARGETS},
-                                 seconds=round(time.time() - start), workers=workers,
+                                 commit=_commit(), seconds=round(time.time() - start), workers=workers,
                                  from_cache=sum(r.get("from_cache", False) for r in results.values()),
                                  compile_seconds=round(sum(r.get("seconds", 0) for r in results.values())),
                                  csrc="compiled" if nvcc else "skipped (nvcc not found)" if csrc else "skipped"),
                 results=dict(sorted(results.items())))
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with "+changes" when the kernels differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "excitor_kernels", "csrc"], cwd=ROOT).returncode
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def _tool_version(path: Path) -> str:
@@ -589,8 +598,8 @@ def markdown(path: Path, doc: dict) -> list[str]:
              f"File `{path.relative_to(ROOT)}`, written by `python -m bench.static` ({env['subset']} set of "
              f"{len(results)} kernels: {env['seconds']} s with {env['workers']} workers, {env.get('from_cache', 0)} "
              f"of them from the cache; compiling them took {env.get('compile_seconds', '-')} s in all); triton "
-             f"{env['triton']} (ptxas {ptxas}), torch {env['torch']}, nvcc {env['nvcc'] or '-'}; CUDA kernels: "
-             f"{env['csrc']}.", "",
+             f"{env['triton']} (ptxas {ptxas}), torch {env['torch']}, nvcc {env['nvcc'] or '-'}; kernels of commit "
+             f"{env.get('commit') or '-'}; CUDA kernels: {env['csrc']}.", "",
              "Compiled for each target at the launchers' GPU tiles, causal, P = 30, 16-byte aligned pointers and "
              "strides; counts are SASS instructions per thread. *main-loop* columns count one pass through each "
              "main loop (loops holding tensor-core instructions; the forward has two: key tiles without and with "
@@ -619,7 +628,8 @@ def markdown(path: Path, doc: dict) -> list[str]:
             c, k, loops = r["config"], r["kernel"], r["main_loops"]
             tf32 = sum(loop["tf32"] for loop in loops)
             cells = [c["kernel"], c["op"], c["layout"], f"{c.get('num_warps', '-')}/{c.get('num_stages') or '-'}",
-                     r["registers"], f"{r['spill_stores']} / {r['spill_loads']}", r["shared"],
+                     r["registers"], f"{r['spill_stores']} / {r['spill_loads']}",
+                     f"{r['shared']}" + (f" **> {r['shared_limit']}**" if r["shared"] > r["shared_limit"] else ""),
                      _loops(r, "tc_total") + (f" ({tf32})" if tf32 else ""),
                      " / ".join(str(loop["tc_macs"] // 1000) for loop in loops) or "-",
                      _loops(r, "exp2"), _loops(r, "global_loads"), _tc_kinds(r),
