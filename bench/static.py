@@ -145,7 +145,7 @@ def in_test_subset(config: dict) -> bool:
     targets, padded layout: every kernel and operator at its GPU configuration; plus the Excitor's float32
     forward on sm_80 (its own tiles; the largest shared memory of the three against the lower limit)."""
     if config["dtype"] == "fp32":
-        return config["cc"] == 80 and config["op"] == "excitor" and config["layout"] == "padded"
+        return config["cc"] == 80 and config["d"] == 128 and config["op"] == "excitor" and config["layout"] == "padded"
     return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in ("padded", "decode")
 
 
