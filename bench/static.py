@@ -1,8 +1,10 @@
 """Static cost report: what every kernel costs on sm_80 and sm_90, measured without a GPU.
 
 ``python -m bench.static`` compiles each Triton kernel (Triton IR -> PTX -> cubin with the ptxas bundled in
-triton) for sm_80 and sm_90 (sm_90a) at the tile sizes and launch options its launcher picks on a GPU, and
-the CUDA kernels of ``csrc/`` with nvcc (when nvcc is on PATH), then reads the machine code. Per kernel:
+triton) for sm_80 and sm_90 (sm_90a) at the tile sizes and launch options its launcher picks on a GPU, with
+the alignment a GPU launch specialises on (16-byte aligned pointers, strides divisible by 16; see
+:func:`alignment`), and the CUDA kernels of ``csrc/`` with nvcc (when nvcc is on PATH), then reads the
+machine code. Per kernel:
 
 * registers, spill store/load bytes and warnings (e.g. C7512, wgmma serialised) from ``ptxas -v``;
 * shared memory per CTA (Triton: the compiled kernel's; CUDA: static plus the dynamic size its launch asks
@@ -20,17 +22,19 @@ main-loop iteration, per thread (HMMA per warp, HGMMA per warpgroup).
 Outputs ``bench/results/static-<date>.json`` and the "Static cost report" section of BENCHMARKS.md
 (rendered by ``bench.report`` from the newest static file, next to the timed results). Options:
 ``--subset test`` (the CPU test's subset), ``--markdown`` (print the section, write nothing),
-``--no-csrc``, ``--workers N`` (default 2), ``--no-cache``. Parsed results are cached in
-``$EXCITOR_STATIC_CACHE`` (default ``~/.cache/excitor-kernels/static``) under a hash of the kernel's source,
-its configuration, the tool versions and this file, so a re-run only compiles what changed.
+``--json PATH`` (write the results there, leave bench/results and BENCHMARKS.md alone), ``--no-csrc``,
+``--workers N`` (default 2), ``--no-cache``. The tools' raw outputs (ptxas log, SASS, resource usage) are
+cached in ``$EXCITOR_STATIC_CACHE`` (default ``~/.cache/excitor-kernels/static``) under a hash of the
+kernel's source, its configuration and the tool versions, so a re-run only compiles what changed and a
+change to the analysis here needs no recompile.
 Run it without ``TRITON_INTERPRET=1`` (with it, ``triton.jit`` gives interpreted functions).
 
 Adding or changing a kernel
 ---------------------------
 * Jobs come from :func:`triton_jobs`, the one generator of (kernel, dtype, constexprs, launch options): the
   tiles are the launchers' own configuration functions (``_triton_attention.blocks``,
-  ``_triton_decode.decode_blocks``). A new kernel is one ``yield job(kernel, config, flags)`` line there,
-  next to the launch it belongs to. ``job`` passes a kernel only the constexprs it declares (extra keys in
+  ``_triton_prompt_keys.prompt_blocks``, ``_triton_decode.decode_blocks``). A new kernel is one
+  ``found.append((layout, job(kernel, config, flags)))`` line there, next to the launch it belongs to. ``job`` passes a kernel only the constexprs it declares (extra keys in
   ``flags`` or ``config`` are ignored, a missing one is an error naming it), and splits ``num_warps``,
   ``num_stages`` (and any other :data:`LAUNCH_OPTIONS`) off as launch options.
 * Argument types come from argument names through :data:`ARG_TYPES` (first matching rule wins; ``{dtype}``

@@ -1,10 +1,10 @@
 """Static costs of the Triton kernels at their GPU configurations, from their machine code (no GPU needed).
 
 The ``static_cost_report`` fixture runs ``python -m bench.static --subset test``: bf16, d = 128 (the largest
-tiles) on sm_80 and sm_90a, every kernel, operator (plain attention, Excitor, Adapter) and layout (padded,
-varlen), plus the float32 forward on sm_80. fp16 and d = 64 are in the full report only (``python -m
-bench.static``, about N minutes on 2 cores against about M for this subset). Each test names every offender
-with its figures.
+tiles) on sm_80 and sm_90a, padded layout, every kernel and operator (plain attention, Excitor, Adapter),
+plus the Excitor's float32 forward on sm_80: about 4 minutes on 2 busy cores with an empty cache, seconds
+with a warm one. fp16, d = 64 and the varlen layout are in the full report only (``python -m bench.static``:
+about 30 minutes). Each test names every offender with its figures.
 """
 from __future__ import annotations
 
