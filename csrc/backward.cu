@@ -70,10 +70,10 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(EkBwdParams bp) {
 }
 
 // Shared memory of the key-tile CTAs: 5 tiles, two float32 spill areas for the (dk, dke) accumulators,
-// lse / delta of the current query tile, the prompts' mean and a reduction scratch.
+// lse / delta of the current query tile and a reduction scratch.
 template <class T, int D>
 constexpr int key_smem_bytes() {
-  return 5 * tile_bytes<T, D>() + 2 * (D / 2) * kThreads * 4 + (2 * kTile + D + kThreads / 32) * 4;
+  return 5 * tile_bytes<T, D>() + 2 * (D / 2) * kThreads * 4 + (2 * kTile + kThreads / 32) * 4;
 }
 // Query-tile CTAs: 6 tiles and a reduction scratch.
 template <class T, int D>
@@ -92,8 +92,7 @@ __device__ __forceinline__ void bwd_key_tile(const EkBwdParams &bp, int pid, uns
   float *acc_ke = acc_k + NACC * kThreads;                      // and dke elements
   float *s_lse = acc_ke + NACC * kThreads;
   float *s_delta = s_lse + kTile;
-  float *s_c = s_delta + kTile;
-  float *red = s_c + D;
+  float *red = s_delta + kTile;
 
   const int kv_tiles = cdiv(p.kv_len, kTile);
   const int tile = pid % kv_tiles, bg = pid / kv_tiles, b = bg / p.kv_heads, g = bg % p.kv_heads;
@@ -104,15 +103,7 @@ __device__ __forceinline__ void bwd_key_tile(const EkBwdParams &bp, int pid, uns
 
   load_tile<T, D>(s_v, at<T>(p.v, p.v_st, b, g, n0), p.v_st.row, N - n0);
   if constexpr (BYPASS == EK_EXCITOR) {
-    load_tile<T, D>(s_x, at<T>(p.ke, p.ke_st, b, g, n0), p.ke_st.row, N - n0);
-    // c = mean_n pk_n: dgate[h] = sum_j <dk'[h, j], ke_j - c> equals sum_j <dk'[h, j], ke_j> because
-    // sum_j dk'[h, j] = softmax_scale sum_i q_i sum_j ds[i, j] = 0; centring removes the common part of
-    // the ke_j that would otherwise cancel only up to rounding.
-    for (int c = threadIdx.x; c < D; c += kThreads) {
-      float sum = 0.f;
-      for (int n = 0; n < p.num_prompts; ++n) sum += to_float(at<T>(p.pk, p.pk_st, b, g, n)[c]);
-      s_c[c] = sum / p.num_prompts;
-    }
+    load_tile<T, D>(s_x, at<T>(p.ke, p.ke_st, b, g, n0), p.ke_st.row, N - n0);  // centred: no cancelling dgate
   }
   for (int x = 0; x < NACC; ++x) acc_k[x * kThreads + threadIdx.x] = acc_ke[x * kThreads + threadIdx.x] = 0.f;
 
@@ -175,8 +166,7 @@ __device__ __forceinline__ void bwd_key_tile(const EkBwdParams &bp, int pid, uns
         acc_k[x] += d;
         if constexpr (BYPASS == EK_EXCITOR) {
           acc_ke[x] += gate_h * d;
-          const int c = f.col(nb, e);
-          dg += d * (to_float(s_x[f.row(e) * LD + c]) - s_c[c]);
+          dg += d * to_float(s_x[f.row(e) * LD + f.col(nb, e)]);
         }
       }
     if constexpr (BYPASS == EK_EXCITOR) {

@@ -1,7 +1,7 @@
 // Forward kernels (SPEC.md), sm_80+ mma.sync path.
 //
 // Excitor: one launch rebuilds every key once per key/value head,
-//   a[j, n] = softmax_n(prompt_scale <s_j, pk_n>),  ke_j = sum_n a[j, n] pk_n        (ke: B x Hkv x N x d)
+//   a[j, n] = softmax_n(prompt_scale <s_j, pk_n>),  ke_j = sum_n a[j, n] pk_n - mean_n pk_n   (B x Hkv x N x d)
 // and the attention launch forms k'_j = k_j + gate[h] ke_j while it stages each key tile in shared
 // memory, so no (B, Hq, N, d) tensor and no M x N tensor ever reaches global memory.
 // Adapter: the attention launch adds gate[h] softmax_n(softmax_scale <q_i, pk_n>) pv_n to each row.
@@ -27,6 +27,18 @@ __global__ void __launch_bounds__(kThreads) reconstruct_keys_kernel(EkFwdParams 
   __syncthreads();
   float ke[D / 8][4], a[kTile / 8][4];
   prompt_mix<T, D>(ke, a, s_x, s_pk, s_pk, p.num_prompts, p.prompt_scale * kLog2e, f);
+  // centre on c = mean_n pk_n (docs/design.md): every key of head h moves by gate[h] c, which no softmax sees
+#pragma unroll
+  for (int nb = 0; nb < D / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = f.col(nb, e);
+      float c = 0.f;
+      for (int n = 0; n < p.num_prompts; ++n) c += to_float(s_pk[n * pitch<D>() + col]);
+      c /= p.num_prompts;
+      ke[nb][e] -= c;
+      ke[nb][e + 2] -= c;
+    }
   store_global<T>(static_cast<T *>(p.ke) + b * p.ke_st.b + g * p.ke_st.h + n0 * p.ke_st.row, p.ke_st.row,
                   p.kv_len - n0, ke, f);
 }

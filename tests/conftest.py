@@ -12,6 +12,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def deterministic_torch():
+    """torch.use_deterministic_algorithms(True) for one test: on a GPU, SDPA's own backward (FlashAttention, cuDNN,
+    memory-efficient attention) repeats bitwise only then; ``deterministic=True`` covers our kernels."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 @pytest.fixture(scope="session")
 def static_cost_report(tmp_path_factory):
     """``python -m bench.static --subset test`` (Triton kernels only) run once per session in a fresh

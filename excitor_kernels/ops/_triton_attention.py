@@ -244,18 +244,22 @@ def attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_dkeb, stride_dkeh, stride_dken,
     stride_dg_t, stride_dg_b, stride_lb, stride_lh,
-    Hkv, M, N, GROUPS, qk_scale, softmax_scale,
-    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    Hkv, M, N, GROUPS, member, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """dk, dv of one key tile of one key/value head, summed over its query heads. Excitor (BYPASS == 1):
-    per head h, dk'[h] stays in registers only while it is reduced into the float32 sums DK += dk'[h] and
-    DKE += gate[h] dk'[h] (this program owns those rows) and into dgate[h] = sum_j <dk'[h, j], ke_j>; the
-    post-pass turns (DK, DKE) into dk, dprompt and dsim. Otherwise dk accumulates over the heads here."""
+    """dk'[h], dv[h] of one key tile for query head h = g * GROUPS + member of key/value head g, over every
+    query tile; one launch per group member, so a program holds one head's two accumulators, as in
+    FlashAttention-2. Their sums over the group go into DK, DV (float32 under GQA: ACCUMULATE adds to what
+    the earlier members' launches wrote; this program owns those rows, so the order is fixed). Excitor
+    (BYPASS == 1): also DKE += gate[h] dk'[h] and DGATE[tile, b, h] = sum_j <dk'[h, j], ke_j> (one slot per
+    program); the post-pass turns (DK, DKE) into dk, dprompt and dsim."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
     g = bg % Hkv
+    h = g * GROUPS + member
     start_n = tile * BLOCK_N
     q0, M = sequence(CU_Q, b, M, VARLEN)
     k0, N = sequence(CU_K, b, N, VARLEN)
@@ -264,13 +268,6 @@ def attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
-    in_range = offs_n[:, None] < N
-
-    kt = load_rows(K + b * stride_kb + k0 * stride_kn + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
-    vt = load_rows(V + b * stride_vb + k0 * stride_vn + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
-    if BYPASS == 1:
-        ke = load_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, offs_n, stride_ken, offs_d, N,
-                       HEAD_DIM, True).to(tl.float32)
     # query tiles [lo, full) straddle the causal diagonal of this key tile; [full, M) see all of it
     if CAUSAL:
         lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
@@ -279,43 +276,41 @@ def attention_bwd_dkdv_kernel(
     else:
         lo = 0
         full = 0
-    dk_base = DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh
-    dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
 
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    gate_h = tl.load(GATE + h).to(tl.float32)
+    ke_base = KE + b * stride_keb + k0 * stride_ken + g * stride_keh
+    kh = _key_tile(K + b * stride_kb + k0 * stride_kn + g * stride_kh, ke_base, stride_kn, stride_ken, offs_n, offs_d,
+                   N, gate_h, True, BYPASS, HEAD_DIM)                                   # k'[h] (k unless Excitor)
+    vt = load_rows(V + b * stride_vb + k0 * stride_vn + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
+    q_base = Q + b * stride_qb + q0 * stride_qm + h * stride_qh
+    do_base = DO + b * stride_dob + q0 * stride_dom + h * stride_doh
+    row_stats = b * stride_lb + h * stride_lh + q0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for hh in range(0, GROUPS):
-        h = g * GROUPS + hh
-        if BYPASS == 1:
-            gate_h = tl.load(GATE + h).to(tl.float32)
-            kh = (kt.to(tl.float32) + gate_h * ke).to(kt.dtype)           # k'[h] = k + gate[h] ke
-            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                  # dk'[h]
-        else:
-            kh = kt
-        q_base = Q + b * stride_qb + q0 * stride_qm + h * stride_qh
-        do_base = DO + b * stride_dob + q0 * stride_dom + h * stride_doh
-        row_stats = b * stride_lb + h * stride_lh + q0
-        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
-                                    stride_qm, stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale,
-                                    True, BLOCK_M, HEAD_DIM, PREC)
-        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats,
-                                    stride_qm, stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale,
-                                    False, BLOCK_M, HEAD_DIM, PREC)
-        if BYPASS == 1:
-            dkp = tl.where(in_range, dk * softmax_scale, 0.0)
-            # dgate[h] = sum_j <dk'[h, j], ke_j>; ke is centred (docs/design.md), so the sum does not cancel
-            tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dkp * ke, 1), 0))
-            dkp_sum = dkp
-            dke_sum = gate_h * dkp
-            if hh > 0:  # rows of this tile are this program's alone: plain read-add-write
-                dkp_sum += load_rows(dk_base, offs_n, stride_dkn, offs_d, N, HEAD_DIM, True)
-                dke_sum += load_rows(dke_base, offs_n, stride_dken, offs_d, N, HEAD_DIM, True)
-            store_rows(dk_base, dkp_sum, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
-            store_rows(dke_base, dke_sum, offs_n, stride_dken, offs_d, N, HEAD_DIM)
-            tl.debug_barrier()  # the next head reads what every thread of this program wrote
-    if BYPASS != 1:
-        store_rows(dk_base, dk * softmax_scale, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
-    store_rows(DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
+    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM, PREC)
+    dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
+
+    # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
+    dv_base = DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh
+    if ACCUMULATE:
+        dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+    store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
+    if BYPASS == 1:
+        # dgate[h] = sum_j <dk'[h, j], ke_j>; ke is centred (docs/design.md), so the sum does not cancel
+        ke = load_rows(ke_base, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
+        dke = gate_h * dk
+        dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
+        if ACCUMULATE:
+            dke += load_rows(dke_base, offs_n, stride_dken, offs_d, N, HEAD_DIM, True)
+        store_rows(dke_base, dke, offs_n, stride_dken, offs_d, N, HEAD_DIM)
+    dk_base = DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh
+    if ACCUMULATE:
+        dk += load_rows(dk_base, offs_n, stride_dkn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+    store_rows(dk_base, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -370,16 +365,10 @@ def attention_bwd_dq_kernel(
     ke_base = KE + b * stride_keb + k0 * stride_ken + g * stride_keh
     v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
 
+    # Adapter prompts first, so that their tiles are dead before the key loop:
+    # o_i += gate[h] op_i with op = ap pv and ap = softmax(softmax_scale q pk^T)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                       stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
-    dq *= softmax_scale
-
     if BYPASS == 2:
-        # o_i += gate[h] op_i with op = ap pv and ap = softmax(softmax_scale q pk^T)
         offs_p = tl.arange(0, BLOCK_P)
         ap, op, pk, pv = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                            stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
@@ -391,7 +380,7 @@ def attention_bwd_dq_kernel(
         dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)     # dap[i, n] = <dop_i, pv_n>
         dzp = ap * (dap - tl.sum(ap * dap, 1)[:, None])
         dzp = tl.where(offs_m[:, None] < M, dzp, 0.0)
-        dq += softmax_scale * dot(dzp.to(pk.dtype), pk, PREC)
+        dq = dot(dzp.to(pk.dtype), pk, PREC)                  # times softmax_scale with the rest below
         dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
         dpv = dot(tl.trans(ap * (offs_m[:, None] < M)).to(pv.dtype), dop.to(pv.dtype), PREC)
         # slice (tile, b, g, h - g * GROUPS); the atomic layout sets the tile, group-member (and, for
@@ -401,6 +390,12 @@ def attention_bwd_dq_kernel(
                + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
+    full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
+                       stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
+                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
+    dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
 
@@ -418,9 +413,9 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dic
         dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     elif on_gpu:
-        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if d > 64 else 4, num_stages=3 if d <= 128 else 2)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
     else:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
         fwd = dkdv = dq = dict(BLOCK_M=bm, BLOCK_N=bn)
@@ -475,28 +470,31 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
-    dv = new_output(v.shape, dtype=v.dtype, device=dev, like=v)
     kv_tiles = triton.cdiv(N, kv_launch["BLOCK_N"])
     q_tiles = triton.cdiv(M, q_launch["BLOCK_M"])
-    # gate sums: made by key-tile programs (Excitor) or query-tile programs (Adapter), [tile, batch, q head]
-    tiles = kv_tiles if excitor else q_tiles
-    dg_buf = torch.zeros((tiles, B, Hq) if deterministic else (1, 1, Hq), dtype=torch.float32, device=dev)
-    dg_strides = tuple(dg_buf.stride()[:2]) if deterministic else (0, 0)
-
-    if excitor:  # float32 sums over the group of dk'[h] and gate[h] dk'[h], finished by the post-pass
-        dk = new_output(k.shape, dtype=torch.float32, device=dev, like=k)
-        dke = new_output(ke.shape, dtype=torch.float32, device=dev)
+    # dk, dv: in the outputs' dtypes under MHA; float32 sums over the group under GQA (one launch per member)
+    # and always for the Excitor's dk, which the post-pass finishes with dke
+    dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
+    dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
+    dke = new_output(ke.shape, dtype=torch.float32, device=dev) if excitor else dk
+    # gate sums [tile, batch, q head]: one slot per key-tile program (Excitor; tiles past a shorter packed
+    # sequence leave 0), or per query tile (Adapter, atomics into one slot unless deterministic)
+    if excitor or deterministic:
+        dg_buf = torch.zeros((kv_tiles if excitor else q_tiles, B, Hq), dtype=torch.float32, device=dev)
     else:
-        dk = new_output(k.shape, dtype=k.dtype, device=dev, like=k)
-        dke = dk  # never written
+        dg_buf = torch.zeros((1, 1, Hq), dtype=torch.float32, device=dev)
+    dg_strides = (dg_buf.stride(0), dg_buf.stride(1)) if excitor or deterministic else (0, 0)
     kx = k if ke is None else ke
-    attention_bwd_dkdv_kernel[(kv_tiles, B * Hkv)](
-        q, k, v, kx, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
-        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
-        *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
-        Hkv, M, N, groups, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D, PREC=prec, **kv_launch,
-    )
+    for member in range(groups):
+        attention_bwd_dkdv_kernel[(kv_tiles, B * Hkv)](
+            q, k, v, kx, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
+            *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
+            Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+            PREC=prec, **kv_launch,
+        )
+    dv = dv.to(v.dtype)
 
     # Adapter prompt sums, made by query-tile programs: [tile, batch, kv head, group member, prompt, d]
     if excitor:
@@ -533,4 +531,4 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         g = buf.sum(dim=(0, 3))
         return (g if per_sample else g.sum(0)).to(pk.dtype)
 
-    return dq, dk, dv, _prompt_grad(dpk_buf), _prompt_grad(dpv_buf).to(pv.dtype), dgate, None
+    return dq, dk.to(k.dtype), dv, _prompt_grad(dpk_buf), _prompt_grad(dpv_buf).to(pv.dtype), dgate, None

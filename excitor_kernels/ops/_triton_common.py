@@ -11,11 +11,14 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def dot(a, b, PREC: tl.constexpr):
-    """tl.dot with float32 accumulation. PREC "upcast" computes it in exact float32: the CPU interpreter's
-    bfloat16 dot is wrong (triton 3.6 to 3.9), so interpreted bfloat16 runs take this path."""
+    """tl.dot with float32 accumulation. PREC "upcast" computes it in exact float32: the prompt passes use it
+    (O(N P d) work), and interpreted bfloat16 runs, since the CPU interpreter's bfloat16 dot is wrong
+    (triton 3.6 to 3.9)."""
     if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit

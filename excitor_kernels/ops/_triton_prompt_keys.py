@@ -21,7 +21,9 @@ backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h 
 
 The ``- 1/P`` is the derivative of the centring; it sums to zero over a sequence (each row of ``ds`` sums to
 zero, so ``sum_j dke_j = 0``), and keeping it makes near-uniform mixtures cancel before, not after, the sum.
-Both passes compute in exact float32 (``O(N P d)`` work, small beside the attention's ``O(M N d)``).
+Products run on the tensor cores in the input dtype with float32 accumulation (the centred weights
+``a - 1/P``, ``dke`` and ``dz`` rounded to it); softmax and sums stay in float32. Both passes are
+``O(N P d)`` work, small beside the attention's ``O(M N d)``.
 """
 from __future__ import annotations
 
@@ -30,31 +32,34 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import LOG2E, RowLayout, dot, load_rows, pow2, prompt_softmax, prompt_strides, sequence, store_rows
+from ._triton_common import (LOG2E, RowLayout, dot, load_rows, pow2, precision, prompt_softmax, prompt_strides, sequence,
+                             store_rows)
+
+
+@triton.jit
+def _centred(a, offs_p, P):
+    """a - 1/P over the real prompts (0 on padded ones): ke = a pk - mean(pk) = (a - 1/P) pk, since sum_n a = 1."""
+    return tl.where(offs_p[None, :] < P, a - 1.0 / P, 0.0)
 
 
 @triton.jit
 def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr):
-    """(a, ke) for one tile of rows ``st`` of s: a = softmax(prompt_scale st pk^T), ke = a pk - mean(pk); float32.
-    PREC "upcast" computes both products in exact float32 (the passes here); the decode kernel, which rebuilds
-    keys in its main loop, passes its input precision and so takes ke = a pk on the half tensor cores."""
+    """(a, ke) for one tile of rows ``st`` of s: a = softmax(prompt_scale st pk^T) (float32) and the centred
+    ke = (a - 1/P) pk (float32 accumulation; the centred weights, not a, are rounded to the input dtype)."""
     a = prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
-    if PREC == "upcast":
-        ke = dot(a, pk.to(tl.float32), PREC)
-    else:
-        ke = dot(a.to(pk.dtype), pk, PREC)
-    return a, ke - (tl.sum(pk.to(tl.float32), 0) / P)[None, :]  # padded prompts load as 0
+    return a, dot(_centred(a, offs_p, P).to(pk.dtype), pk, PREC)
 
 
 @triton.jit
-def prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale):
+def prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC: tl.constexpr):
     """(dsim, dpk) of one tile of rows, float32, from dke (float32) and the tile's (a, st); see the module doc."""
-    pk32 = pk.to(tl.float32)
-    da = dot(dke, tl.trans(pk32), "upcast")
+    dke_t = dke.to(pk.dtype)
+    da = dot(dke_t, tl.trans(pk), PREC)
     dz = a * (da - tl.sum(a * da, 1)[:, None])
-    dsim = prompt_scale * dot(dz, pk32, "upcast")
-    a_c = tl.where(offs_p[None, :] < P, a - 1.0 / P, 0.0)
-    dpk = dot(tl.trans(a_c), dke, "upcast") + prompt_scale * dot(tl.trans(dz), st.to(tl.float32), "upcast")
+    dz_t = dz.to(pk.dtype)
+    dsim = prompt_scale * dot(dz_t, pk, PREC)
+    dpk = dot(tl.trans(_centred(a, offs_p, P).to(pk.dtype)), dke_t, PREC)
+    dpk += prompt_scale * dot(tl.trans(dz_t), st.to(pk.dtype), PREC)
     return dsim, dpk
 
 
@@ -73,7 +78,7 @@ def prompt_keys_fwd_kernel(
     stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_keb, stride_keh, stride_ken,
     Hkv, N, P, prompt_scale_log2,
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """ke for one tile of keys of one (batch entry or sequence, key/value head)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
@@ -83,7 +88,7 @@ def prompt_keys_fwd_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
     store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke, offs_n, stride_ken, offs_d, N, HEAD_DIM)
 
 
@@ -94,7 +99,7 @@ def prompt_keys_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn, stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p,
     Hkv, N, P, prompt_scale, prompt_scale_log2,
     ADD_DS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """Chain rule of one key tile: DS = dsim, or DS = DK + dsim when ADD_DS (the s = k case), and the tile's
     dpk added to its float32 slice (tile stride 0 under atomics, one slice per tile when deterministic)."""
@@ -107,8 +112,8 @@ def prompt_keys_bwd_kernel(
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     dke = load_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, offs_n, stride_dken, offs_d, N,
                     HEAD_DIM, True)
-    a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, "upcast")
-    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale)
+    a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC)
     if ADD_DS:
         dsim += load_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, offs_n, stride_dkn, offs_d, N,
                           HEAD_DIM, True).to(tl.float32)
@@ -121,7 +126,7 @@ def prompt_keys_bwd_kernel(
 def prompt_blocks(on_gpu: bool, N: int) -> dict:
     """Tile and launch options of both passes."""
     if on_gpu:
-        return dict(BLOCK_N=64, num_warps=4)
+        return dict(BLOCK_N=32, num_warps=8)
     return dict(BLOCK_N=min(64, pow2(N)))
 
 
@@ -134,7 +139,8 @@ def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, 
     prompt_keys_fwd_kernel[grid](
         s, pk, ke, rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke),
         rows.Hkv, rows.N, pk.shape[-2], prompt_scale * LOG2E,
-        VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=pow2(pk.shape[-2]), **launch,
+        VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=pow2(pk.shape[-2]), PREC=precision(s),
+        **launch,
     )
     return ke
 
@@ -159,7 +165,8 @@ def prompt_keys_backward(dke: torch.Tensor, s: torch.Tensor, pk: torch.Tensor, p
     prompt_keys_bwd_kernel[(tiles, rows.B * rows.Hkv)](
         s, pk, dke, ds if dk is None else dk, ds, buf, rows.cu_k, *rows.strides(s), *prompt_strides(pk),
         *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *buf_strides, rows.Hkv, rows.N, P, prompt_scale, prompt_scale * LOG2E,
-        ADD_DS=dk is not None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(P), **launch,
+        ADD_DS=dk is not None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(s),
+        **launch,
     )
     dpk = buf.sum(0) if per_sample else buf.sum((0, 1))
     return dpk.to(pk.dtype), ds
