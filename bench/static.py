@@ -83,7 +83,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 # argument name -> triton signature type; first full match wins
 ARG_TYPES = (
-    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS", "i32"),
+    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS|member", "i32"),
     (r"\w*scale\w*", "fp32"),
     (r"GATE|LSE|DELTA|DPK|DPV|DGATE\w*|DKE|WS_\w+", "*fp32"),
     (r"CU_\w+|SEQLENS", "*i32"),
@@ -181,8 +181,9 @@ def triton_jobs(subset: str = "full"):
                     continue
                 # launched with the dq tiles' BLOCK_M and triton's default launch options
                 found.append((layout, job(tri.attention_bwd_preprocess_kernel, {}, flags, BLOCK_M=dq["BLOCK_M"])))
-                # the Excitor's dk is a float32 sum (finished by the post-pass); elsewhere DKE is dk, unused
-                found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags,
+                # MHA: one launch (a group's later members ACCUMULATE into float32 dk, dv under GQA); the
+                # Excitor's dk is a float32 sum finished by the post-pass; elsewhere DKE is dk, unused
+                found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=False,
                                           types={"DK": "*fp32"} if excitor else {"DKE": "*{dtype}"})))
                 found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
                 if excitor:
