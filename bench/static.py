@@ -317,9 +317,9 @@ def parse_ptxas(log: str) -> dict:
             e["registers"] = int(m.group(1))
             if s := re.search(r"(\d+) bytes smem", line):
                 e["static_shared"] = int(s.group(1))
-        elif "warning" in line and current:
+        elif "warning" in line:  # e.g. C7512; it may name its function, or come before any
             named = re.search(r"function '([^']+)'", line)
-            entry(named.group(1) if named else current)["warnings"].append(line.split(":", 1)[-1].strip())
+            entry(named.group(1) if named else current or "")["warnings"].append(line.split(":", 1)[-1].strip())
     return out
 
 
@@ -403,7 +403,9 @@ def compile_triton(j: dict, use_cache: bool = True) -> dict:
              _ptxas(j["cc"]).name) + ((j["types"],) if j["types"] else ())
     try:
         raw = _cached(parts, use_cache, lambda: _compile_triton(j))
-        ptxas = parse_ptxas(raw["ptxas_log"]).get(raw["name"], {})
+        logged = parse_ptxas(raw["ptxas_log"])
+        ptxas = dict(logged.get(raw["name"], {}))
+        ptxas["warnings"] = ptxas.get("warnings", []) + logged.get("", {}).get("warnings", [])  # one kernel a log
         res = re.search(r"REG:(\d+)", raw["usage"])
         config = dict(j["config"], num_warps=raw["num_warps"], num_stages=raw.get("num_stages"))  # with defaults
         return _record(j["key"], config, ptxas, int(res.group(1)) if res else None, raw["shared"],
