@@ -614,6 +614,9 @@ def markdown(path: Path, doc: dict) -> list[str]:
              "multiply-adds per CTA in thousands, exp2: MUFU.EX2, ld: global loads (LDG + LDGSTS + TMA), spill: "
              "bytes stored / loaded per thread, smem: shared memory per CTA in bytes. The plain rows (BYPASS = 0) "
              "are the baseline the operators add to."]
+    earlier = [f"`{f.relative_to(ROOT)}`" for f in sorted(RESULTS_DIR.glob("static-*.json")) if f != path]
+    if earlier:
+        lines += ["", "Earlier static reports (same format): " + ", ".join(earlier) + "."]
     errors = [r for r in results.values() if "error" in r]
     if errors:
         lines += ["", f"**{len(errors)} kernel(s) failed to compile:**", ""]
