@@ -2,7 +2,7 @@
 
 The token attention runs on PyTorch's SDPA (cuDNN, FlashAttention-2 or memory-efficient attention on a GPU;
 its CPU kernels or math backend on the CPU); what the prompts add is computed by O(N) Triton kernels
-registered as ``torch.library`` custom ops with fake implementations and autograd (notation of SPEC.md):
+registered as ``torch.library`` custom ops with fake implementations and autograd (notation of docs/contract.md):
 
 * **Excitor** (``excitor_keys``): one program per key tile of one key/value head computes the prompt mixture
   ``a = softmax(prompt_scale s pk^T)`` and the centred reconstruction ``ke = a pk - mean_n pk_n`` (a constant
@@ -28,7 +28,7 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
   SDPA's backward gives the token part, one program per query tile the prompt part (``dq`` of the prompt term,
   ``dpk``, ``dpv``, ``dgate``).
 
-Causal masks are bottom-right aligned (SPEC.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
+Causal masks are bottom-right aligned (docs/contract.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
 use ``is_causal``; ``M > N`` attends the last ``N`` queries with ``is_causal`` (the first ``M - N`` see no key:
 output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
 then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask; SDPA keeps it for its backward).
@@ -47,8 +47,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .._alloc import new_output
-from ._triton_attention import _prompt_attention
-from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
+from ._triton_common import (LOG2E, load_rows, pow2, precision, prompt_attention, prompt_attention_backward,
+                             prompt_strides, store_rows)
 from ._triton_prompt_keys import prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
@@ -83,7 +83,7 @@ def excitor_keys_fwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
         store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
@@ -116,7 +116,7 @@ def excitor_keys_bwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -182,7 +182,7 @@ def adapter_prompts_fwd_kernel(
     g = h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+    _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                     stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM, PREC)
     ot = load_rows(OT + b * stride_tb + h * stride_th, offs_m, stride_tm, offs_d, M, HEAD_DIM, True)
     o = ot.to(tl.float32) + tl.load(GATE + h).to(tl.float32) * op
@@ -198,9 +198,8 @@ def adapter_prompts_bwd_kernel(
     Hq, M, P, GROUPS, ACC_HEAD_DIV, softmax_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (query tile, batch * query head): the prompt term's gradients. With op = ap pv and
-    ap = softmax(scale q pk^T): dgate[h] = sum_i <do_i, op_i>, dop = gate[h] do, dap = dop pv^T,
-    dzp = ap (dap - rowsum(ap dap)), dq = scale dzp pk, dpk = scale dzp^T q, dpv = ap^T dop. The prompt
+    """One program per (query tile, batch * query head): the prompt term's gradients (prompt_attention_backward
+    has the formulas); dq holds the prompt part alone (SDPA's backward gives the token part). The prompt
     gradient slot is (tile, batch, h // ACC_HEAD_DIV): the key/value head for atomics, the query head when
     deterministic (each address then receives one add)."""
     tile, offs_m, b, h = _program(Hq, BLOCK_M)
@@ -209,23 +208,18 @@ def adapter_prompts_bwd_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     rows = offs_m[:, None] < M
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    do32 = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
-                      True).to(tl.float32)                                         # rows i >= M load as 0
-    ap, op, pk, pv = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                       stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
+    ap, op, pk, pv = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                      stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
     gate_h = tl.load(GATE + h).to(tl.float32)
-    tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(do32 * op, 1), 0))
-    dop = gate_h * do32
-    dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)
-    dzp = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
-    store_rows(DQ + b * stride_dqb + h * stride_dqh, softmax_scale * dot(dzp.to(pk.dtype), pk, PREC), offs_m,
-                stride_dqm, offs_d, M, HEAD_DIM)
+    dgate, dq, dpk, dpv = prompt_attention_backward(q, do, rows, ap, op, pk, pv, gate_h, softmax_scale, PREC)
+    tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, dgate)
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, softmax_scale * dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
     slot = tile * stride_dpk_t + b * stride_dpk_b + (h // ACC_HEAD_DIV) * stride_dpk_h
     ptrs = offs_p[:, None] * stride_dpk_p + offs_d[None, :]
     pmask = (offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
-    tl.atomic_add(DPK + slot + ptrs, softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC), mask=pmask)
-    tl.atomic_add(DPV + slot + ptrs, dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC),
-                  mask=pmask)
+    tl.atomic_add(DPK + slot + ptrs, dpk, mask=pmask)
+    tl.atomic_add(DPV + slot + ptrs, dpv, mask=pmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +478,7 @@ _prompts_op.register_autograd(_prompts_backward, setup_context=_prompts_setup)
 # The two operators
 # ----------------------------------------------------------------------------------------------
 def attend(q, k, v, causal, scale, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` with SPEC.md's bottom-right causal alignment (see the module
+    """``F.scaled_dot_product_attention`` with docs/contract.md's bottom-right causal alignment (see the module
     docstring); rows that see no key output 0."""
     M, N = q.shape[-2], k.shape[-2]
     gqa = dict(enable_gqa=True) if enable_gqa else {}
@@ -504,7 +498,7 @@ def _per_group(t, Hkv):
 
 def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic,
                       gqa_form="expand"):
-    """SPEC.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
+    """docs/contract.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
     B, Hq, M, d = q.shape
     Hkv = k.shape[1]
     det = bool(deterministic)
@@ -522,6 +516,6 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
 
 
 def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):
-    """SPEC.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
+    """docs/contract.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
     o_tokens = attend(q, k, v, causal, softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return _prompts_op(o_tokens, q, prompt_keys, prompt_values, gate, softmax_scale, bool(deterministic))

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, load_rows, pow2, precision, prompt_softmax,
-                             prompt_strides, sequence, stats_shape, store_rows)
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_attention,
+                             prompt_attention_backward, prompt_strides, sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 
 __all__ = ["ADAPTER", "EXCITOR", "RowLayout", "stats_shape", "attention_forward", "attention_backward", "blocks"]
@@ -101,17 +101,6 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale,
-                      HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    """Adapter prompts for one query tile: (ap, op, pk, pv) with ap = softmax(scale q pk^T), op = ap pv."""
-    pk = load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    pv = load_rows(pv_base, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
-    ap = prompt_softmax(q, pk, offs_p, P, qk_scale, PREC)
-    op = dot(ap.to(pv.dtype), pv, PREC)
-    return ap, op, pk, pv
-
-
-@triton.jit
 def _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """(b, h, g, q0, k0, M, N, start_m) of this program's query tile (grid: query tiles x batch * query heads)."""
@@ -168,8 +157,8 @@ def attention_fwd_kernel(
     empty = l_i == 0.0  # rows that saw no key: output 0, lse = +inf
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     if BYPASS == 2:
-        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
+        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
                                         PREC)
         o += gate_h * op
     store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
@@ -205,8 +194,8 @@ def attention_bwd_preprocess_kernel(
                    True)
     if BYPASS == 2:
         q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
+        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
         o -= tl.load(GATE + h).to(tl.float32) * op
     delta = tl.sum(o * do.to(tl.float32), 1)
@@ -216,9 +205,11 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_key_tile_head(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
                        offs_n, offs_d, lo, hi, M, shift, qk_scale,
-                       MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                       MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PREC: tl.constexpr):
     """For one key tile and one query head, over query tiles [lo, hi): dv += p^T do and dk += ds^T q
-    (the softmax_scale factor of dk is applied by the caller)."""
+    (the softmax_scale factor of dk is applied by the caller). SPLIT_DS: ds enters as a hi + lo pair of the
+    input dtype (two half-rate products, about float32 accuracy), for the Excitor's gate gradient."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
@@ -232,13 +223,16 @@ def _bwd_key_tile_head(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, st
         dv += dot(pT.to(do.dtype), do, PREC)
         dpT = dot(vt, tl.trans(do), PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += dot(dsT.to(q.dtype), q, PREC)
+        if SPLIT_DS:
+            dk += dot_hi_lo(dsT, q, PREC)
+        else:
+            dk += dot(dsT.to(q.dtype), q, PREC)
     return dk, dv
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, KE, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
+    Q, K, V, KE, KE_LO, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_keb, stride_keh, stride_ken,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
@@ -278,7 +272,8 @@ def attention_bwd_dkdv_kernel(
         full = 0
 
     gate_h = tl.load(GATE + h).to(tl.float32)
-    ke_base = KE + b * stride_keb + k0 * stride_ken + g * stride_keh
+    ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
+    ke_base = KE + ke_rows
     kh = _key_tile(K + b * stride_kb + k0 * stride_kn + g * stride_kh, ke_base, stride_kn, stride_ken, offs_n, offs_d,
                    N, gate_h, True, BYPASS, HEAD_DIM)                                   # k'[h] (k unless Excitor)
     vt = load_rows(V + b * stride_vb + k0 * stride_vn + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
@@ -288,9 +283,11 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BLOCK_M, HEAD_DIM, PREC)
+                                stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BYPASS == 1, BLOCK_M,
+                                HEAD_DIM, PREC)
     dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM, PREC)
+                                stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BYPASS == 1, BLOCK_M,
+                                HEAD_DIM, PREC)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
@@ -299,8 +296,10 @@ def attention_bwd_dkdv_kernel(
         dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
     store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
     if BYPASS == 1:
-        # dgate[h] = sum_j <dk'[h, j], ke_j>; ke is centred (docs/design.md), so the sum does not cancel
+        # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error);
+        # ke is centred (docs/design.md), so the sum does not cancel
         ke = load_rows(ke_base, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
         dke = gate_h * dk
         dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
@@ -370,19 +369,12 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BYPASS == 2:
         offs_p = tl.arange(0, BLOCK_P)
-        ap, op, pk, pv = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                           stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
-        do32 = tl.where(offs_m[:, None] < M, do.to(tl.float32), 0.0)
+        ap, op, pk, pv = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                          stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
         tile = tl.program_id(0)
-        dgate = tl.sum(tl.sum(do32 * op, 1), 0)                                # sum_i <do_i, op_i>
+        dgate, dq, dpk, dpv = prompt_attention_backward(q, do, offs_m[:, None] < M, ap, op, pk, pv, gate_h,
+                                                        softmax_scale, PREC)   # dq times softmax_scale below
         tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, dgate)
-        dop = gate_h * do32
-        dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)     # dap[i, n] = <dop_i, pv_n>
-        dzp = ap * (dap - tl.sum(ap * dap, 1)[:, None])
-        dzp = tl.where(offs_m[:, None] < M, dzp, 0.0)
-        dq = dot(dzp.to(pk.dtype), pk, PREC)                  # times softmax_scale with the rest below
-        dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
-        dpv = dot(tl.trans(ap * (offs_m[:, None] < M)).to(pv.dtype), dop.to(pv.dtype), PREC)
         # slice (tile, b, g, h - g * GROUPS); the atomic layout sets the tile, group-member (and, for
         # shared prompts, batch) strides to 0 so that those programs add into one (P, d) block
         pmask = (offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
@@ -404,35 +396,49 @@ def attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dict, dict, dict]:
-    """(forward, backward key-tile, backward query-tile) tiles and launch options. On a GPU: chosen with the
-    static cost report (``python -m bench.static``: no register spills, shared memory within an sm_80 block);
-    interpreted: tiles no larger than the problem."""
-    if on_gpu and itemsize > 2:
-        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif on_gpu:
-        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        dq = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    else:
+def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+
+
+def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int = EXCITOR,
+           arch: int = 90) -> tuple[dict, dict, dict]:
+    """(forward, backward key-tile, backward query-tile) tiles and launch options.
+
+    On a GPU (``arch`` = compute capability as 80, 90, ...): for half types, the tiles with which every
+    kernel compiles without register spills for d <= 128 and P <= 64 on that architecture (the static cost
+    report, ``python -m bench.static``, checks it); sm_80 needs smaller tiles for the Adapter forward and the
+    Excitor dq, whose extra tiles do not fit beside mma.sync's accumulators. float32: tiles that fit an
+    sm_80 block's shared memory. Interpreted: tiles no larger than the problem.
+    """
+    if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
-        fwd = dkdv = dq = dict(BLOCK_M=bm, BLOCK_N=bn)
-    return fwd, dkdv, dq
+        return (dict(BLOCK_M=bm, BLOCK_N=bn),) * 3
+    if itemsize > 2:
+        return _tiles(64, 32, 4), _tiles(32, 64, 4), _tiles(64, 32, 4)
+    if arch >= 90:
+        return _tiles(128, 32, 8), _tiles(64, 32, 8), _tiles(32, 64, 8)
+    fwd = _tiles(32, 32, 4) if bypass == ADAPTER else _tiles(64, 32, 8)
+    dq = _tiles(32, 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
+    return fwd, _tiles(64, 32, 8), dq
+
+
+def _arch(t: torch.Tensor) -> int:
+    major, minor = torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+    return 10 * major + minor
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
     """Launch the forward; returns (o, lse, ke): lse float32 (``rows.stats_shape``) in base-2 units, ke the
-    Excitor's reconstructed keys (saved for the backward; None for the Adapter)."""
+    Excitor's reconstructed keys and their rounding error, ``(2, *s.shape)`` (saved for the backward; None for
+    the Adapter)."""
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     ke = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else None
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
-    fwd, _, _ = blocks(q.is_cuda, M, N, d, q.element_size())
+    fwd, _, _ = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
     grid = (triton.cdiv(M, fwd["BLOCK_M"]), B * Hq)
-    kx = k if ke is None else ke
+    kx = k if ke is None else ke[0]
     attention_fwd_kernel[grid](
         q, k, v, kx, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
         *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
@@ -455,7 +461,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, kv_launch, q_launch = blocks(q.is_cuda, M, N, d, q.element_size())
+    _, kv_launch, q_launch = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
     prec = precision(q)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     excitor = bypass == EXCITOR
@@ -476,7 +482,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     # and always for the Excitor's dk, which the post-pass finishes with dke
     dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
-    dke = new_output(ke.shape, dtype=torch.float32, device=dev) if excitor else dk
+    dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
     # gate sums [tile, batch, q head]: one slot per key-tile program (Excitor; tiles past a shorter packed
     # sequence leave 0), or per query tile (Adapter, atomics into one slot unless deterministic)
     if excitor or deterministic:
@@ -484,10 +490,10 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     else:
         dg_buf = torch.zeros((1, 1, Hq), dtype=torch.float32, device=dev)
     dg_strides = (dg_buf.stride(0), dg_buf.stride(1)) if excitor or deterministic else (0, 0)
-    kx = k if ke is None else ke
+    kx, kx_lo = (k, k) if ke is None else (ke[0], ke[1])
     for member in range(groups):
         attention_bwd_dkdv_kernel[(kv_tiles, B * Hkv)](
-            q, k, v, kx, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
+            q, k, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
             *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
             *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
             Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,

@@ -22,6 +22,19 @@ def dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def dot_hi_lo(x, y, PREC: tl.constexpr):
+    """x (float32) times y (input dtype) to about float32 accuracy on the half tensor cores: x = hi + lo with hi, lo
+    rounded to y's dtype, two products at the half rate (no TF32). One product when y is float32 or under
+    "upcast", whose dots are float32 already."""
+    if PREC == "upcast" or y.dtype == tl.float32:
+        out = dot(x, y, PREC)
+    else:
+        hi = x.to(y.dtype)
+        out = dot(hi, y, PREC) + dot((x - hi.to(tl.float32)).to(y.dtype), y, PREC)
+    return out
+
+
+@triton.jit
 def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]
@@ -44,6 +57,34 @@ def prompt_softmax(x, pk, offs_p, P, scale_log2, PREC: tl.constexpr):
     z = tl.where(offs_p[None, :] < P, z, float("-inf"))
     a = tl.exp2(z - tl.max(z, 1)[:, None])
     return a / tl.sum(a, 1)[:, None]
+
+
+@triton.jit
+def prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale,
+                     HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """Adapter prompts for one query tile: (ap, op, pk, pv) with ap = softmax(scale q pk^T), op = ap pv."""
+    pk = load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    pv = load_rows(pv_base, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
+    ap = prompt_softmax(q, pk, offs_p, P, qk_scale, PREC)
+    op = dot(ap.to(pv.dtype), pv, PREC)
+    return ap, op, pk, pv
+
+
+@triton.jit
+def prompt_attention_backward(q, do, rows, ap, op, pk, pv, gate_h, softmax_scale, PREC: tl.constexpr):
+    """Gradients of o_i += gate[h] op_i (op = ap pv, ap = softmax(softmax_scale q pk^T)) for one query tile whose
+    real rows are ``rows``: (dgate, dq / softmax_scale, dpk, dpv), float32, with
+        dgate = sum_i <do_i, op_i>,  dop = gate[h] do,  dzp = ap (dop pv^T - rowsum(ap dop pv^T)),
+        dq = softmax_scale dzp pk,  dpk = softmax_scale dzp^T q,  dpv = ap^T dop."""
+    do32 = tl.where(rows, do.to(tl.float32), 0.0)
+    dgate = tl.sum(tl.sum(do32 * op, 1), 0)
+    dop = gate_h * do32
+    dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)
+    dzp = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
+    dq = dot(dzp.to(pk.dtype), pk, PREC)
+    dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
+    dpv = dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC)
+    return dgate, dq, dpk, dpv
 
 
 @triton.jit
