@@ -164,11 +164,11 @@ def triton_jobs(subset: str = "full"):
 
     for cc, dtype, d in itertools.product(TARGETS, DTYPES, HEAD_DIMS):
         itemsize = 4 if dtype == "fp32" else 2
-        fwd, dkdv, dq = tri.blocks(True, SEQ, SEQ, d, itemsize)
         prompt = pkeys.prompt_blocks(True, SEQ)
         shape = dict(HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(PROMPTS), PREC="ieee" if dtype == "fp32" else "tf32")
         for op, bypass in OPERATORS.items():
             excitor = bypass == tri.EXCITOR
+            fwd, dkdv, dq = tri.blocks(True, SEQ, SEQ, d, itemsize, bypass=bypass, arch=cc)
             # the Excitor with sim_keys given (the paper's low-rank similarity), so ds is its own output
             common = dict(shape, CAUSAL=True, BYPASS=bypass, SIM_IS_K=not excitor)
             found = []
