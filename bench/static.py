@@ -146,11 +146,11 @@ def job(kernel, config: dict, flags: dict, types: dict | None = None, **extra) -
 
 def in_test_subset(config: dict) -> bool:
     """What tests/test_static_cost.py checks in a few minutes: bf16, d = 128 (the largest tiles) on both
-    targets, padded layout: every kernel and operator at its GPU configuration; plus the Excitor's float32
-    forward on sm_80 (its own tiles; the largest shared memory of the three against the lower limit)."""
+    targets, padded layout (and the GQA dk/dv launch): every kernel and operator at its GPU configuration;
+    plus the Excitor's float32 forward on sm_80 (its own tiles; the largest shared memory of the three against the lower limit)."""
     if config["dtype"] == "fp32":
         return config["cc"] == 80 and config["d"] == 128 and config["op"] == "excitor" and config["layout"] == "padded"
-    return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in ("padded", "decode")
+    return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in ("padded", "gqa", "decode")
 
 
 def triton_jobs(subset: str = "full"):
@@ -185,6 +185,9 @@ def triton_jobs(subset: str = "full"):
                 # Excitor's dk is a float32 sum finished by the post-pass; elsewhere DKE is dk, unused
                 found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=False,
                                           types={"DK": "*fp32"} if excitor else {"DKE": "*{dtype}"})))
+                if layout == "padded":  # GQA: the later members' launches add into float32 dk, dv
+                    found.append(("gqa", job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=True,
+                                             types={"DK": "*fp32", "DV": "*fp32", "DKE": "*fp32"})))
                 found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
                 if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
