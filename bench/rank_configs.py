@@ -3,9 +3,9 @@
 On a GPU: for each kernel (``fwd``, ``dkdv``, ``dq``) and operator, every configuration of ``CANDIDATES`` that
 the inputs allow (tensor descriptors only on sm_90+) is forced in turn and the operator's forward (``fwd``)
 or backward (``dkdv``, ``dq``; the other backward kernel at its fixed tiles) is timed with
-``triton.testing.do_bench``; prints milliseconds, fastest first, and the kernel's share. ``--warp-spec``
-adds each configuration with ``WARP_SPEC=True``; a configuration that fails to compile is printed with its
-error. Options: ``--seq 4096 --batch 2 --heads 16 --kv-heads 16 --head-dim 128 --dtype bf16 --prompts 30``,
+``triton.testing.do_bench``; prints milliseconds, fastest first. ``--warp-spec`` also tries every
+configuration with ``WARP_SPEC=True`` (most do not compile with triton 3.9); a configuration that fails to
+compile is printed with its error. Options: ``--seq 4096 --batch 2 --heads 16 --kv-heads 16 --head-dim 128 --dtype bf16 --prompts 30``,
 ``--ops excitor,adapter``.
 
 ``--static`` (no GPU needed): compiles every candidate for sm_90 (bf16, d = 128, causal, padded; Excitor and
@@ -27,13 +27,13 @@ def static(as_json: bool) -> int:
         sys.exit("bench.rank_configs --static: run without TRITON_INTERPRET=1")
     from bench.ptxas import compile_cost
     from excitor_kernels.ops import _triton_attention as tri
-    from excitor_kernels.ops._triton_tuning import CANDIDATES
+    from excitor_kernels.ops._triton_tuning import CANDIDATES, candidates
 
     kernels = {"fwd": tri.attention_fwd_kernel, "dkdv": tri.attention_bwd_dkdv_kernel, "dq": tri.attention_bwd_dq_kernel}
     failed = 0
-    for name, configs in CANDIDATES.items():
-        for config in configs:
-            for op, bypass in OPS.items():
+    for name in CANDIDATES:
+        for op, bypass in OPS.items():
+            for config in candidates(name, bypass):
                 constexprs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
                 constexprs.update(HEAD_DIM=128, BLOCK_D=128, BLOCK_P=32, CAUSAL=True, BYPASS=bypass, VARLEN=False,
                                   ACCUMULATE=True, PREC="tf32")
@@ -93,10 +93,11 @@ def rank(args) -> None:
         do = torch.randn_like(o)
         inputs = [q, k, v, pk, gate] + ([pv] if op == "adapter" else [])
         desc_ok = tuning.descriptors_ok(q, k, v)
-        for name, configs in tuning.CANDIDATES.items():
-            configs = [c for c in configs if desc_ok or not c["DESC"]]
+        for name in tuning.CANDIDATES:
+            configs = tuning.candidates(name, OPS[op], desc_ok)
+            default = configs[0]
             if args.warp_spec:
-                configs += [dict(c, WARP_SPEC=True) for c in configs]
+                configs += [dict(c, WARP_SPEC=True) for c in configs if not c["WARP_SPEC"]]
 
             def prepare(config, name=name):
                 def step():
@@ -118,7 +119,7 @@ def rank(args) -> None:
             what = "forward" if name == "fwd" else "backward"
             print(f"{op} {name} ({what} time, ms; default = blocks()'s fixed tiles):")
             for ms, config in timed:
-                print(f"  {ms:8.3f}  {_label(config)}{'  (default)' if config is tuning.CANDIDATES[name][0] else ''}")
+                print(f"  {ms:8.3f}  {_label(config)}{'  (default)' if config is default else ''}")
 
 
 def main():

@@ -63,7 +63,7 @@ def test_forced_descriptors_refused_where_unsupported():
     q = torch.randn(1, 2, 5, 7)
     assert not tuning.descriptors_ok(q)
     with tuning.forced(fwd=dict(DESC=True)), pytest.raises(ValueError, match="DESC=True"):
-        tuning.pick("fwd", (), dict(DESC=False), False, False, None)
+        tuning.pick("fwd", 1, (), dict(DESC=False), False, False, None)
 
 
 def test_candidates_compile_for_sm90_without_spills():
@@ -74,7 +74,8 @@ def test_candidates_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=3000)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0 and rows, run.stderr[-3000:]
-    expected = sum(len(c) for c in tuning.CANDIDATES.values()) * 2  # Excitor and Adapter
-    assert len(rows) == expected
+    expected = {(kernel, op) for kernel in tuning.CANDIDATES for op in ("excitor", "adapter")}
+    assert {(r["kernel"], r["op"]) for r in rows} == expected
+    assert len(rows) == sum(len(tuning.candidates(k, b)) for k in tuning.CANDIDATES for b in (1, 2))
     bad = [r for r in rows if r.get("error") or r["spill_stores"] or r["spill_loads"] or r["shared"] > r["limit"]]
     assert not bad, bad

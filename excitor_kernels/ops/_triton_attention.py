@@ -162,8 +162,6 @@ def attention_fwd_kernel(
     (loads, tensor-core products and softmax in separate warp groups; sm_90 and later)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  VARLEN, BLOCK_M)
-    if start_m >= M:  # past the end of a shorter packed sequence
-        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M  # bottom-right causal alignment: row i sees keys j <= i + shift
@@ -180,12 +178,21 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                               stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
-                               HEAD_DIM, PREC, DESC, WARP_SPEC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                               stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                               HEAD_DIM, PREC, DESC, WARP_SPEC)
+    # a program past the end of a shorter packed sequence sees no key and stores nothing (no early return:
+    # triton's sm_90 warp specialisation rejects one)
+    hi = tl.where(start_m < M, hi, 0)
+    full = tl.minimum(full, hi)
+    if WARP_SPEC:  # that pass also takes a single loop per kernel: every key tile masked
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, True)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, False)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, False)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, lse = +inf
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -286,8 +293,6 @@ def attention_bwd_dkdv_kernel(
     start_n = tile * BLOCK_N
     q0, M = sequence(CU_Q, b, M, VARLEN)
     k0, N = sequence(CU_K, b, N, VARLEN)
-    if start_n >= N:  # past the end of a shorter packed sequence
-        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
@@ -299,6 +304,10 @@ def attention_bwd_dkdv_kernel(
     else:
         lo = 0
         full = 0
+    # a program past the end of a shorter packed sequence sees no query tile and stores nothing (no early
+    # return: triton's sm_90 warp specialisation rejects one)
+    lo = tl.where(start_n < N, lo, M)
+    full = tl.where(start_n < N, full, M)
 
     gate_h = tl.load(GATE + h).to(tl.float32)
     k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
@@ -314,12 +323,17 @@ def attention_bwd_dkdv_kernel(
     row_stats = b * stride_lb + h * stride_lh + q0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BLOCK_M, HEAD_DIM, PREC,
-                                DESC, WARP_SPEC)
-    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM, PREC,
-                                DESC, WARP_SPEC)
+    if WARP_SPEC:  # that pass also takes a single loop per kernel: every query tile masked when causal
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, lo, M, M, shift, qk_scale, CAUSAL, BLOCK_M, HEAD_DIM,
+                                    PREC, DESC, True)
+    else:
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BLOCK_M, HEAD_DIM,
+                                    PREC, DESC, False)
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM,
+                                    PREC, DESC, False)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
@@ -378,8 +392,6 @@ def attention_bwd_dq_kernel(
     """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  VARLEN, BLOCK_M)
-    if start_m >= M:  # past the end of a shorter packed sequence
-        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
@@ -424,12 +436,19 @@ def attention_bwd_dq_kernel(
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                       stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
-                       DESC, WARP_SPEC)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
-                       DESC, WARP_SPEC)
+    hi = tl.where(start_m < M, hi, 0)  # past the end of a shorter packed sequence: no key (as in the forward)
+    full = tl.minimum(full, hi)
+    if WARP_SPEC:  # one loop, every key tile masked (as in the forward)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
+                           DESC, True)
+    else:
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                           PREC, DESC, False)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                           PREC, DESC, False)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
@@ -467,7 +486,7 @@ def _configs(kernel, default, rows, causal, bypass, tensors, prepare):
     desc_ok = descriptors_ok(*tensors)
     if desc_ok:
         prepare_descriptors()
-    return pick(kernel, key, default, autotune_enabled(t), desc_ok, prepare)
+    return pick(kernel, bypass, key, default, autotune_enabled(t), desc_ok, prepare)
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):

@@ -6,13 +6,13 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 * ``DESC``: q, k, ke, v (and do) tiles load through tensor descriptors (TMA). Only where
   :func:`descriptors_ok` holds: an sm_90 or newer GPU, a triton with ``tl.make_tensor_descriptor`` and
   16-byte aligned bases and row strides; otherwise the pointer loads run (Ampere, older triton, odd strides).
-* ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (query) loops. Off in every candidate:
-  triton 3.9's Hopper warp specialisation pass fails on these loops (``bench.rank_configs --warp-spec``
-  retries it on a GPU); the switch stays so that a triton that takes them needs no new kernel.
+* ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (dk/dv: query) loop, which triton's
+  sm_90 pass takes only as the kernel's single loop: the kernels then run one loop with every tile masked
+  (instead of unmasked tiles, then the masked diagonal ones).
 
-:data:`CANDIDATES` lists the half-precision configurations per kernel. Each compiles for sm_90 at
-``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
-(tests/test_hopper_variants.py checks it with ``bench.ptxas``). On a GPU the launchers time them at the
+:data:`CANDIDATES` lists the half-precision configurations per kernel and operator. Each compiles for sm_90
+at ``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
+(tests/test_hopper_variants.py checks it with ``bench.ptxas``; smaller head dims hold smaller tiles). On a GPU the launchers time them at the
 first call of each key (kernel, operator, layout, head dim, dtype, causal, length bucket) and keep the
 fastest for the process (:func:`pick`); float32, the CPU interpreter and ``EXCITOR_TRITON_AUTOTUNE=0`` use
 the fixed tiles of ``_triton_attention.blocks``. ``python -m bench.rank_configs`` prints the ranking.
@@ -26,19 +26,37 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, DESC); the first is blocks()'s fixed GPU configuration. Left out
-# for spilling on sm_90 (bf16, d = 128): pointer forwards 128x64 and 64x64 (4 warps), 64x32 (4 warps).
+EXCITOR, ADAPTER = 1, 2  # the kernels' BYPASS
+BOTH = (EXCITOR, ADAPTER)
+# (operators, BLOCK_M, BLOCK_N, num_warps, num_stages, DESC, WARP_SPEC); the first of each kernel is blocks()'s
+# fixed GPU configuration. Kept: no spills on sm_90 at bf16, d = 128 for the operators named. Left out for
+# spilling there, e.g. pointer forwards 128x64 (8 warps) and 64x64 (4 warps), dk/dv 32x64 and 32x32 with 4
+# warps, Adapter dq with descriptors at 32x64 (8 warps). Warp specialisation compiles on sm_90 (triton 3.9)
+# for the Excitor forward with descriptor loads at 4 warps (triton adds a producer warp group); not with
+# pointer loads, not for the Adapter (its prompt products after the loop), and at 8 warps triton leaves
+# the loop as it is.
 _SET = {
-    "fwd": [(128, 32, 8, 2, False), (128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 2, True),
-            (64, 64, 4, 2, True)],
-    "dkdv": [(64, 32, 8, 2, False), (64, 32, 8, 2, True), (32, 64, 4, 2, False), (32, 64, 4, 2, True),
-             (32, 32, 4, 2, False), (32, 32, 4, 2, True)],
-    "dq": [(32, 64, 8, 2, False), (32, 64, 8, 2, True), (64, 32, 4, 2, False), (64, 32, 4, 2, True),
-           (32, 32, 4, 2, False), (32, 32, 4, 2, True)],
+    "fwd": [(BOTH, 128, 32, 8, 2, False, False), (BOTH, 128, 32, 8, 2, True, False),
+            (BOTH, 128, 32, 8, 3, True, False), (BOTH, 128, 64, 8, 2, True, False),
+            (BOTH, 64, 64, 4, 2, True, False), (BOTH, 64, 32, 4, 3, True, False),
+            ((EXCITOR,), 128, 64, 4, 2, True, True), ((EXCITOR,), 128, 32, 4, 2, True, True)],
+    "dkdv": [(BOTH, 64, 32, 8, 2, False, False), (BOTH, 64, 32, 8, 2, True, False),
+             (BOTH, 64, 32, 8, 3, True, False), (BOTH, 32, 32, 8, 2, False, False),
+             (BOTH, 32, 32, 8, 2, True, False), (BOTH, 128, 32, 8, 2, True, False)],
+    "dq": [(BOTH, 32, 64, 8, 2, False, False), (BOTH, 64, 64, 8, 2, True, False),
+           ((EXCITOR,), 32, 64, 8, 2, True, False), ((EXCITOR,), 64, 32, 4, 2, True, False),
+           ((EXCITOR,), 32, 32, 4, 2, False, False), ((EXCITOR,), 32, 32, 4, 2, True, False)],
 }
-CANDIDATES = {kernel: [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DESC=desc, WARP_SPEC=False)
-                       for bm, bn, w, s, desc in entries]
-              for kernel, entries in _SET.items()}
+CANDIDATES = {kernel: [(ops, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DESC=desc, WARP_SPEC=ws))
+                       for ops, bm, bn, w, s, desc, ws in rows]
+              for kernel, rows in _SET.items()}
+
+
+def candidates(kernel: str, bypass: int, desc_ok: bool = True) -> list[dict]:
+    """The configurations of ``kernel`` kept for operator ``bypass`` (those with descriptors only if
+    ``desc_ok``); the first is the fixed one."""
+    return [c for ops, c in CANDIDATES[kernel] if bypass in ops and (desc_ok or not c["DESC"])]
+
 
 _table: dict = {}   # key -> chosen configuration, for the life of the process
 _forced: dict = {}  # kernel -> configuration, set by forced()
@@ -100,7 +118,7 @@ def forced(**configs):
         _forced.update(saved)
 
 
-def pick(kernel: str, key: tuple, default: dict, tune: bool, desc_ok: bool, prepare) -> dict:
+def pick(kernel: str, bypass: int, key: tuple, default: dict, tune: bool, desc_ok: bool, prepare) -> dict:
     """The configuration ``kernel`` runs with. ``prepare(config)`` returns a callable that launches the kernel
     once with ``config`` into scratch outputs (tuning must not touch the real ones: some kernels add into
     them); it is timed for every candidate the first time ``key`` is seen when ``tune``."""
@@ -112,9 +130,9 @@ def pick(kernel: str, key: tuple, default: dict, tune: bool, desc_ok: bool, prep
         return config
     if not tune:
         return default
-    key = (kernel,) + key
+    key = (kernel, bypass) + key
     if key not in _table:
-        _table[key] = fastest([c for c in CANDIDATES[kernel] if desc_ok or not c["DESC"]], prepare)[0][1]
+        _table[key] = fastest(candidates(kernel, bypass, desc_ok), prepare)[0][1]
     return _table[key]
 
 
