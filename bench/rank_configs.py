@@ -5,8 +5,8 @@ the inputs allow (tensor descriptors only on sm_90+) is forced in turn and the o
 or backward (``dkdv``, ``dq``; the other backward kernel at its fixed tiles) is timed with
 ``triton.testing.do_bench``; prints milliseconds, fastest first. ``--warp-spec`` also tries every
 configuration with ``WARP_SPEC=True`` (most do not compile with triton 3.9); a configuration that fails to
-compile is printed with its error. Options: ``--seq 4096 --batch 2 --heads 16 --kv-heads 16 --head-dim 128 --dtype bf16 --prompts 30``,
-``--ops excitor,adapter``.
+compile is printed with its error. Options (defaults): ``--seq 4096 --batch 2 --heads 16 --kv-heads 16
+--head-dim 128 --dtype bf16 --prompts 30 --ops excitor,adapter``.
 
 ``--static`` (no GPU needed): compiles every candidate for sm_90 (bf16, d = 128, causal, padded; Excitor and
 Adapter) and prints registers, spill bytes and shared memory (``--json``: one JSON line each), exit status
@@ -29,7 +29,8 @@ def static(as_json: bool) -> int:
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops._triton_tuning import CANDIDATES, candidates
 
-    kernels = {"fwd": tri.attention_fwd_kernel, "dkdv": tri.attention_bwd_dkdv_kernel, "dq": tri.attention_bwd_dq_kernel}
+    kernels = {"fwd": tri.attention_fwd_kernel, "dkdv": tri.attention_bwd_dkdv_kernel,
+               "dq": tri.attention_bwd_dq_kernel}
     failed = 0
     for name in CANDIDATES:
         for op, bypass in OPS.items():

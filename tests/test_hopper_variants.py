@@ -46,7 +46,7 @@ def test_variant_matches_float64(case, op, variant, device):
     if device == "cuda" and variant == "descriptors" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor descriptors need sm_90")
     with _forced(variant):
-        check_against_oracle(op, case, torch.bfloat16, device)
+        check_against_oracle(op, case, torch.float16, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

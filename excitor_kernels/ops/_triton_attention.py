@@ -478,15 +478,16 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dic
     return dict(fwd, **plain), dict(dkdv, **plain), dict(dq, **plain)
 
 
-def _configs(kernel, default, rows, causal, bypass, tensors, prepare):
+def _configs(kernel, default, rows, causal, bypass, tensors, prepare, deterministic=False):
     """The configuration ``kernel`` launches with (``_triton_tuning.pick``): ``default`` unless tuned on a GPU
-    or forced; sets triton's allocator when it uses tensor descriptors."""
+    or forced; sets triton's allocator when it uses tensor descriptors. ``deterministic`` backwards keep the
+    fixed tiles: a timed choice may differ between processes, and the tiles set the order of the sums."""
     t = tensors[0]
-    key = (bypass, rows.varlen, rows.d, t.dtype, causal, length_bucket(max(rows.M, rows.N)))
+    key = (rows.varlen, rows.d, t.dtype, causal, length_bucket(max(rows.M, rows.N)))
     desc_ok = descriptors_ok(*tensors)
     if desc_ok:
         prepare_descriptors()
-    return pick(kernel, bypass, key, default, autotune_enabled(t), desc_ok, prepare)
+    return pick(kernel, bypass, key, default, autotune_enabled(t) and not deterministic, desc_ok, prepare)
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
@@ -608,8 +609,8 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         prompts = prompt_sums(config, dg[0])
         return lambda: launch_dq(config, dg, prompts)
 
-    kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv)
-    q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq)
+    kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv, deterministic)
+    q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq, deterministic)
     dg = gate_sums(kv_config, q_config)
     dg_buf = dg[0]
     launch_dkdv(kv_config, range(groups), dg)

@@ -6,16 +6,17 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 * ``DESC``: q, k, ke, v (and do) tiles load through tensor descriptors (TMA). Only where
   :func:`descriptors_ok` holds: an sm_90 or newer GPU, a triton with ``tl.make_tensor_descriptor`` and
   16-byte aligned bases and row strides; otherwise the pointer loads run (Ampere, older triton, odd strides).
-* ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (dk/dv: query) loop, which triton's
-  sm_90 pass takes only as the kernel's single loop: the kernels then run one loop with every tile masked
-  (instead of unmasked tiles, then the masked diagonal ones).
+* ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (dk/dv: query) loop. Triton's sm_90 pass
+  takes it only as the kernel's single loop, with descriptor loads and no early return: the kernels then
+  run one loop with every tile masked (instead of unmasked tiles, then the masked diagonal ones).
 
 :data:`CANDIDATES` lists the half-precision configurations per kernel and operator. Each compiles for sm_90
 at ``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
-(tests/test_hopper_variants.py checks it with ``bench.ptxas``; smaller head dims hold smaller tiles). On a GPU the launchers time them at the
-first call of each key (kernel, operator, layout, head dim, dtype, causal, length bucket) and keep the
-fastest for the process (:func:`pick`); float32, the CPU interpreter and ``EXCITOR_TRITON_AUTOTUNE=0`` use
-the fixed tiles of ``_triton_attention.blocks``. ``python -m bench.rank_configs`` prints the ranking.
+(tests/test_hopper_variants.py checks it with ``bench.ptxas``; smaller head dims hold smaller tiles). On a
+GPU the launchers time them at the first call of each key (kernel, operator, layout, head dim, dtype,
+causal, length bucket) and keep the fastest for the process (:func:`pick`); float32, the CPU interpreter,
+``deterministic=True`` backwards, CUDA-graph capture and ``EXCITOR_TRITON_AUTOTUNE=0`` use the fixed tiles
+of ``_triton_attention.blocks``. ``python -m bench.rank_configs`` prints the ranking on a GPU.
 """
 from __future__ import annotations
 
@@ -26,15 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-EXCITOR, ADAPTER = 1, 2  # the kernels' BYPASS
+from ._triton_common import ADAPTER, EXCITOR
+
 BOTH = (EXCITOR, ADAPTER)
 # (operators, BLOCK_M, BLOCK_N, num_warps, num_stages, DESC, WARP_SPEC); the first of each kernel is blocks()'s
 # fixed GPU configuration. Kept: no spills on sm_90 at bf16, d = 128 for the operators named. Left out for
 # spilling there, e.g. pointer forwards 128x64 (8 warps) and 64x64 (4 warps), dk/dv 32x64 and 32x32 with 4
 # warps, Adapter dq with descriptors at 32x64 (8 warps). Warp specialisation compiles on sm_90 (triton 3.9)
-# for the Excitor forward with descriptor loads at 4 warps (triton adds a producer warp group); not with
-# pointer loads, not for the Adapter (its prompt products after the loop), and at 8 warps triton leaves
-# the loop as it is.
+# for the Excitor forward and dq with descriptor loads at 4 warps (triton adds a producer warp group); not
+# with pointer loads, not for the Adapter (its prompt products), while the dk/dv loop and any loop at 8
+# warps triton leaves as it is.
 _SET = {
     "fwd": [(BOTH, 128, 32, 8, 2, False, False), (BOTH, 128, 32, 8, 2, True, False),
             (BOTH, 128, 32, 8, 3, True, False), (BOTH, 128, 64, 8, 2, True, False),
@@ -45,7 +47,8 @@ _SET = {
              (BOTH, 32, 32, 8, 2, True, False), (BOTH, 128, 32, 8, 2, True, False)],
     "dq": [(BOTH, 32, 64, 8, 2, False, False), (BOTH, 64, 64, 8, 2, True, False),
            ((EXCITOR,), 32, 64, 8, 2, True, False), ((EXCITOR,), 64, 32, 4, 2, True, False),
-           ((EXCITOR,), 32, 32, 4, 2, False, False), ((EXCITOR,), 32, 32, 4, 2, True, False)],
+           ((EXCITOR,), 32, 32, 4, 2, False, False), ((EXCITOR,), 32, 32, 4, 2, True, False),
+           ((EXCITOR,), 64, 64, 4, 2, True, True), ((EXCITOR,), 64, 32, 4, 2, True, True)],
 }
 CANDIDATES = {kernel: [(ops, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DESC=desc, WARP_SPEC=ws))
                        for ops, bm, bn, w, s, desc, ws in rows]
@@ -91,7 +94,8 @@ def prepare_descriptors() -> None:
     caching allocator unless the caller installed one."""
     from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
         triton.set_allocator(_torch_allocator)
 
 
