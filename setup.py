@@ -59,6 +59,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["excitor_kernels", "excitor_kernels.*"]),
+    package_data={"excitor_kernels": ["auto_table.json"]},  # backend="auto"'s measured table, once bench.tune wrote it
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     ext_modules=ext_modules,

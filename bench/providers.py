@@ -2,7 +2,9 @@
 
 A provider is called as ``fn(x, causal, scale)`` with ``x`` the inputs of :func:`make_inputs` and
 returns ``o (B, Hq, M, d)``. Plain-attention providers (``sdpa``, ``flash_attn``) ignore the prompts:
-they are the speed of light for the same q, k, v.
+they are the speed of light for the same q, k, v. Our backends are named by their ``backend=``, except
+``ours_sdpa`` / ``ours_sdpa_concat`` (``backend="sdpa"`` / ``"sdpa_concat"``: the prompt passes around SDPA,
+GQA with values per query head / through the ``[q, g q], [k, ke]`` rewrite), since ``sdpa`` is the plain baseline.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .cases import Case
 from .timing import HAS_GPU
 
 
-def _ours(backend):
+def _ours(backend, ops=("excitor", "adapter")):
     def excitor(x, causal, scale):
         return excitor_kernels.excitor_attention(x["q"], x["k"], x["v"], x["pk"], x["gate"], causal=causal,
                                                  softmax_scale=scale, backend=backend)
@@ -26,7 +28,7 @@ def _ours(backend):
         return excitor_kernels.adapter_attention(x["q"], x["k"], x["v"], x["pk"], x["pv"], x["gate"], causal=causal,
                                                  softmax_scale=scale, backend=backend)
 
-    return {"excitor": excitor, "adapter": adapter}
+    return {op: fn for op, fn in (("excitor", excitor), ("adapter", adapter)) if op in ops}
 
 
 def _plain(fn):
@@ -63,17 +65,21 @@ PROVIDERS = {
     "reference": _ours("reference"),
     "triton": _ours("triton"),
     "cuda": _ours("cuda"),
+    "ours_sdpa": _ours("sdpa"),
+    "ours_sdpa_concat": _ours("sdpa_concat", ops=("excitor",)),
 }
-USES_SDPA = {"sdpa", "composition"}  # timed with the fastest SDPA backend for the case
-GPU_PROVIDERS = ("sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda")
-SMOKE_PROVIDERS = ("reference", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda")
+USES_SDPA = {"sdpa", "composition", "ours_sdpa", "ours_sdpa_concat"}  # timed with the fastest SDPA backend for the case
+GPU_PROVIDERS = ("sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa",
+                 "ours_sdpa_concat")
+SMOKE_PROVIDERS = ("reference", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda",
+                   "ours_sdpa", "ours_sdpa_concat")
 
 
 def unavailable(name: str) -> str | None:
     """Why ``name`` cannot run in this environment (None when it can)."""
     if name == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed"
-    if name == "triton":
+    if name in ("triton", "ours_sdpa", "ours_sdpa_concat"):  # the sdpa backend's prompt passes are Triton kernels
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if not HAS_GPU and not _dispatch.triton_interpreted():

@@ -13,8 +13,8 @@ from bench.providers import PROVIDERS, make_inputs, unavailable
 from bench.steps import make_step
 from bench.timing import HAS_GPU
 
-SUBJECTS = [("excitor", p) for p in ("sdpa", "composition", "eager_official", "triton", "cuda")] + \
-           [("adapter", p) for p in ("composition", "eager_official", "eager_peft", "triton", "cuda")]
+SUBJECTS = [("excitor", p) for p in ("sdpa", "composition", "eager_official", "triton", "cuda", "ours_sdpa")] + \
+           [("adapter", p) for p in ("composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa")]
 
 
 def _try(op, provider, seq):

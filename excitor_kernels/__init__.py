@@ -1,5 +1,6 @@
 """excitor-kernels: fused attention kernels for LLaMA-Excitor and LLaMA-Adapter."""
 from ._alloc import poisoned_outputs
+from ._dispatch import explain_backend
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .reference import adapter_attention_reference, excitor_attention_reference
 from .module import ExcitorAttention
@@ -17,6 +18,7 @@ __all__ = [
     "excitor_attention_reference",
     "adapter_attention_reference",
     "poisoned_outputs",
+    "explain_backend",
     "ExcitorAttention",
     "apply_excitor",
     "save_excitor",

@@ -1,24 +1,40 @@
 """The one place that turns ``backend=`` into an implementation.
 
-``"reference"`` always runs. ``"triton"`` and ``"cuda"`` run when they support the inputs and raise a
-``ValueError`` that says why when they do not. ``"auto"`` takes the first of cuda, triton that supports
-the inputs and otherwise falls back to the reference backend, warning once per distinct reason.
+``"reference"`` always runs. ``"triton"``, ``"cuda"``, ``"sdpa"`` and ``"sdpa_concat"`` run when they support
+the inputs and raise a ``ValueError`` that says why when they do not. ``"auto"`` chooses per call among the
+fused backends that support the inputs (:func:`choose`, :func:`explain_backend`):
+
+1. decode-shaped calls (at most 16 queries, no gradient) take triton, whose split-KV decode kernel serves them;
+2. where ``auto_table.json`` (written by ``python -m bench.tune`` on a GPU, see ``_tuning``) has entries for
+   the GPU's architecture, the backend with the smallest measured time in the nearest entry;
+3. otherwise the rule: cuda (opt-in until validated on a GPU), else triton, else sdpa: the one-pass kernels
+   keep the least memory, and sdpa is taken only where a measurement says it is faster;
+4. with no fused backend, the reference backend, warning once per distinct reason.
+
+Every new choice is logged once at debug level on the ``excitor_kernels`` logger.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from ._validate import Problem
+from . import _tuning
+from ._validate import Problem, check_inputs
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat")
+FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat")  # the rule's order without a measured table
+DECODE_MAX_QUERIES = 16  # _triton_decode.MAX_DECODE_QUERIES
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 MAX_FUSED_PROMPTS = 64
 
 _warned: set = set()
+_logged: set = set()
+_log = logging.getLogger("excitor_kernels")
 
 
 def _triton_importable() -> bool:
@@ -60,27 +76,97 @@ def cuda_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     return _cuda.unsupported_reason(op, p, explicit=explicit)
 
 
-def select_backend(op: str, backend: str, p: Problem) -> str:
-    """Return the backend name that will run ``op`` on problem ``p``."""
+def sdpa_unsupported(op: str, p: Problem, *, explicit: bool, concat: bool = False) -> str | None:
+    """Why the sdpa backend (``concat``: its GQA rewrite) cannot run ``p``: SDPA plus Triton prompt kernels."""
+    if concat and op.startswith("adapter"):
+        return "the GQA rewrite <[q, g q], [k, ke]> concerns the Excitor keys; adapter_attention takes 'sdpa'"
+    if p.varlen:
+        return "SDPA has no entry point for packed (varlen) sequences on dense tensors; they run on triton"
+    return triton_unsupported(op, p, explicit=explicit)
+
+
+def unsupported(name: str, op: str, p: Problem, *, explicit: bool) -> str | None:
+    """Why fused backend ``name`` cannot run ``op`` on ``p`` (None when it can)."""
+    if name == "cuda":
+        return cuda_unsupported(op, p, explicit=explicit)
+    if name == "triton":
+        return triton_unsupported(op, p, explicit=explicit)
+    return sdpa_unsupported(op, p, explicit=explicit, concat=name == "sdpa_concat")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend a call takes and why."""
+
+    backend: str
+    reason: str
+
+
+def _auto(op: str, p: Problem) -> Choice:
+    reasons, able = [], []
+    for name in FUSED_ORDER:
+        why = unsupported(name, op, p, explicit=False)
+        if why is None and name == "sdpa_concat" and p.q_heads == p.kv_heads:
+            why = "the same computation as sdpa without GQA"
+        if why is None:
+            able.append(name)
+        else:
+            reasons.append(f"{name}: {why}")
+    if not able:
+        return Choice("reference", f"no fused backend runs these inputs ({'; '.join(reasons)})")
+    if "triton" in able and not p.varlen and not p.requires_grad and p.q_len <= DECODE_MAX_QUERIES:
+        return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
+    case = _tuning.case_of(op, p)
+    gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0, *case.values())
+    timed = {} if entry is None else {n: ms for n, ms in entry[3] if n in able}
+    where = f"{gpu} {case['op']} {case['mode']} {case['dtype']}"
+    if timed:
+        best = min(timed, key=timed.get)
+        times = ", ".join(f"{n} {ms:.3g} ms" for n, ms in sorted(timed.items(), key=lambda t: t[1]))
+        return Choice(best, f"measured on {where} (nearest entry: head dim {entry[0]}, GQA {entry[1]}, "
+                            f"N {entry[2]}): {times}")
+    why = f"no measured entry for {where}" if entry is None else f"the measured entry has no time for {able}"
+    return Choice(able[0], f"{why}; rule {' > '.join(FUSED_ORDER[:3])} picks {able[0]} among {able}")
+
+
+def choose(op: str, backend: str, p: Problem) -> Choice:
+    """The backend that runs ``op`` on problem ``p`` and why; raises ``ValueError`` for a named backend that
+    cannot run it."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "reference":
-        return "reference"
-    if backend == "triton":
-        reason = triton_unsupported(op, p, explicit=True)
-    elif backend == "cuda":
-        reason = cuda_unsupported(op, p, explicit=True)
-    else:
-        reasons = []
-        for name, why in (("cuda", cuda_unsupported(op, p, explicit=False)), ("triton", triton_unsupported(op, p, explicit=False))):
-            if why is None:
-                return name
-            reasons.append(f"{name}: {why}")
-        message = f"{op}: backend='auto' uses the reference PyTorch backend ({'; '.join(reasons)})"
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, stacklevel=3)
-        return "reference"
+        return Choice("reference", "asked for")
+    if backend == "auto":
+        return _auto(op, p)
+    reason = unsupported(backend, op, p, explicit=True)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run {op} on these inputs: {reason}")
-    return backend
+    return Choice(backend, "asked for")
+
+
+def select_backend(op: str, backend: str, p: Problem) -> str:
+    """Return the backend name that will run ``op`` on problem ``p`` (logged once per new choice)."""
+    choice = choose(op, backend, p)
+    if backend == "auto":
+        if choice.backend == "reference":
+            message = f"{op}: backend='auto' uses the reference PyTorch backend ({choice.reason})"
+            if message not in _warned:
+                _warned.add(message)
+                warnings.warn(message, stacklevel=3)
+        key = (op, choice)
+        if key not in _logged and not torch.compiler.is_compiling():
+            _logged.add(key)
+            _log.debug("%s: backend='auto' -> %s (%s)", op, choice.backend, choice.reason)
+    return choice.backend
+
+
+def explain_backend(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,
+                    backend: str = "auto") -> Choice:
+    """Which backend ``excitor_attention`` (``op="excitor"``) or ``adapter_attention`` (``op="adapter"``) would
+    take for these (padded) inputs under the current grad mode, and why. Raises what the call would raise for
+    bad inputs or a named backend that cannot run them."""
+    if op not in ("excitor", "adapter"):
+        raise ValueError(f"op must be 'excitor' or 'adapter'; got {op!r}")
+    p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, sim_keys=sim_keys,
+                     needs_prompt_values=op == "adapter")
+    return choose(f"{op}_attention", backend, p)

@@ -30,6 +30,7 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     varlen: bool = False  # packed sequences: batch = sequences, q_len / kv_len = the longest ones
+    requires_grad: bool = False  # training: grad mode on and some input requires a gradient
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -159,6 +160,7 @@ def check_inputs(
         has_sim_keys=sim_keys is not None,
         dtype=q.dtype,
         device=q.device,
+        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in [q, gate, *tensors.values()]),
     )
 
 

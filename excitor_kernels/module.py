@@ -104,7 +104,7 @@ class ExcitorAttention(nn.Module):
         attention: the layer to replace; its projections are taken over (not copied).
         num_prompts: ``P``, the learnable prompt tokens.
         mode: ``"excitor"`` or ``"adapter"``.
-        backend: operator backend, ``"auto" | "reference" | "triton" | "cuda"``.
+        backend: operator backend, ``"auto" | "reference" | "triton" | "cuda" | "sdpa" | "sdpa_concat"``.
         gate_activation: ``"tanh"`` (Excitor; official LLaMA-Adapter v1 training code and V2) or ``"identity"``
             (PEFT; the released LLaMA-Adapter v1 inference code).
         gate_per_head: one gate per query head, or one scalar broadcast to all heads (PEFT).

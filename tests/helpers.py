@@ -163,14 +163,24 @@ SUPPORT_GRID = [
 ]
 
 
+FUSED_BACKENDS = {"excitor": ("triton", "sdpa", "sdpa_concat"), "adapter": ("triton", "sdpa")}
+
+
+def fused_params(op: str, cases: list) -> list:
+    """(backend, case) pairs of the fused backends of ``op`` on ``cases``; ``sdpa_concat`` only where it differs
+    from ``sdpa`` (GQA/MQA cases)."""
+    return [pytest.param(backend, case, id=f"{backend}-{case}") for backend in FUSED_BACKENDS[op] for case in cases
+            if backend != "sdpa_concat" or case.Hq != case.Hkv]
+
+
 def support_grid_tests(op: str, grid: list, reference_cases: list):
-    """The two grid tests of an operator's test module: the Triton backend on every case of ``grid`` and the
+    """The two grid tests of an operator's test module: every fused backend on every case of ``grid`` and the
     reference backend on ``reference_cases``, each in every dtype and on every device, against the oracle."""
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @param_cases(grid)
-    def test_triton_matches_float64(case, dtype, device):
-        check_against_oracle(op, case, dtype, device)
+    @pytest.mark.parametrize("backend, case", fused_params(op, grid))
+    def test_fused_matches_float64(backend, case, dtype, device):
+        check_against_oracle(op, case, dtype, device, backend=backend)
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -178,4 +188,4 @@ def support_grid_tests(op: str, grid: list, reference_cases: list):
     def test_reference_backend_matches_float64(case, dtype, device):
         check_against_oracle(op, case, dtype, device, backend="reference")
 
-    return test_triton_matches_float64, test_reference_backend_matches_float64
+    return test_fused_matches_float64, test_reference_backend_matches_float64

@@ -9,39 +9,40 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from excitor_kernels import adapter_attention
-from helpers import (BUDGET, DEVICES, SUPPORT_GRID, Case, check_against_oracle, make_inputs, oracle, rel_err,
-                     run_with_grads, support_grid_tests)
+from helpers import (BUDGET, DEVICES, FUSED_BACKENDS, SUPPORT_GRID, Case, check_against_oracle, make_inputs, oracle,
+                     rel_err, run_with_grads, support_grid_tests)
 
 OP = "adapter"
 
 # The same support grid as excitor_attention (sim_keys does not exist for this operator).
 GRID = [dataclasses.replace(c, sim=False) for c in SUPPORT_GRID]
 
-test_triton_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:2])
+test_fused_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:2])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 2), Hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), M=st.integers(1, 70),
     N=st.integers(1, 70), d=st.sampled_from([16, 32, 64, 128, 40]), P=st.integers(1, 64), causal=st.booleans(),
-    per_sample=st.booleans(), transposed=st.booleans(),
+    per_sample=st.booleans(), transposed=st.booleans(), backend=st.sampled_from(FUSED_BACKENDS[OP]),
 )
-def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, transposed):
+def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, transposed, backend):
     case = Case(B=B, Hq=Hkv * groups, Hkv=Hkv, M=M, N=N, d=d, P=P, causal=causal, per_sample=per_sample,
                 transposed=transposed)
-    check_against_oracle(OP, case, torch.float32, device)
+    check_against_oracle(OP, case, torch.float32, device, backend=backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_official_llama_adapter_formula(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
+def test_official_llama_adapter_formula(device, backend):
     """LLaMA-Adapter's own formulation, written out: softmax over token scores plus tanh(g) times a
     separate softmax over prompt scores (prompts shared by all queries, no position)."""
     case = Case(B=2, Hq=4, Hkv=4, M=21, N=21, P=10)
     x = make_inputs(case, OP, torch.float32, device)
     raw_gate = torch.randn(case.Hq, device=device)
     o = adapter_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"], torch.tanh(raw_gate),
-                          backend="triton")
+                          backend=backend)
     q, k, v = (x[n].detach().double() for n in "qkv")
     pk, pv = x["prompt_keys"].detach().double(), x["prompt_values"].detach().double()
     scale = case.d ** -0.5
@@ -55,12 +56,13 @@ def test_official_llama_adapter_formula(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_backward_is_bitwise_repeatable(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
+def test_deterministic_backward_is_bitwise_repeatable(device, backend, deterministic_torch):
     case = Case(B=2, Hq=4, Hkv=2, M=45, N=40, P=16)
     x = make_inputs(case, OP, torch.float32, device)
     do = torch.randn(case.B, case.Hq, case.M, case.d, device=device)
-    _, g1 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
-    _, g2 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
+    _, g1 = run_with_grads(OP, x, backend, True, do, deterministic=True)
+    _, g2 = run_with_grads(OP, x, backend, True, do, deterministic=True)
     _, g_ref = oracle(OP, x, True, do)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
@@ -68,11 +70,12 @@ def test_deterministic_backward_is_bitwise_repeatable(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_traces_without_graph_break(device):
-    x = make_inputs(Case(M=16, N=16, P=4), OP, torch.float32, device)
+@pytest.mark.parametrize("backend, M", [("triton", 16), ("sdpa", 16), ("sdpa", 7), ("sdpa", 23)])
+def test_torch_compile_traces_without_graph_break(device, backend, M):
+    x = make_inputs(Case(M=M, N=16, P=4), OP, torch.float32, device)
 
     def step(*args):
-        return (adapter_attention(*args, backend="triton") ** 2).sum()
+        return (adapter_attention(*args, backend=backend) ** 2).sum()
 
     args = [x[n] for n in ("q", "k", "v", "prompt_keys", "prompt_values", "gate")]
     loss = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
@@ -102,6 +105,8 @@ BAD = [
     ("backend", lambda a: a.update(backend="triton", q=a["q"].double(), k=a["k"].double(), v=a["v"].double(),
                                    prompt_keys=a["prompt_keys"].double(), prompt_values=a["prompt_values"].double()),
      ValueError, "backend='triton' cannot run adapter_attention"),
+    ("sdpa_concat", lambda a: a.update(backend="sdpa_concat"), ValueError,
+     "backend='sdpa_concat' cannot run adapter_attention.*adapter_attention takes 'sdpa'"),
 ]
 
 
@@ -112,3 +117,13 @@ def test_bad_input_raises_clear_error(mutate, exc, match):
     pos = [args.pop(n) for n in ("q", "k", "v", "prompt_keys", "prompt_values", "gate")]
     with pytest.raises(exc, match=match):
         adapter_attention(*pos, **args)
+
+
+def test_sdpa_custom_ops_pass_opcheck():
+    """torch.library.opcheck on the sdpa backend's Adapter prompt op: schema, fake implementation, autograd."""
+    case = Case(B=2, Hq=4, Hkv=2, M=9, N=9, P=3, per_sample=True)
+    x = make_inputs(case, OP, torch.float32, DEVICES[0])
+    o_tokens = torch.randn_like(x["q"]).requires_grad_(True)
+    args = (o_tokens, x["q"], x["prompt_keys"], x["prompt_values"], x["gate"], 0.125, False)
+    torch.library.opcheck(torch.ops.excitor_kernels.sdpa_adapter_prompts, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

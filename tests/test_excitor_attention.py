@@ -11,27 +11,27 @@ from hypothesis import strategies as st
 
 import excitor_kernels
 from excitor_kernels import _dispatch, excitor_attention
-from helpers import (BUDGET, DEVICES, DTYPES, SUPPORT_GRID, Case, call, check_against_oracle, make_inputs, oracle,
-                     param_cases, rel_err, run_with_grads, support_grid_tests)
+from helpers import (BUDGET, DEVICES, DTYPES, FUSED_BACKENDS, SUPPORT_GRID, Case, call, check_against_oracle,
+                     make_inputs, oracle, param_cases, rel_err, run_with_grads, support_grid_tests)
 
 OP = "excitor"
 
 GRID = SUPPORT_GRID
 
-test_triton_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:3])
+test_fused_matches_float64, test_reference_backend_matches_float64 = support_grid_tests(OP, GRID, GRID[:3])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=18, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 2), Hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), M=st.integers(1, 70),
     N=st.integers(1, 70), d=st.sampled_from([16, 32, 64, 128, 40]), P=st.integers(1, 64), causal=st.booleans(),
-    per_sample=st.booleans(), sim=st.booleans(), transposed=st.booleans(),
+    per_sample=st.booleans(), sim=st.booleans(), transposed=st.booleans(), backend=st.sampled_from(FUSED_BACKENDS[OP]),
 )
-def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, sim, transposed):
+def test_random_shapes(device, B, Hkv, groups, M, N, d, P, causal, per_sample, sim, transposed, backend):
     case = Case(B=B, Hq=Hkv * groups, Hkv=Hkv, M=M, N=N, d=d, P=P, causal=causal, per_sample=per_sample, sim=sim,
                 transposed=transposed)
-    check_against_oracle(OP, case, torch.float32, device)
+    check_against_oracle(OP, case, torch.float32, device, backend=backend)
 
 
 def _bottom_right_sdpa(q, k, v, causal):
@@ -45,7 +45,7 @@ def _bottom_right_sdpa(q, k, v, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [*FUSED_BACKENDS[OP], "reference"])
 @param_cases([Case(B=2, Hq=4, Hkv=2, M=24, N=41, P=8), Case(Hq=2, Hkv=2, M=30, N=30, P=3, causal=False)])
 def test_zero_gate_is_plain_attention(case, dtype, device, backend):
     """gate == 0 reproduces scaled_dot_product_attention, forward and q/k/v gradients."""
@@ -74,13 +74,14 @@ def test_reference_gradcheck():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_backward_is_bitwise_repeatable(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
+def test_deterministic_backward_is_bitwise_repeatable(device, backend, deterministic_torch):
     case = Case(B=2, Hq=4, Hkv=2, M=45, N=70, P=16, sim=True)
     x = make_inputs(case, OP, torch.float32, device)
     do = torch.randn(case.B, case.Hq, case.M, case.d, device=device)
-    _, g1 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
-    _, g2 = run_with_grads(OP, x, "triton", True, do, deterministic=True)
-    _, g_atomic = run_with_grads(OP, x, "triton", True, do)
+    _, g1 = run_with_grads(OP, x, backend, True, do, deterministic=True)
+    _, g2 = run_with_grads(OP, x, backend, True, do, deterministic=True)
+    _, g_atomic = run_with_grads(OP, x, backend, True, do)
     _, g_ref = oracle(OP, x, True, do)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
@@ -106,12 +107,14 @@ def test_poisoning_marks_unwritten_outputs():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_traces_without_graph_break(device):
-    case = Case(B=1, Hq=2, Hkv=1, M=20, N=20, P=4, sim=True)
+@pytest.mark.parametrize("backend, M", [("triton", 20), ("sdpa", 20), ("sdpa", 9), ("sdpa_concat", 31)])
+def test_torch_compile_traces_without_graph_break(device, backend, M):
+    """fullgraph=True: no graph break (for sdpa also with M < N and M > N, which mask differently)."""
+    case = Case(B=1, Hq=2, Hkv=1, M=M, N=20, P=4, sim=True)
     x = make_inputs(case, OP, torch.float32, device)
 
     def step(q, k, v, pk, gate, sim):
-        o = excitor_attention(q, k, v, pk, gate, sim_keys=sim, backend="triton")
+        o = excitor_attention(q, k, v, pk, gate, sim_keys=sim, backend=backend)
         return (o.float() ** 2).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -180,6 +183,12 @@ BAD = [
     ("triton many prompts", lambda a: a.update(prompt_keys=torch.randn(2, 65, 16), backend="triton"), ValueError,
      "65 prompts"),
     ("cuda not built", lambda a: a.update(backend="cuda"), ValueError, "backend='cuda' cannot run"),
+    ("sdpa float64", lambda a: a.update({n: a[n].double() for n in ("q", "k", "v", "prompt_keys")}, backend="sdpa"),
+     ValueError, r"backend='sdpa' cannot run excitor_attention.*float64"),
+    ("sdpa many prompts", lambda a: a.update(prompt_keys=torch.randn(2, 65, 16), backend="sdpa_concat"), ValueError,
+     "backend='sdpa_concat' cannot run excitor_attention.*65 prompts"),
+    ("sdpa cache_seqlens", lambda a: a.update(backend="sdpa", cache_seqlens=torch.full((2,), 5, dtype=torch.int32)),
+     ValueError, "cache_seqlens is served by the decode path only"),
 ]
 if torch.cuda.is_available():
     BAD.append(("device mix", lambda a: a.update(k=a["k"].cuda()), ValueError, "k must be on q's device"))
@@ -192,3 +201,37 @@ def test_bad_input_raises_clear_error(mutate, exc, match):
     q, k, v, pk, gate = (args.pop(n) for n in ("q", "k", "v", "prompt_keys", "gate"))
     with pytest.raises(exc, match=match):
         excitor_attention(q, k, v, pk, gate, **args)
+
+
+def test_sdpa_gqa_values_are_views_not_copies(monkeypatch):
+    """backend='sdpa' under GQA: SDPA gets q and v as views of the caller's (B, H, L, d) tensors, v broadcast over
+    each key/value head's query heads with head stride 0 (no (B, Hq, N, d) copy of v)."""
+    from excitor_kernels.ops import _sdpa
+
+    seen = []
+    sdpa = _sdpa.F.scaled_dot_product_attention
+    monkeypatch.setattr(_sdpa.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q, k, v)) or
+                        sdpa(q, k, v, **kw))
+    case = Case(B=2, Hq=6, Hkv=2, M=12, N=12, P=4)
+    x = make_inputs(case, OP, torch.float32, "cpu")
+    o = call(OP, x, "sdpa", True)
+    (q, kp, v), = seen
+    assert q.shape == (4, 3, 12, 64) and q.untyped_storage().data_ptr() == x["q"].untyped_storage().data_ptr()
+    assert v.shape == (4, 3, 12, 64) and v.stride(1) == 0
+    assert v.untyped_storage().data_ptr() == x["v"].untyped_storage().data_ptr()
+    assert kp.shape == (4, 3, 12, 64)
+    assert rel_err(o, oracle(OP, x, True, torch.randn_like(o))[0]) <= BUDGET[torch.float32]
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_sdpa_custom_ops_pass_opcheck(concat):
+    """torch.library.opcheck on the sdpa backend's Excitor ops (keys; the concat form's queries): schema, fake
+    implementation, autograd registration."""
+    case = Case(B=2, Hq=4, Hkv=2, M=9, N=9, P=3, sim=True, per_sample=True)
+    x = make_inputs(case, OP, torch.float32, DEVICES[0])
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    ops = torch.ops.excitor_kernels
+    torch.library.opcheck(ops.sdpa_excitor_keys, (x["k"], x["prompt_keys"], x["gate"], x["sim_keys"], 0.125, concat,
+                                                  False), test_utils=checks)
+    if concat:
+        torch.library.opcheck(ops.sdpa_gated_queries, (x["q"], x["gate"], True), test_utils=checks)

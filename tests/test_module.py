@@ -369,13 +369,14 @@ def _has_triton():
 @pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
-def test_triton_backend_in_the_module(device, mode, sim_rank):
+@pytest.mark.parametrize("fused", ["triton", "sdpa"])
+def test_fused_backends_in_the_module(device, mode, sim_rank, fused):
     """The fused kernels (interpreted on a CPU) give the reference's logits and gradients, padding included."""
     x = tokens(device, B=2, L=8)
     mask = torch.ones_like(x)
     mask[0, :2] = 0
     results = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fused):
         model = adapted(device, mode, sim_rank, num_layers=1, num_prompts=4).train()
         set_backend(model, backend)
         out = model(input_ids=x, attention_mask=mask, labels=x)

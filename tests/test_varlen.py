@@ -197,10 +197,11 @@ def test_bad_varlen_inputs_raise(change, error, words):
     assert words in str(info.value)
 
 
-def test_cuda_backend_refuses_varlen_and_auto_falls_back():
+@pytest.mark.parametrize("backend", ["cuda", "sdpa", "sdpa_concat"])
+def test_backends_without_varlen_refuse_it_and_auto_falls_back(backend):
     args = _excitor_args()
-    with pytest.raises(ValueError, match="backend='cuda' cannot run"):
-        excitor_attention_varlen(**args, backend="cuda")
+    with pytest.raises(ValueError, match=f"backend='{backend}' cannot run"):
+        excitor_attention_varlen(**args, backend=backend)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         o = excitor_attention_varlen(**args, backend="auto")

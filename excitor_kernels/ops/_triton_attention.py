@@ -38,7 +38,8 @@ import triton.language as tl
 
 from .._alloc import new_output
 from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, load_rows, load_tile, pow2, precision,
-                             prompt_softmax, prompt_strides, row_source, sequence, stats_shape, store_rows)
+                             prompt_attention, prompt_attention_backward, prompt_strides, row_source, sequence,
+                             stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
 
@@ -100,17 +101,6 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
         hi = N
         full = N // BLOCK_N * BLOCK_N
     return full, hi
-
-
-@triton.jit
-def _prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale,
-                      HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    """Adapter prompts for one query tile: (ap, op, pk, pv) with ap = softmax(scale q pk^T), op = ap pv."""
-    pk = load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    pv = load_rows(pv_base, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
-    ap = prompt_softmax(q, pk, offs_p, P, qk_scale, PREC)
-    op = dot(ap.to(pv.dtype), pv, PREC)
-    return ap, op, pk, pv
 
 
 @triton.jit
@@ -197,8 +187,8 @@ def attention_fwd_kernel(
     empty = l_i == 0.0  # rows that saw no key: output 0, lse = +inf
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     if BYPASS == 2:
-        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
+        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
                                         PREC)
         o += gate_h * op
     store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
@@ -234,8 +224,8 @@ def attention_bwd_preprocess_kernel(
                    True)
     if BYPASS == 2:
         q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
+        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
         o -= tl.load(GATE + h).to(tl.float32) * op
     delta = tl.sum(o * do.to(tl.float32), 1)
@@ -415,19 +405,12 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BYPASS == 2:
         offs_p = tl.arange(0, BLOCK_P)
-        ap, op, pk, pv = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                           stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
-        do32 = tl.where(offs_m[:, None] < M, do.to(tl.float32), 0.0)
+        ap, op, pk, pv = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                          stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
         tile = tl.program_id(0)
-        dgate = tl.sum(tl.sum(do32 * op, 1), 0)                                # sum_i <do_i, op_i>
+        dgate, dq, dpk, dpv = prompt_attention_backward(q, do, offs_m[:, None] < M, ap, op, pk, pv, gate_h,
+                                                        softmax_scale, PREC)   # dq times softmax_scale below
         tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, dgate)
-        dop = gate_h * do32
-        dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)     # dap[i, n] = <dop_i, pv_n>
-        dzp = ap * (dap - tl.sum(ap * dap, 1)[:, None])
-        dzp = tl.where(offs_m[:, None] < M, dzp, 0.0)
-        dq = dot(dzp.to(pk.dtype), pk, PREC)                  # times softmax_scale with the rest below
-        dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
-        dpv = dot(tl.trans(ap * (offs_m[:, None] < M)).to(pv.dtype), dop.to(pv.dtype), PREC)
         # slice (tile, b, g, h - g * GROUPS); the atomic layout sets the tile, group-member (and, for
         # shared prompts, batch) strides to 0 so that those programs add into one (P, d) block
         pmask = (offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM)
@@ -458,24 +441,38 @@ def attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2) -> tuple[dict, dict, dict]:
-    """(forward, backward key-tile, backward query-tile) fixed tiles and launch options. On a GPU: chosen with
-    the static cost report (``python -m bench.static``: no register spills, shared memory within an sm_80
-    block); interpreted: tiles no larger than the problem. On a GPU the launchers may run a faster
-    configuration of ``_triton_tuning.CANDIDATES`` instead (see ``_configs``)."""
-    if on_gpu and itemsize > 2:
-        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif on_gpu:
-        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
-        dkdv = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        dq = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    else:
+def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
+    # pointer loads, no warp specialisation: every GPU, every triton (see _triton_tuning for the others)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, DESC=False,
+                WARP_SPEC=False)
+
+
+def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int = EXCITOR,
+           arch: int = 90) -> tuple[dict, dict, dict]:
+    """(forward, backward key-tile, backward query-tile) tiles and launch options.
+
+    On a GPU (``arch`` = compute capability as 80, 90, ...): for half types, the tiles with which every
+    kernel compiles without register spills for d <= 128 and P <= 64 on that architecture (the static cost
+    report, ``python -m bench.static``, checks it); sm_80 needs smaller tiles for the Adapter forward and the
+    Excitor dq, whose extra tiles do not fit beside mma.sync's accumulators. float32: tiles that fit an
+    sm_80 block's shared memory. Interpreted: tiles no larger than the problem. On sm_90+ the launchers may
+    run a faster configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
+    """
+    if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
-        fwd = dkdv = dq = dict(BLOCK_M=bm, BLOCK_N=bn)
-    plain = dict(DESC=False, WARP_SPEC=False)  # pointer loads, no warp specialisation (every GPU, every triton)
-    return dict(fwd, **plain), dict(dkdv, **plain), dict(dq, **plain)
+        return (dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False),) * 3
+    if itemsize > 2:
+        return _tiles(64, 32, 4), _tiles(32, 64, 4), _tiles(64, 32, 4)
+    if arch >= 90:
+        return _tiles(128, 32, 8), _tiles(64, 32, 8), _tiles(32, 64, 8)
+    fwd = _tiles(32, 32, 4) if bypass == ADAPTER else _tiles(64, 32, 8)
+    dq = _tiles(32, 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
+    return fwd, _tiles(64, 32, 8), dq
+
+
+def _arch(t: torch.Tensor) -> int:
+    major, minor = torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+    return 10 * major + minor
 
 
 def _configs(kernel, default, rows, causal, bypass, tensors, prepare, deterministic=False):
@@ -510,8 +507,8 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
             BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), **config,
         )
 
-    fwd = _configs("fwd", blocks(q.is_cuda, M, N, d, q.element_size())[0], rows, causal, bypass, (q, k, v, kx),
-                   lambda config: lambda: launch(config, torch.empty_like(o), torch.empty_like(lse)))
+    fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))[0]
+    fwd = _configs("fwd", fixed, rows, causal, bypass, (q, k, v, kx), lambda config: lambda: launch(config, o, lse))
     launch(fwd, o, lse)
     return o, lse, ke
 
@@ -527,7 +524,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size())
+    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
     prec = precision(q)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     excitor = bypass == EXCITOR

@@ -70,6 +70,34 @@ def prompt_softmax(x, pk, offs_p, P, scale_log2, PREC: tl.constexpr):
 
 
 @triton.jit
+def prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale,
+                     HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """Adapter prompts for one query tile: (ap, op, pk, pv) with ap = softmax(scale q pk^T), op = ap pv."""
+    pk = load_rows(pk_base, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    pv = load_rows(pv_base, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
+    ap = prompt_softmax(q, pk, offs_p, P, qk_scale, PREC)
+    op = dot(ap.to(pv.dtype), pv, PREC)
+    return ap, op, pk, pv
+
+
+@triton.jit
+def prompt_attention_backward(q, do, rows, ap, op, pk, pv, gate_h, softmax_scale, PREC: tl.constexpr):
+    """Gradients of o_i += gate[h] op_i (op = ap pv, ap = softmax(softmax_scale q pk^T)) for one query tile whose
+    real rows are ``rows``: (dgate, dq / softmax_scale, dpk, dpv), float32, with
+        dgate = sum_i <do_i, op_i>,  dop = gate[h] do,  dzp = ap (dop pv^T - rowsum(ap dop pv^T)),
+        dq = softmax_scale dzp pk,  dpk = softmax_scale dzp^T q,  dpv = ap^T dop."""
+    do32 = tl.where(rows, do.to(tl.float32), 0.0)
+    dgate = tl.sum(tl.sum(do32 * op, 1), 0)
+    dop = gate_h * do32
+    dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)
+    dzp = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
+    dq = dot(dzp.to(pk.dtype), pk, PREC)
+    dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
+    dpv = dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC)
+    return dgate, dq, dpk, dpv
+
+
+@triton.jit
 def sequence(CU, b, L, VARLEN: tl.constexpr):
     """(first row, length) of sequence ``b``: rows [CU[b], CU[b + 1]) of a packed tensor when VARLEN,
     else (0, L) in batch entry ``b`` of a padded one."""

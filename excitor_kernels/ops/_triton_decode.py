@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_attention import _prompt_attention
-from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
+from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_attention, prompt_strides, store_rows
 from ._triton_prompt_keys import prompt_mixture
 
 MAX_DECODE_QUERIES = 16
@@ -163,8 +162,8 @@ def decode_combine_kernel(
     if BYPASS == 2:  # Adapter: all rows of kv head g share its prompts: o_i += gate[h] softmax(q_i pk^T) pv
         q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
         q = load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
-        _, op, _, _ = _prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
+        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
+                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
         gate_r = tl.load(GATE + g * GROUPS + offs_r // M, mask=offs_r < R, other=0.0).to(tl.float32)
         o += gate_r[:, None] * op

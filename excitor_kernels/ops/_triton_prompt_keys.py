@@ -126,7 +126,7 @@ def prompt_keys_bwd_kernel(
 def prompt_blocks(on_gpu: bool, N: int) -> dict:
     """Tile and launch options of both passes."""
     if on_gpu:
-        return dict(BLOCK_N=64, num_warps=4)
+        return dict(BLOCK_N=32, num_warps=8)
     return dict(BLOCK_N=min(64, pow2(N)))
 
 

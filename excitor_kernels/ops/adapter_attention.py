@@ -15,6 +15,7 @@ from torch import Tensor
 from .._dispatch import select_backend
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import adapter_attention_reference, per_sequence
+from . import _sdpa
 from . import _triton_attention as tri
 from . import _triton_decode as dec
 
@@ -117,6 +118,8 @@ def adapter_attention(
 
         return _cuda.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
                                        deterministic)
+    if backend == "sdpa":
+        return _sdpa.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic)
     return _fwd(q, k, v, prompt_keys, prompt_values, gate, None, None, 0, 0, causal, softmax_scale,
                 bool(deterministic))[0]
 

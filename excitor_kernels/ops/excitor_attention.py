@@ -14,6 +14,7 @@ from torch import Tensor
 from .._dispatch import select_backend
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import excitor_attention_reference, per_sequence
+from . import _sdpa
 from . import _triton_attention as tri
 from . import _triton_decode as dec
 
@@ -100,7 +101,9 @@ def excitor_attention(
     without a copy). Causal masking is bottom-right aligned: query ``i`` sees keys ``j <= i + N - M``.
 
     ``backend``: ``"reference"`` (PyTorch), ``"triton"`` (fused kernels), ``"cuda"`` (the compiled
-    extension) or ``"auto"``. ``deterministic=True`` makes the fused backward sum the prompt and gate
+    extension), ``"sdpa"`` (O(N) fused Triton passes around ``F.scaled_dot_product_attention``; GQA with
+    values seen per query head), ``"sdpa_concat"`` (the same, GQA through the exact rewrite
+    ``<q, k + g ke> = <[q, g q], [k, ke]>``) or ``"auto"`` (see :func:`excitor_kernels.explain_backend`). ``deterministic=True`` makes the fused backward sum the prompt and gate
     gradients in a fixed order (one float32 slice per key tile, summed afterwards) instead of atomics.
 
     Returns ``o`` with ``q``'s shape, dtype and memory layout. Differentiable in ``q, k, v,
@@ -128,6 +131,9 @@ def excitor_attention(
 
         return _cuda.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
                                        deterministic)
+    if backend in _sdpa.BACKENDS:
+        return _sdpa.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
+                                       deterministic, _sdpa.BACKENDS[backend])
     return _fwd(q, k, v, prompt_keys, gate, sim_keys, None, None, 0, 0, causal, softmax_scale, prompt_scale,
                 bool(deterministic))[0]
 
