@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "descriptors": dict(DESC=True),
-    "warp_specialised": dict(WARP_SPEC=True),
+    "warp_specialised": dict(DESC=True, WARP_SPEC=True),  # one masked loop per kernel; needs descriptor loads
 }
 pytestmark = pytest.mark.skipif(not tuning.has_descriptors(), reason="this triton has no tensor descriptors")
 
@@ -43,8 +43,10 @@ def _forced(variant):
 @pytest.mark.parametrize("op", ["excitor", "adapter"])
 @param_cases([SUPPORT_GRID[1], SUPPORT_GRID[5]])
 def test_variant_matches_float64(case, op, variant, device):
-    if device == "cuda" and variant == "descriptors" and torch.cuda.get_device_capability() < (9, 0):
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor descriptors need sm_90")
+    if device == "cuda" and variant == "warp_specialised" and op == "adapter":
+        pytest.skip("triton's sm_90 warp specialisation does not compile the Adapter kernels")
     with _forced(variant):
         check_against_oracle(op, case, torch.float16, device)
 
