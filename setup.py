@@ -1,9 +1,22 @@
-"""Install excitor-kernels; build the optional CUDA extension when torch has CUDA and nvcc is present."""
-from setuptools import find_packages, setup
+"""Install excitor-kernels. The CUDA backend is compiled just in time on its first use (ninja, cached; see
+excitor_kernels/_cuda_build.py), so installing needs no compiler and works with build isolation.
 
+Ahead of time, for a wheel: ``EXCITOR_BUILD_CUDA=1 pip install --no-build-isolation .`` (needs the torch to
+build against, nvcc, and TORCH_CUDA_ARCH_LIST or a visible sm_80+ GPU) builds ``excitor_kernels._C``.
+"""
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
 INSTALL_REQUIRES = [
-    "torch>=2.4,<3",  # torch.library.custom_op; any installed 2.x satisfies this, so pip never pulls a second torch
+    "torch>=2.4",  # torch.library.custom_op; an installed torch 2.4+ is kept as it is
     "triton>=3.2; platform_system == 'Linux'",
+    "ninja; platform_system == 'Linux'",  # the just-in-time build of the CUDA backend
 ]
 HF = ["transformers>=4.45", "safetensors>=0.4"]
 EXTRAS = {
@@ -13,44 +26,40 @@ EXTRAS = {
 }
 
 
-def cuda_extension():
-    """(ext_modules, cmdclass, reason): the extension excitor_kernels._C from csrc/, or why it is not built.
+class BuildPy(build_py):
+    """Ship csrc/ inside the package, where the just-in-time build finds it in a wheel install."""
 
-    Architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs; sm_80 and later only (bf16 mma.sync),
-    and 9.0 is built as sm_90a."""
-    import os
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "excitor_kernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in (ROOT / "csrc").iterdir():
+            if f.suffix in (".cpp", ".cu", ".cuh", ".h"):
+                shutil.copy2(f, target / f.name)
 
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        return [], {}, "torch is not importable at build time (use `pip install --no-build-isolation`)"
-    if torch.version.cuda is None:
-        return [], {}, "the installed torch has no CUDA support"
-    if cpp_extension.CUDA_HOME is None:
-        return [], {}, "no CUDA toolkit (nvcc) found"
-    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";")
-    caps = listed.split(";") if listed else [
-        "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    archs = sorted({int(c.split("+")[0].rstrip("a").replace(".", "")) for c in caps if c[:1].isdigit()})
-    archs = [a for a in archs if a >= 80]
-    if not archs:
-        return [], {}, "no sm_80+ architecture in TORCH_CUDA_ARCH_LIST or among the visible GPUs"
-    gencode = [f"-gencode=arch=compute_{a}{'a' * (a == 90)},code=sm_{a}{'a' * (a == 90)}" for a in archs]
-    root = os.path.dirname(os.path.abspath(__file__))
+
+def ahead_of_time_extension():
+    """([CUDAExtension excitor_kernels._C], {build_ext}) when EXCITOR_BUILD_CUDA=1, else nothing."""
+    if os.environ.get("EXCITOR_BUILD_CUDA", "0") != "1":
+        return [], {}
+    spec = importlib.util.spec_from_file_location("_cuda_build", ROOT / "excitor_kernels" / "_cuda_build.py")
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)  # needs torch: use --no-build-isolation
+    why = cuda_build.missing()
+    if why is not None:
+        raise SystemExit(f"EXCITOR_BUILD_CUDA=1: cannot build the CUDA extension: {why}")
+    from torch.utils import cpp_extension
+
     ext = cpp_extension.CUDAExtension(
         "excitor_kernels._C",
-        [os.path.join("csrc", f) for f in ("binding.cpp", "forward.cu", "backward.cu")],
-        include_dirs=[os.path.join(root, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
+        [os.path.join("csrc", f) for f in cuda_build.SOURCES],
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_build.nvcc_flags(cuda_build.architectures())},
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension}, None
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass, why_not = cuda_extension()
-if why_not:
-    print(f"excitor-kernels: CUDA backend not built: {why_not}; the reference and Triton backends are installed")
-
+ext_modules, cmdclass = ahead_of_time_extension()
 setup(
     name="excitor-kernels",
     version="0.1.0",
@@ -63,5 +72,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPy, **cmdclass},
 )

@@ -1,7 +1,9 @@
 """pytest configuration for ``pytest bench/``: options, the results recorder, the report at the end.
 
 Without a GPU the fused kernels can only run interpreted, so TRITON_INTERPRET=1 is set here, before
-any benchmark module imports the package (triton reads it when the kernels are decorated).
+any benchmark module imports the package (triton reads it when the kernels are decorated). Without a GPU
+the GPU cases (marker ``gpu``) are deselected at collection, and so are cases whose provider cannot run
+here (marker ``unavailable``): the run shows the smoke set only, with one summary line per reason.
 """
 import os
 
@@ -16,6 +18,8 @@ from bench.device import environment  # noqa: E402
 
 _RECORDS = pytest.StashKey[list]()
 _WRITTEN = pytest.StashKey[list]()
+_DESELECTED = pytest.StashKey[dict]()
+NO_GPU = "GPU benchmark cases: no CUDA device here (the CPU smoke set runs instead)"
 
 
 def pytest_addoption(parser):
@@ -33,6 +37,30 @@ def bench_quick(config) -> bool:
 def pytest_configure(config):
     config.stash[_RECORDS] = []
     config.stash[_WRITTEN] = []
+    config.stash[_DESELECTED] = {}
+    config.addinivalue_line("markers", "gpu: a GPU benchmark case (deselected without a CUDA device)")
+    config.addinivalue_line("markers", "unavailable(reason): its provider cannot run here (deselected)")
+
+
+def _why_deselected(item) -> str | None:
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        return NO_GPU
+    marker = item.get_closest_marker("unavailable")
+    return f"provider unavailable, {marker.args[0]}" if marker else None
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, dropped, counts = [], [], config.stash[_DESELECTED]
+    for item in items:
+        why = _why_deselected(item)
+        if why is None:
+            keep.append(item)
+        else:
+            dropped.append(item)
+            counts[why] = counts.get(why, 0) + 1
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture
@@ -54,6 +82,10 @@ def pytest_sessionfinish(session):
     options = dict(quick=bench_quick(config), args=list(config.invocation_params.args))
     path = report.write_run(records, environment(), options)
     config.stash[_WRITTEN] = [path, *report.regenerate()]
+
+
+def pytest_report_collectionfinish(config, items):
+    return [f"deselected {n} case(s): {why}" for why, n in config.stash.get(_DESELECTED, {}).items()]
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -87,8 +87,8 @@ def unavailable(name: str) -> str | None:
     if name == "cuda":
         from excitor_kernels import _cuda
 
-        if _cuda._C is None:
-            return "the CUDA extension excitor_kernels._C is not built"
+        if _cuda.cannot_build() is not None:
+            return f"the CUDA extension cannot be built: {_cuda.cannot_build()}"
     if name == "flash_attn" and not HAS_GPU:
         return "flash-attn needs a GPU"
     return None

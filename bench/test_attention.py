@@ -19,17 +19,21 @@ from bench.providers import (GPU_PROVIDERS, PROVIDERS, SMOKE_PROVIDERS, USES_SDP
 from bench.steps import make_step
 from bench.timing import HAS_GPU
 
-NO_GPU = "GPU sweep case: no CUDA device here (the CPU smoke cases run instead)"
-
 
 def pytest_generate_tests(metafunc):
+    """The GPU sweep (marked ``gpu``: bench/conftest.py deselects it without a GPU) and, without a GPU, the
+    smoke set; a provider that cannot run here is deselected with its reason (``unavailable`` marker)."""
     if "case" not in metafunc.fixturenames:
         return
-    gpu_mark = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
-    params = [pytest.param(case, name, id=f"{name}-{case.id}", marks=gpu_mark)
+
+    def marks(name, gpu):
+        why = unavailable(name)
+        return [pytest.mark.gpu] * gpu + ([pytest.mark.unavailable(f"{name}: {why}")] if why else [])
+
+    params = [pytest.param(case, name, id=f"{name}-{case.id}", marks=marks(name, True))
               for case in gpu_cases(bench_quick(metafunc.config)) for name in GPU_PROVIDERS if _runs(name, case)]
     if not HAS_GPU:
-        params += [pytest.param(case, name, id=f"smoke-{name}-{case.id}")
+        params += [pytest.param(case, name, id=f"smoke-{name}-{case.id}", marks=marks(name, False))
                    for case in smoke_cases() for name in SMOKE_PROVIDERS if _runs(name, case)]
     metafunc.parametrize(("case", "provider"), params)
 

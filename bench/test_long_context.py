@@ -11,7 +11,6 @@ from bench import timing
 from bench.cases import Case
 from bench.providers import PROVIDERS, make_inputs, unavailable
 from bench.steps import make_step
-from bench.timing import HAS_GPU
 
 SUBJECTS = [("excitor", p) for p in ("sdpa", "composition", "eager_official", "triton", "cuda", "ours_sdpa")] + \
            [("adapter", p) for p in ("composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa")]
@@ -27,7 +26,7 @@ def _try(op, provider, seq):
     return timing.once_s(step) * 1e3, timing.peak_mib(step)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="long-context search: GPU only (no CUDA device here)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("op,provider", SUBJECTS, ids=[f"{o}-{p}" for o, p in SUBJECTS])
 def test_longest_context(op, provider, quick, record):
     if why := unavailable(provider):

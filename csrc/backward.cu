@@ -1,4 +1,4 @@
-// Backward kernels (SPEC.md), sm_80+ mma.sync path. Two launches:
+// Backward kernels (docs/contract.md), sm_80+ mma.sync path. Two launches:
 //
 // 1. delta_i = <do_i, o_i> (adapter: minus gate[h] <do_i, op_i>, the prompt part of o), so that the token
 //    softmax backward is ds = p * (do v^T - delta).

@@ -1,4 +1,4 @@
-// Torch-free interface of the CUDA kernels (SPEC.md): plain C structs of pointers, element strides,
+// Torch-free interface of the CUDA kernels (docs/contract.md): plain C structs of pointers, element strides,
 // sizes and scalars, and two launch functions that return a cudaError_t value (0 on success).
 // The binding (binding.cpp) is the only translation unit that sees both this header and torch.
 #pragma once

@@ -1,4 +1,4 @@
-// Forward kernels (SPEC.md), sm_80+ mma.sync path.
+// Forward kernels (docs/contract.md), sm_80+ mma.sync path.
 //
 // Excitor: one launch rebuilds every key once per key/value head,
 //   a[j, n] = softmax_n(prompt_scale <s_j, pk_n>),  ke_j = sum_n a[j, n] pk_n - mean_n pk_n   (B x Hkv x N x d)

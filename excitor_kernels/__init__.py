@@ -1,4 +1,8 @@
-"""excitor-kernels: fused attention kernels for LLaMA-Excitor and LLaMA-Adapter."""
+"""excitor-kernels: fused attention kernels for LLaMA-Excitor and LLaMA-Adapter.
+
+What the operators compute, differentiate and support: docs/contract.md. ``python -m excitor_kernels`` reports
+the environment and self-checks the available backends.
+"""
 from ._alloc import poisoned_outputs
 from ._dispatch import explain_backend
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen

@@ -1,6 +1,6 @@
 """Plain PyTorch statements of the operators (``backend="reference"``).
 
-These are the readable form of ``SPEC.md``: any device, any float dtype, autograd for the backward,
+These are the readable form of ``docs/contract.md``: any device, any float dtype, autograd for the backward,
 memory O(M * N) per head. Half-precision inputs are computed in float32 and the result cast back;
 float64 inputs stay float64, which is how the tests evaluate the formulas exactly.
 """
@@ -52,13 +52,18 @@ def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, devi
 
 
 def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool, cache_seqlens=None) -> torch.Tensor:
-    """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0."""
+    """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0.
+
+    Non-finite values propagate as in ``scaled_dot_product_attention``: a NaN score, or a +inf one, makes
+    its row NaN. Only a row that sees no key is set to 0 (its softmax over nothing is 0/0), chosen by the
+    mask and never by looking at the values, so a NaN from the inputs is never hidden.
+    """
     visible = visible_keys(scores.shape[-2], scores.shape[-1], causal, cache_seqlens, scores.device)
     if visible is None:
         return torch.softmax(scores, dim=-1) @ v
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
-    return probs @ v
+    empty = ~visible.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).masked_fill(empty, 0.0)
+    return (probs @ v).masked_fill(empty, 0.0)  # 0 * a NaN value it does not see must not reach the row
 
 
 def excitor_attention_reference(
@@ -74,7 +79,7 @@ def excitor_attention_reference(
     prompt_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LLaMA-Excitor attention, exactly as SPEC.md writes it.
+    """LLaMA-Excitor attention, exactly as docs/contract.md writes it.
 
     a[j, n]  = softmax_n(prompt_scale * <s_j, pk_n>),  s = sim_keys or k
     ke[j]    = sum_n a[j, n] pk_n
@@ -108,7 +113,7 @@ def adapter_attention_reference(
     softmax_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LLaMA-Adapter zero-init attention, exactly as SPEC.md writes it.
+    """LLaMA-Adapter zero-init attention, exactly as docs/contract.md writes it.
 
     o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n
     """

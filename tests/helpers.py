@@ -17,7 +17,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ["cpu"] if INTERPRETED or not torch.cuda.is_available() else ["cuda"]
 TRITON_DEVICE = DEVICES[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# SPEC.md: ||out - ref|| / ||ref|| against a float64 evaluation of the formulas
+# docs/contract.md: ||out - ref|| / ||ref|| against a float64 evaluation of the formulas
 BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
@@ -85,7 +85,7 @@ def run_with_grads(op: str, x: dict, backend: str, causal: bool, do: torch.Tenso
 
 
 def oracle(op: str, x: dict, causal: bool, do: torch.Tensor):
-    """The float64 evaluation of SPEC.md's formulas (reference backend on float64 copies) and its grads."""
+    """The float64 evaluation of docs/contract.md's formulas (reference backend on float64 copies) and its grads."""
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
     o = call(op, x64, "reference", causal)
     grads = torch.autograd.grad(o, list(x64.values()), do.double())
@@ -123,7 +123,7 @@ def exactly_zero_grads(op: str, case: Case) -> set:
 
 
 def check_against_oracle(op: str, case: Case, dtype, device, backend="triton", **kw):
-    """Forward and every gradient of ``backend`` within SPEC.md's budget of the float64 oracle."""
+    """Forward and every gradient of ``backend`` within docs/contract.md's budget of the float64 oracle."""
     x = make_inputs(case, op, dtype, device)
     do = torch.randn(case.B, case.Hq, case.M, case.d, dtype=dtype, device=device)
     o, grads = run_with_grads(op, x, backend, case.causal, do, **kw)

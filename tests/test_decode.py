@@ -1,4 +1,4 @@
-"""Split-KV decode forward (``_triton_decode.decode_forward``) against a float64 evaluation of SPEC.md.
+"""Split-KV decode forward (``_triton_decode.decode_forward``) against a float64 evaluation of docs/contract.md.
 
 Each sample's reference sees only its first ``L_b`` cache entries (``cache_seqlens``), with the causal mask
 bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned with NaN before the kernels run.

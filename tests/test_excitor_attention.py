@@ -1,4 +1,4 @@
-"""excitor_attention: every backend against the float64 evaluation of SPEC.md, plus its contract."""
+"""excitor_attention: every backend against the float64 evaluation of docs/contract.md, plus its contract."""
 from __future__ import annotations
 
 import warnings

@@ -1,7 +1,7 @@
 """Packed variable-length sequences: ``excitor_attention_varlen`` and ``adapter_attention_varlen``.
 
 The oracle runs every sequence alone through the padded-batch operators' float64 evaluation (reference
-backend on float64 copies); the packed call must match it, forward and every gradient, within SPEC.md's
+backend on float64 copies); the packed call must match it, forward and every gradient, within docs/contract.md's
 budget. Lengths cover 1, odd, 0 (an empty sequence), longer than a block (the interpreted blocks are at
 most 32 rows) and keys longer than queries (bottom-right causal alignment within each sequence).
 """

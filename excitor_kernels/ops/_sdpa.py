@@ -2,7 +2,7 @@
 
 The token attention runs on PyTorch's SDPA (cuDNN, FlashAttention-2 or memory-efficient attention on a GPU;
 its CPU kernels or math backend on the CPU); what the prompts add is computed by O(N) Triton kernels
-registered as ``torch.library`` custom ops with fake implementations and autograd (notation of SPEC.md):
+registered as ``torch.library`` custom ops with fake implementations and autograd (notation of docs/contract.md):
 
 * **Excitor** (``excitor_keys``): one program per key tile of one key/value head computes the prompt mixture
   ``a = softmax(prompt_scale s pk^T)`` and the centred reconstruction ``ke = a pk - mean_n pk_n`` (a constant
@@ -28,7 +28,7 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
   SDPA's backward gives the token part, one program per query tile the prompt part (``dq`` of the prompt term,
   ``dpk``, ``dpv``, ``dgate``).
 
-Causal masks are bottom-right aligned (SPEC.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
+Causal masks are bottom-right aligned (docs/contract.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
 use ``is_causal``; ``M > N`` attends the last ``N`` queries with ``is_causal`` (the first ``M - N`` see no key:
 output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
 then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask; SDPA keeps it for its backward).
@@ -83,7 +83,7 @@ def excitor_keys_fwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
         store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
@@ -116,7 +116,7 @@ def excitor_keys_bwd_kernel(
     else:
         st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -478,7 +478,7 @@ _prompts_op.register_autograd(_prompts_backward, setup_context=_prompts_setup)
 # The two operators
 # ----------------------------------------------------------------------------------------------
 def attend(q, k, v, causal, scale, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` with SPEC.md's bottom-right causal alignment (see the module
+    """``F.scaled_dot_product_attention`` with docs/contract.md's bottom-right causal alignment (see the module
     docstring); rows that see no key output 0."""
     M, N = q.shape[-2], k.shape[-2]
     gqa = dict(enable_gqa=True) if enable_gqa else {}
@@ -498,7 +498,7 @@ def _per_group(t, Hkv):
 
 def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, deterministic,
                       gqa_form="expand"):
-    """SPEC.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
+    """docs/contract.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
     B, Hq, M, d = q.shape
     Hkv = k.shape[1]
     det = bool(deterministic)
@@ -516,6 +516,6 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
 
 
 def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):
-    """SPEC.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
+    """docs/contract.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
     o_tokens = attend(q, k, v, causal, softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return _prompts_op(o_tokens, q, prompt_keys, prompt_values, gate, softmax_scale, bool(deterministic))

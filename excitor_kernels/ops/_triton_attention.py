@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, load_rows, load_tile, pow2, precision,
-                             prompt_attention, prompt_attention_backward, prompt_strides, row_source, sequence,
-                             stats_shape, store_rows)
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, dot_hi_lo, load_rows, load_tile, pow2,
+                             precision, prompt_attention, prompt_attention_backward, prompt_strides, row_source,
+                             sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
 
@@ -235,10 +235,11 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_key_tile_head(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                        offs_n, offs_d, lo, hi, M, shift, qk_scale,
-                       MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-                       DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+                       MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """For one key tile and one query head, over query tiles [lo, hi): dv += p^T do and dk += ds^T q
-    (the softmax_scale factor of dk is applied by the caller)."""
+    (the softmax_scale factor of dk is applied by the caller). SPLIT_DS: ds enters as a hi + lo pair of the
+    input dtype (two half-rate products, about float32 accuracy), for the Excitor's gate gradient."""
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
@@ -252,13 +253,16 @@ def _bwd_key_tile_head(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stri
         dv += dot(pT.to(do.dtype), do, PREC)
         dpT = dot(vt, tl.trans(do), PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += dot(dsT.to(q.dtype), q, PREC)
+        if SPLIT_DS:
+            dk += dot_hi_lo(dsT, q, PREC)
+        else:
+            dk += dot(dsT.to(q.dtype), q, PREC)
     return dk, dv
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, KE, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
+    Q, K, V, KE, KE_LO, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_keb, stride_keh, stride_ken,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
@@ -300,6 +304,7 @@ def attention_bwd_dkdv_kernel(
     full = tl.where(start_n < N, full, M)
 
     gate_h = tl.load(GATE + h).to(tl.float32)
+    ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
     k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
                                         stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
                                         BLOCK_D, HEAD_DIM, DESC)
@@ -315,15 +320,15 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if WARP_SPEC:  # that pass also takes a single loop per kernel: every query tile masked when causal
         dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, lo, M, M, shift, qk_scale, CAUSAL, BLOCK_M, HEAD_DIM,
-                                    PREC, DESC, True)
+                                    stride_dom, offs_n, offs_d, lo, M, M, shift, qk_scale, CAUSAL, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, True)
     else:
         dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BLOCK_M, HEAD_DIM,
-                                    PREC, DESC, False)
+                                    stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, False)
         dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM,
-                                    PREC, DESC, False)
+                                    stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, False)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
@@ -332,8 +337,10 @@ def attention_bwd_dkdv_kernel(
         dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
     store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
     if BYPASS == 1:
-        # dgate[h] = sum_j <dk'[h, j], ke_j>; ke is centred (docs/design.md), so the sum does not cancel
+        # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error);
+        # ke is centred (docs/design.md), so the sum does not cancel
         ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC).to(tl.float32)
+        ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
         dke = gate_h * dk
         dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
@@ -489,13 +496,14 @@ def _configs(kernel, default, rows, causal, bypass, tensors, prepare, determinis
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
     """Launch the forward; returns (o, lse, ke): lse float32 (``rows.stats_shape``) in base-2 units, ke the
-    Excitor's reconstructed keys (saved for the backward; None for the Adapter)."""
+    Excitor's reconstructed keys and their rounding error, ``(2, *s.shape)`` (saved for the backward; None for
+    the Adapter)."""
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     ke = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else None
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
-    kx = k if ke is None else ke
+    kx = k if ke is None else ke[0]
 
     def launch(config, o, lse):
         attention_fwd_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
@@ -543,8 +551,8 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     # and always for the Excitor's dk, which the post-pass finishes with dke
     dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
-    dke = new_output(ke.shape, dtype=torch.float32, device=dev) if excitor else dk
-    kx = k if ke is None else ke
+    dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
+    kx, kx_lo = (k, k) if ke is None else (ke[0], ke[1])
 
     def gate_sums(kv_config, q_config):
         """(buffer, tile and batch strides) of the gate sums [tile, batch, q head]: one slot per key-tile
@@ -572,7 +580,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         dg_buf, dg_strides = dg
         for member in members:
             attention_bwd_dkdv_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * Hkv)](
-                q, k, v, kx, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
+                q, k, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
                 *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
                 *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
                 Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,

@@ -22,6 +22,19 @@ def dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def dot_hi_lo(x, y, PREC: tl.constexpr):
+    """x (float32) times y (input dtype) to about float32 accuracy on the half tensor cores: x = hi + lo with hi, lo
+    rounded to y's dtype, two products at the half rate (no TF32). One product when y is float32 or under
+    "upcast", whose dots are float32 already."""
+    if PREC == "upcast" or y.dtype == tl.float32:
+        out = dot(x, y, PREC)
+    else:
+        hi = x.to(y.dtype)
+        out = dot(hi, y, PREC) + dot((x - hi.to(tl.float32)).to(y.dtype), y, PREC)
+    return out
+
+
+@triton.jit
 def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]

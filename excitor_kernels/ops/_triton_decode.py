@@ -104,7 +104,7 @@ def decode_split_kernel(
                 st = kt
             else:
                 st = load_rows(s_base, offs_n, stride_sn, offs_d, hi, HEAD_DIM, True)
-            _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+            _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, False)
             qk += gate_r[:, None] * dot(q, tl.trans(ke.to(q.dtype)), PREC)
         visible = offs_n[None, :] < hi
         if CAUSAL:

@@ -11,7 +11,8 @@ of head ``h`` by the same vector ``gate[h] c``, which adds ``gate[h] <q_i, c>`` 
 and so leaves each softmax, the output and every gradient unchanged; it keeps ``ke`` small where the mixture
 is nearly uniform, so that ``k'`` rounds well and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` does not cancel.
 
-The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``, the only memory the bypass adds). The
+The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and, beside it, its rounding error (the
+same size), which only the gate gradient reads: that sum is the most sensitive to ``ke``'s precision. The
 backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
 (float32, same shape), and the post-pass applies the chain rule, tile by tile:
 
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (LOG2E, RowLayout, dot, load_rows, pow2, precision, prompt_softmax, prompt_strides, sequence,
+from ._triton_common import (LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax, prompt_strides, sequence,
                              store_rows)
 
 
@@ -43,11 +44,16 @@ def _centred(a, offs_p, P):
 
 
 @triton.jit
-def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr):
-    """(a, ke) for one tile of rows ``st`` of s: a = softmax(prompt_scale st pk^T) (float32) and the centred
-    ke = (a - 1/P) pk (float32 accumulation; the centred weights, not a, are rounded to the input dtype)."""
+def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr, EXACT: tl.constexpr):
+    """(a, ke) for one tile of rows ``st`` of s: a = softmax(prompt_scale st pk^T) and the centred ke = (a - 1/P) pk,
+    both float32. EXACT: the centred weights enter the product as a hi + lo pair (about float32 accuracy, two
+    half-rate products); otherwise rounded once to the input dtype (the decode kernel's main loop)."""
     a = prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
-    return a, dot(_centred(a, offs_p, P).to(pk.dtype), pk, PREC)
+    if EXACT:
+        ke = dot_hi_lo(_centred(a, offs_p, P), pk, PREC)
+    else:
+        ke = dot(_centred(a, offs_p, P).to(pk.dtype), pk, PREC)
+    return a, ke
 
 
 @triton.jit
@@ -74,13 +80,14 @@ def _tile(CU_K, N, Hkv, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
 
 @triton.jit
 def prompt_keys_fwd_kernel(
-    S, PK, KE, CU_K,
+    S, PK, KE, KE_LO, CU_K,
     stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_keb, stride_keh, stride_ken,
     Hkv, N, P, prompt_scale_log2,
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """ke for one tile of keys of one (batch entry or sequence, key/value head)."""
+    """ke for one tile of keys of one (batch entry or sequence, key/value head), as KE (rounded to the input
+    dtype: what the attention kernels add to k) and KE_LO (the rounding error, for the gate gradient)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
@@ -88,8 +95,11 @@ def prompt_keys_fwd_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
-    store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke, offs_n, stride_ken, offs_d, N, HEAD_DIM)
+    _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
+    rows = b * stride_keb + k0 * stride_ken + g * stride_keh
+    ke_hi = ke.to(KE.dtype.element_ty)
+    store_rows(KE + rows, ke_hi, offs_n, stride_ken, offs_d, N, HEAD_DIM)
+    store_rows(KE_LO + rows, ke - ke_hi.to(tl.float32), offs_n, stride_ken, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -112,7 +122,7 @@ def prompt_keys_bwd_kernel(
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     dke = load_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, offs_n, stride_dken, offs_d, N,
                     HEAD_DIM, True)
-    a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC)
+    a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, False)
     dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC)
     if ADD_DS:
         dsim += load_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, offs_n, stride_dkn, offs_d, N,
@@ -131,13 +141,14 @@ def prompt_blocks(on_gpu: bool, N: int) -> dict:
 
 
 def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout) -> torch.Tensor:
-    """ke (s's shape and dtype, contiguous) for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed
-    ``(total_k, Hkv, d)`` as ``rows`` says; ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry."""
-    ke = new_output(s.shape, dtype=s.dtype, device=s.device)
+    """ke as a ``(2, *s.shape)`` tensor in s's dtype: ``ke[0]`` rounded, ``ke[1]`` its rounding error (zero for
+    float32), for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
+    ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry."""
+    ke = new_output((2, *s.shape), dtype=s.dtype, device=s.device)
     launch = prompt_blocks(s.is_cuda, rows.N)
     grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
     prompt_keys_fwd_kernel[grid](
-        s, pk, ke, rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke),
+        s, pk, ke[0], ke[1], rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke[0]),
         rows.Hkv, rows.N, pk.shape[-2], prompt_scale * LOG2E,
         VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=pow2(pk.shape[-2]), PREC=precision(s),
         **launch,

@@ -1,4 +1,4 @@
-"""``adapter_attention``: LLaMA-Adapter's zero-init gated prompt attention (SPEC.md), all backends.
+"""``adapter_attention``: LLaMA-Adapter's zero-init gated prompt attention (docs/contract.md), all backends.
 
 The fused forward computes the prompt softmax once per query tile beside the online softmax over the
 keys; the backward takes the prompt-side gradients in the query-tile programs of the same launch.

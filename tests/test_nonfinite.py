@@ -1,0 +1,234 @@
+"""Non-finite inputs propagate as in ``scaled_dot_product_attention`` (docs/contract.md, "Non-finite inputs").
+
+One NaN or +inf element goes into one input (q, k, v, sim_keys, prompt_keys, prompt_values or gate), for every
+backend, forward (the training kernel and the no-grad decode kernel) and backward:
+
+* the output must have NaN / +inf / -inf exactly where the float64 formula (the reference backend in float64)
+  has them; for a NaN, those are the rows the contract names (a NaN in what a row sees makes the row NaN),
+  SDPA (math backend, bottom-right causal mask) agrees on every row that sees a key, and an Excitor row that
+  sees no key is 0;
+* each gradient must be non-finite when the formula's is, and only where the formula's or SDPA's is: where a
+  NaN meets an exactly-zero weight (a key a row does not see) the two differ, and the contract leaves it open.
+
+The case has rows that see no key (causal, M > N), GQA and two batch elements, so the tests also check that a
+NaN stays inside its batch element, its key/value head group and the rows that see it. Non-finite keys and
+values sit at key 0, which every row that sees any key sees.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from excitor_kernels import _cuda
+from excitor_kernels.reference import visible_keys
+from helpers import BUDGET, TRITON_DEVICE, call, run_with_grads
+
+B, HQ, HKV, M, N, D, P = 2, 4, 2, 6, 4, 64, 3
+EMPTY_ROWS = M - N                       # causal, bottom-right: rows 0 .. M-N-1 see no key
+SPOT = dict(b=1, g=0, h=1, row=3, key=0, prompt=1, col=5)
+HEADS_OF_G = (0, 1)                      # query heads of key/value head g = 0
+OPERANDS = {"excitor": ("q", "k", "v", "sim_keys", "prompt_keys", "gate"),
+            "adapter": ("q", "k", "v", "prompt_keys", "prompt_values", "gate")}
+
+
+def _backends():
+    why = "no CUDA device" if TRITON_DEVICE != "cuda" else _cuda.cannot_build()
+    return ["reference", "triton", "sdpa", "sdpa_concat",
+            pytest.param("cuda", marks=pytest.mark.skipif(why is not None, reason=f"the CUDA backend: {why}"))]
+
+
+def _inputs(op: str, device, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    x = {"q": randn(B, HQ, M, D), "k": randn(B, HKV, N, D), "v": randn(B, HKV, N, D),
+         "prompt_keys": randn(HKV, P, D)}
+    if op == "excitor":
+        x["sim_keys"] = randn(B, HKV, N, D)
+    else:
+        x["prompt_values"] = randn(HKV, P, D)
+    x["gate"] = (torch.rand(HQ, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=torch.float32)
+    return x
+
+
+def _poison(x: dict, name: str, value: float) -> None:
+    s, t = SPOT, x[name]
+    with torch.no_grad():
+        if name == "q":
+            t[s["b"], s["h"], s["row"], s["col"]] = value
+        elif name in ("k", "v", "sim_keys"):
+            t[s["b"], s["g"], s["key"], s["col"]] = value
+        elif name in ("prompt_keys", "prompt_values"):
+            t[s["g"], s["prompt"], s["col"]] = value
+        else:
+            t[s["h"]] = value
+
+
+def _sdpa_formula(op: str, x: dict, causal: bool):
+    """The operator through SDPA's math backend (float64): reconstructed keys with torch ops, bottom-right causal
+    mask. (Rows that see no key are not compared: SDPA gives them NaN when a value they do not see is NaN.)"""
+    q, k, v, pk, gate = x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"]
+    scale = D ** -0.5
+    groups = HQ // HKV
+    mask = visible_keys(M, N, causal, device=q.device)
+
+    def heads(t):
+        return t.repeat_interleave(groups, dim=-3)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return _sdpa_terms(op, x, q, k, v, pk, gate, scale, heads, mask)
+
+
+def _sdpa_terms(op, x, q, k, v, pk, gate, scale, heads, mask):
+    if op == "excitor":
+        s = x["sim_keys"]
+        a = torch.softmax(scale * (s @ pk.transpose(-1, -2)), dim=-1)
+        k_prime = heads(k) + gate.view(1, HQ, 1, 1) * heads(a @ pk)
+        return F.scaled_dot_product_attention(q, k_prime, heads(v), attn_mask=mask, scale=scale)
+    tokens = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=mask, scale=scale)
+    prompts = F.scaled_dot_product_attention(q, heads(pk).expand(B, -1, -1, -1), heads(x["prompt_values"])
+                                             .expand(B, -1, -1, -1), scale=scale)
+    return tokens + gate.view(1, HQ, 1, 1) * prompts
+
+
+def _with_grads(fn, x: dict, do: torch.Tensor):
+    """fn on float64 CPU copies of ``x`` and its gradients for ``do``: the oracles."""
+    leaves = {n: t.detach().double().cpu().requires_grad_(True) for n, t in x.items()}
+    o = fn(leaves)
+    return o, dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), do.double().cpu())))
+
+
+def _pattern(t: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 NaN, 2 +inf, 3 -inf, per element."""
+    t = t.detach().cpu()
+    return (torch.isnan(t).int() + 2 * torch.isposinf(t).int() + 3 * torch.isneginf(t).int())
+
+
+def _nan_rows(op: str, name: str) -> torch.Tensor:
+    """(B, HQ, M) the output rows the contract makes NaN for one NaN element in ``name``."""
+    s, rows = SPOT, torch.zeros(B, HQ, M, dtype=torch.bool)
+    sees_keys = torch.arange(M) >= EMPTY_ROWS
+    every_row = torch.ones(M, dtype=torch.bool) if op == "adapter" else sees_keys  # prompts are seen by all
+    if name == "q":
+        rows[s["b"], s["h"], s["row"]] = True
+    elif name in ("k", "v", "sim_keys"):
+        rows[s["b"], list(HEADS_OF_G)] = sees_keys
+    elif name in ("prompt_keys", "prompt_values"):
+        rows[:, list(HEADS_OF_G)] = every_row
+    else:
+        rows[:, s["h"]] = every_row
+    return rows
+
+
+def _check(label: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when ``got`` has NaN/+inf/-inf exactly where ``want`` has them, else what differs."""
+    pg, pw = _pattern(got), _pattern(want)
+    if torch.equal(pg, pw):
+        return None
+    where = (pg != pw).nonzero().tolist()
+    kinds = ["finite", "nan", "+inf", "-inf"]
+    detail = ", ".join(f"{tuple(i)}: {kinds[pg[tuple(i)]]} (expected {kinds[pw[tuple(i)]]})" for i in where[:3])
+    return f"{label}: {len(where)} of {pw.numel()} elements differ, e.g. {detail}"
+
+
+def _grads_outside(label: str, got: torch.Tensor, formula: torch.Tensor, sdpa: torch.Tensor) -> str | None:
+    """None when ``got`` is non-finite only where the formula or SDPA is, and somewhere when the formula is.
+
+    Exactly which gradient elements a non-finite input reaches is left to each implementation where a NaN
+    meets a zero weight (a masked score, a key a row does not see): there the formula (masked before its
+    softmax) and SDPA (-inf added to the scores) differ from each other and from the exact answer."""
+    bad, f_bad, s_bad = (~torch.isfinite(t.detach().cpu()) for t in (got, formula, sdpa))
+    extra = bad & ~(f_bad | s_bad)
+    if extra.any():
+        return (f"{label}: {int(extra.sum())} of {bad.numel()} elements non-finite where the formula and SDPA are "
+                f"finite, e.g. {extra.nonzero()[:2].tolist()}")
+    if f_bad.any() and not bad.any():
+        return f"{label}: finite where the formula has {int(f_bad.sum())} non-finite elements"
+    return None
+
+
+# What the Triton kernels get wrong today (found by this test; excitor_kernels/ops/_triton_attention.py and
+# _triton_decode.py are being reworked). strict: a case that starts passing fails until its entry goes.
+_EMPTY_ROW_LEAK = ("a row that sees no key gets 0 * the non-finite value of a key in a partly visible tile: "
+                   "NaN in that column instead of 0 (forward and decode kernels)")
+_MINUS_INF_ROW = ("a row whose only visible score is -inf is written as 0 (taken for a row that sees no key); "
+                  "the formula gives NaN (forward and decode kernels)")
+_ADAPTER_DELTA = ("adapter backward: dk of every key of the head group is non-finite when only the gated prompt "
+                  "term is (delta = <do, o> is taken over the whole output, prompt term included)")
+TRITON_KNOWN = {
+    ("excitor", "v", "nan"): _EMPTY_ROW_LEAK, ("excitor", "v", "inf"): _EMPTY_ROW_LEAK,
+    ("adapter", "v", "nan"): _EMPTY_ROW_LEAK, ("adapter", "v", "inf"): _EMPTY_ROW_LEAK,
+    ("excitor", "k", "inf"): _MINUS_INF_ROW, ("adapter", "k", "inf"): _MINUS_INF_ROW,
+    ("excitor", "gate", "inf"): "the split-KV decode kernel (no-grad call) gives finite rows where the "
+                                "formula's are NaN (k' = k + inf * ke)",
+    **{("adapter", n, v): _ADAPTER_DELTA for n in ("prompt_keys", "prompt_values", "gate") for v in ("nan", "inf")},
+}
+
+
+# What the sdpa backends get wrong today on the CPU (found by this test; cause not analysed yet).
+_SDPA_ROWS = "sdpa backend: output rows that the formula makes NaN come out finite (forward and no-grad call)"
+SDPA_KNOWN = {
+    ("sdpa", "excitor", n, v): _SDPA_ROWS
+    for n, v in (("q", "nan"), ("k", "nan"), ("k", "inf"), ("sim_keys", "nan"), ("sim_keys", "inf"),
+                 ("prompt_keys", "nan"), ("prompt_keys", "inf"), ("gate", "nan"), ("gate", "inf"))
+}
+SDPA_KNOWN.update({("sdpa", "adapter", "k", "nan"): _SDPA_ROWS, ("sdpa", "adapter", "k", "inf"): _SDPA_ROWS,
+                   ("sdpa_concat", "excitor", "k", "inf"): _MINUS_INF_ROW.replace("(forward and decode kernels)",
+                                                                                  "(forward and no-grad call)")})
+
+
+def _cases():
+    for op, names in OPERANDS.items():
+        for name in names:
+            for backend in _backends():
+                if op == "adapter" and backend == "sdpa_concat":
+                    continue  # the rewrite of the Excitor keys only
+                for value, vid in ((float("nan"), "nan"), (float("inf"), "inf")):
+                    marks = list(getattr(backend, "marks", ()))
+                    backend_name = getattr(backend, "values", (backend,))[0]
+                    known = (TRITON_KNOWN.get((op, name, vid)) if backend_name == "triton" else
+                             SDPA_KNOWN.get((backend_name, op, name, vid)))
+                    if known:
+                        marks.append(pytest.mark.xfail(strict=True, reason=known))
+                    yield pytest.param(op, name, backend_name, value, marks=marks,
+                                       id=f"{op}-{name}-{backend_name}-{vid}")
+
+
+@pytest.mark.parametrize("op,name,backend,value", list(_cases()))
+def test_non_finite_input_propagates(op, name, backend, value):
+    """The output has NaN/+inf/-inf exactly where the float64 formula has them (a NaN: in the rows the
+    contract names, which are SDPA's among the rows that see a key; a row that sees no key: 0); a gradient
+    is non-finite when the formula's is, and only where the formula's or SDPA's is."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # the CUDA kernels take fp16/bf16 only
+    x = _inputs(op, device, dtype)
+    _poison(x, name, value)
+    do = torch.randn(B, HQ, M, D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    o_ref, grads_ref = _with_grads(lambda t: call(op, t, "reference", True), x, do)
+    o_sdpa, grads_sdpa = _with_grads(lambda t: _sdpa_formula(op, t, True), x, do)
+    if value != value:
+        rows = _nan_rows(op, name)
+        assert torch.equal(torch.isnan(o_ref).any(-1), rows)
+        if name not in ("v", "prompt_values"):  # a NaN value element reaches its own column only
+            assert torch.equal(torch.isnan(o_ref).all(-1), rows)
+        sees = slice(EMPTY_ROWS, None)
+        assert _check("o: SDPA vs float64 formula", o_sdpa[..., sees, :], o_ref[..., sees, :]) is None
+    if op == "excitor":  # rows that see no key: 0 because they see nothing, whatever the inputs hold
+        assert bool((o_ref[..., :EMPTY_ROWS, :] == 0).all())
+
+    leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
+    o, grads = run_with_grads(op, leaves, backend, True, do)
+    with torch.no_grad():  # no gradient and M <= 16: the fused backends take the split-KV decode kernel
+        o_decode = call(op, x, backend, True)
+    problems = [_check("o", o, o_ref), _check("o (no-grad call)", o_decode, o_ref)]
+    problems += [_grads_outside(f"d{n}", g, grads_ref[n], grads_sdpa[n]) for n, g in grads.items()]
+    problems = [p for p in problems if p]
+    assert not problems, f"{backend} {op}, {value} in {name}:\n" + "\n".join(problems)
+
+    finite = torch.isfinite(o_ref)
+    err = (o.double().cpu()[finite] - o_ref[finite]).norm() / o_ref[finite].norm()
+    assert err <= BUDGET[dtype], f"finite part of o: relative error {err:.2e}"
