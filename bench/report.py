@@ -2,8 +2,9 @@
 
 ``write_run`` merges one pytest session's results into ``bench/results/<device>-<date>.json``
 (results keyed by what was measured, so re-running or splitting a sweep over several commands on one
-day fills one file). ``regenerate`` rebuilds ``BENCHMARKS.md`` from every JSON file there and draws a
-TFLOP/s-against-N plot per file. ``python -m bench.report`` runs ``regenerate`` alone.
+day fills one file). ``regenerate`` rebuilds ``BENCHMARKS.md`` from every timed results file there, draws a
+TFLOP/s-against-N plot per file, and appends the static cost report of the newest
+``bench/results/static-<date>.json`` (``bench.static``). ``python -m bench.report`` runs ``regenerate`` alone.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import datetime
 import itertools
 import json
 from pathlib import Path
+
+from . import static
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -43,8 +46,9 @@ def write_run(records: list[dict], env: dict, options: dict) -> Path:
 
 
 def load_all() -> list[tuple[Path, dict]]:
-    """Every results file, GPU runs first, newest first within each kind."""
-    files = [(p, json.loads(p.read_text())) for p in RESULTS_DIR.glob("*.json")]
+    """Every timed results file, GPU runs first, newest first within each kind (static-*.json, the static
+    cost report of ``bench.static``, has its own section)."""
+    files = [(p, json.loads(p.read_text())) for p in RESULTS_DIR.glob("*.json") if not p.name.startswith("static-")]
     files.sort(key=lambda f: f[1]["environment"]["date"], reverse=True)
     files.sort(key=lambda f: f[1]["environment"]["run_type"] != "gpu")
     return files
@@ -278,6 +282,8 @@ def render(files: list[tuple[Path, dict]], plots: dict) -> str:
         lines.append(f"| {target} | {where} | {status} |")
     for path, data in files:
         lines += _file_section(path, data, plots.get(path))
+    if static_report := static.latest():
+        lines += static.markdown(*static_report)
     return "\n".join(lines) + "\n"
 
 

@@ -151,20 +151,13 @@ def _grads_outside(label: str, got: torch.Tensor, formula: torch.Tensor, sdpa: t
     return None
 
 
-# What the Triton kernels get wrong today (found by this test; excitor_kernels/ops/_triton_attention.py and
-# _triton_decode.py are being reworked). strict: a case that starts passing fails until its entry goes.
-_EMPTY_ROW_LEAK = ("a row that sees no key gets 0 * the non-finite value of a key in a partly visible tile: "
-                   "NaN in that column instead of 0 (forward and decode kernels)")
+# What the fused kernels still get wrong (found by this test). strict: a case that starts passing fails
+# until its entry goes.
 _MINUS_INF_ROW = ("a row whose only visible score is -inf is written as 0 (taken for a row that sees no key); "
-                  "the formula gives NaN (forward and decode kernels)")
+                  "the formula gives NaN (forward and no-grad call)")
 _ADAPTER_DELTA = ("adapter backward: dk of every key of the head group is non-finite when only the gated prompt "
                   "term is (delta = <do, o> is taken over the whole output, prompt term included)")
 TRITON_KNOWN = {
-    ("excitor", "v", "nan"): _EMPTY_ROW_LEAK, ("excitor", "v", "inf"): _EMPTY_ROW_LEAK,
-    ("adapter", "v", "nan"): _EMPTY_ROW_LEAK, ("adapter", "v", "inf"): _EMPTY_ROW_LEAK,
-    ("excitor", "k", "inf"): _MINUS_INF_ROW, ("adapter", "k", "inf"): _MINUS_INF_ROW,
-    ("excitor", "gate", "inf"): "the split-KV decode kernel (no-grad call) gives finite rows where the "
-                                "formula's are NaN (k' = k + inf * ke)",
     **{("adapter", n, v): _ADAPTER_DELTA for n in ("prompt_keys", "prompt_values", "gate") for v in ("nan", "inf")},
 }
 
@@ -177,8 +170,7 @@ SDPA_KNOWN = {
                  ("prompt_keys", "nan"), ("prompt_keys", "inf"), ("gate", "nan"), ("gate", "inf"))
 }
 SDPA_KNOWN.update({("sdpa", "adapter", "k", "nan"): _SDPA_ROWS, ("sdpa", "adapter", "k", "inf"): _SDPA_ROWS,
-                   ("sdpa_concat", "excitor", "k", "inf"): _MINUS_INF_ROW.replace("(forward and decode kernels)",
-                                                                                  "(forward and no-grad call)")})
+                   ("sdpa_concat", "excitor", "k", "inf"): _MINUS_INF_ROW})
 
 
 def _cases():

@@ -184,15 +184,19 @@ def attention_fwd_kernel(
                                    stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
                                    HEAD_DIM, PREC, DESC, False)
 
-    empty = l_i == 0.0  # rows that saw no key: output 0, lse = +inf
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
+    # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
+    empty = (offs_m < 0) | (N == 0)
+    if CAUSAL:
+        empty = empty | (offs_m + shift < 0)
+    o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     if BYPASS == 2:
         _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
                                         PREC)
         o += gate_h * op
     store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
 
 
