@@ -37,20 +37,22 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_attention,
-                             prompt_attention_backward, prompt_strides, sequence, stats_shape, store_rows)
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, dot_hi_lo, load_rows, load_tile, pow2,
+                             precision, prompt_attention, prompt_attention_backward, prompt_strides, row_source,
+                             sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
+from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
 
 __all__ = ["ADAPTER", "EXCITOR", "RowLayout", "stats_shape", "attention_forward", "attention_backward", "blocks"]
 
 
 @triton.jit
-def _key_tile(k_base, ke_base, stride_kn, stride_ken, offs_n, offs_d, N, gate_h,
-              MASKED: tl.constexpr, BYPASS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED: tl.constexpr,
+              BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
     """The key tile the queries of head h meet: k, or for the Excitor k' = k + gate[h] ke (rounded once)."""
-    kt = load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, MASKED)
+    kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     if BYPASS == 1:
-        ke = load_rows(ke_base, offs_n, stride_ken, offs_d, N, HEAD_DIM, MASKED)
+        ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
         kt = (kt.to(tl.float32) + gate_h * ke.to(tl.float32)).to(kt.dtype)
     return kt
 
@@ -65,14 +67,15 @@ def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken, stride_vn,
+def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
                lo, hi, N, shift, gate_h, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Online softmax over key tiles [lo, hi); MASKED tiles apply the causal and the j < N masks."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _key_tile(k_base, ke_base, stride_kn, stride_ken, offs_n, offs_d, N, gate_h, MASKED, BYPASS, HEAD_DIM)
+        kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
+                       HEAD_DIM, DESC)
         qk = dot(q, tl.trans(kt), PREC) * qk_scale
         if MASKED:
             qk = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), qk, float("-inf"))
@@ -82,7 +85,7 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_base, ke_base, v_base, stride
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, MASKED)
+        vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
         acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -98,6 +101,22 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
         hi = N
         full = N // BLOCK_N * BLOCK_N
     return full, hi
+
+
+@triton.jit
+def _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb, stride_keh, stride_ken,
+                 stride_vb, stride_vh, stride_vn, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
+    """``row_source`` of k, ke (Excitor only; else k again) and v of key/value head g in batch entry b."""
+    k_src = row_source(K + b * stride_kb + k0 * stride_kn + g * stride_kh, N, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM,
+                       DESC)
+    ke_src = k_src
+    if BYPASS == 1:
+        ke_src = row_source(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, N, stride_ken, BLOCK_N, BLOCK_D,
+                            HEAD_DIM, DESC)
+    v_src = row_source(V + b * stride_vb + k0 * stride_vn + g * stride_vh, N, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM,
+                       DESC)
+    return k_src, ke_src, v_src
 
 
 @triton.jit
@@ -126,33 +145,44 @@ def attention_fwd_kernel(
     Hq, M, N, P, GROUPS, qk_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """One program per (query tile, batch or sequence * query head); M, N are the longest lengths."""
+    """One program per (query tile, batch or sequence * query head); M, N are the longest lengths.
+    DESC: q, k, ke, v tiles through tensor descriptors (TMA on sm_90); WARP_SPEC: warp-specialised key loops
+    (loads, tensor-core products and softmax in separate warp groups; sm_90 and later)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  VARLEN, BLOCK_M)
-    if start_m >= M:  # past the end of a shorter packed sequence
-        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M  # bottom-right causal alignment: row i sees keys j <= i + shift
 
-    q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
-    ke_base = KE + b * stride_keb + k0 * stride_ken + g * stride_keh
-    v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
+    q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
+                       DESC)
+    q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
+    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
+                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
+                                        BLOCK_D, HEAD_DIM, DESC)
     gate_h = tl.load(GATE + h).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                               stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
-                               HEAD_DIM, PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                               stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                               HEAD_DIM, PREC)
+    # a program past the end of a shorter packed sequence sees no key and stores nothing (no early return:
+    # triton's sm_90 warp specialisation rejects one)
+    hi = tl.where(start_m < M, hi, 0)
+    full = tl.minimum(full, hi)
+    if WARP_SPEC:  # that pass also takes a single loop per kernel: every key tile masked
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, True)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, False)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                   stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                                   HEAD_DIM, PREC, DESC, False)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -207,17 +237,17 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_key_tile_head(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+def _bwd_key_tile_head(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                        offs_n, offs_d, lo, hi, M, shift, qk_scale,
                        MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       PREC: tl.constexpr):
+                       PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """For one key tile and one query head, over query tiles [lo, hi): dv += p^T do and dk += ds^T q
     (the softmax_scale factor of dk is applied by the caller). SPLIT_DS: ds enters as a hi + lo pair of the
     input dtype (two half-rate products, about float32 accuracy), for the Excitor's gate gradient."""
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-        do = load_rows(do_base, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
+        q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
+        do = load_tile(do_src, start_m, stride_dom, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
         lse = tl.load(lse_base + offs_m, mask=offs_m < M, other=float("inf"))   # rows >= M give p = 0
         delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
         qkT = dot(kt, tl.trans(q), PREC) * qk_scale           # (BLOCK_N, BLOCK_M)
@@ -245,7 +275,7 @@ def attention_bwd_dkdv_kernel(
     Hkv, M, N, GROUPS, member, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """dk'[h], dv[h] of one key tile for query head h = g * GROUPS + member of key/value head g, over every
     query tile; one launch per group member, so a program holds one head's two accumulators, as in
@@ -261,8 +291,6 @@ def attention_bwd_dkdv_kernel(
     start_n = tile * BLOCK_N
     q0, M = sequence(CU_Q, b, M, VARLEN)
     k0, N = sequence(CU_K, b, N, VARLEN)
-    if start_n >= N:  # past the end of a shorter packed sequence
-        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
@@ -274,24 +302,37 @@ def attention_bwd_dkdv_kernel(
     else:
         lo = 0
         full = 0
+    # a program past the end of a shorter packed sequence sees no query tile and stores nothing (no early
+    # return: triton's sm_90 warp specialisation rejects one)
+    lo = tl.where(start_n < N, lo, M)
+    full = tl.where(start_n < N, full, M)
 
     gate_h = tl.load(GATE + h).to(tl.float32)
     ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
-    ke_base = KE + ke_rows
-    kh = _key_tile(K + b * stride_kb + k0 * stride_kn + g * stride_kh, ke_base, stride_kn, stride_ken, offs_n, offs_d,
-                   N, gate_h, True, BYPASS, HEAD_DIM)                                   # k'[h] (k unless Excitor)
-    vt = load_rows(V + b * stride_vb + k0 * stride_vn + g * stride_vh, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
-    q_base = Q + b * stride_qb + q0 * stride_qm + h * stride_qh
-    do_base = DO + b * stride_dob + q0 * stride_dom + h * stride_doh
+    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
+                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
+                                        BLOCK_D, HEAD_DIM, DESC)
+    kh = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, True, BYPASS, BLOCK_N, HEAD_DIM,
+                   DESC)                                                                # k'[h] (k unless Excitor)
+    vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC)
+    q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
+                       DESC)
+    do_src = row_source(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, M, stride_dom, BLOCK_M, BLOCK_D,
+                        HEAD_DIM, DESC)
     row_stats = b * stride_lb + h * stride_lh + q0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BYPASS == 1, BLOCK_M,
-                                HEAD_DIM, PREC)
-    dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_base, do_base, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BYPASS == 1, BLOCK_M,
-                                HEAD_DIM, PREC)
+    if WARP_SPEC:  # that pass also takes a single loop per kernel: every query tile masked when causal
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, lo, M, M, shift, qk_scale, CAUSAL, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, True)
+    else:
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, False)
+        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
+                                    stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BYPASS == 1, BLOCK_M,
+                                    HEAD_DIM, PREC, DESC, False)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
@@ -302,7 +343,7 @@ def attention_bwd_dkdv_kernel(
     if BYPASS == 1:
         # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error);
         # ke is centred (docs/design.md), so the sum does not cancel
-        ke = load_rows(ke_base, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC).to(tl.float32)
         ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
         dke = gate_h * dk
@@ -317,15 +358,16 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken, stride_vn,
+def _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
                   lo, hi, N, shift, gate_h, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """dq += ds k' over key tiles [lo, hi) (softmax_scale applied by the caller)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _key_tile(k_base, ke_base, stride_kn, stride_ken, offs_n, offs_d, N, gate_h, MASKED, BYPASS, HEAD_DIM)
-        vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, MASKED)
+        kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
+                       HEAD_DIM, DESC)
+        vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
         p = tl.exp2(dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), p, 0.0)
@@ -346,27 +388,28 @@ def attention_bwd_dq_kernel(
     stride_lb, stride_lh, Hq, M, N, P, GROUPS, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  VARLEN, BLOCK_M)
-    if start_m >= M:  # past the end of a shorter packed sequence
-        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
 
-    q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    do = load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
-                   True)
+    q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
+                       DESC)
+    q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
+    do_src = row_source(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, M, stride_dom, BLOCK_M, BLOCK_D,
+                        HEAD_DIM, DESC)
+    do = load_tile(do_src, start_m, stride_dom, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
     row_stats = b * stride_lb + h * stride_lh + q0
     lse = tl.load(LSE + row_stats + offs_m, mask=offs_m < M, other=float("inf"))
     delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < M, other=0.0)
     gate_h = tl.load(GATE + h).to(tl.float32)
-    k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
-    ke_base = KE + b * stride_keb + k0 * stride_ken + g * stride_keh
-    v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
+    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
+                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
+                                        BLOCK_D, HEAD_DIM, DESC)
 
     # Adapter prompts first, so that their tiles are dead before the key loop:
     # o_i += gate[h] op_i with op = ap pv and ap = softmax(softmax_scale q pk^T)
@@ -387,10 +430,19 @@ def attention_bwd_dq_kernel(
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                       stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_base, ke_base, v_base, stride_kn, stride_ken,
-                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC)
+    hi = tl.where(start_m < M, hi, 0)  # past the end of a shorter packed sequence: no key (as in the forward)
+    full = tl.minimum(full, hi)
+    if WARP_SPEC:  # one loop, every key tile masked (as in the forward)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
+                           DESC, True)
+    else:
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                           PREC, DESC, False)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                           stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                           PREC, DESC, False)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
@@ -401,7 +453,9 @@ def attention_bwd_dq_kernel(
 
 
 def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    # pointer loads, no warp specialisation: every GPU, every triton (see _triton_tuning for the others)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, DESC=False,
+                WARP_SPEC=False)
 
 
 def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int = EXCITOR,
@@ -412,11 +466,12 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     kernel compiles without register spills for d <= 128 and P <= 64 on that architecture (the static cost
     report, ``python -m bench.static``, checks it); sm_80 needs smaller tiles for the Adapter forward and the
     Excitor dq, whose extra tiles do not fit beside mma.sync's accumulators. float32: tiles that fit an
-    sm_80 block's shared memory. Interpreted: tiles no larger than the problem.
+    sm_80 block's shared memory. Interpreted: tiles no larger than the problem. On sm_90+ the launchers may
+    run a faster configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
     if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
-        return (dict(BLOCK_M=bm, BLOCK_N=bn),) * 3
+        return (dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False),) * 3
     if itemsize > 2:
         return _tiles(64, 32, 4), _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
@@ -431,6 +486,18 @@ def _arch(t: torch.Tensor) -> int:
     return 10 * major + minor
 
 
+def _configs(kernel, default, rows, causal, bypass, tensors, prepare, deterministic=False):
+    """The configuration ``kernel`` launches with (``_triton_tuning.pick``): ``default`` unless tuned on a GPU
+    or forced; sets triton's allocator when it uses tensor descriptors. ``deterministic`` backwards keep the
+    fixed tiles: a timed choice may differ between processes, and the tiles set the order of the sums."""
+    t = tensors[0]
+    key = (rows.varlen, rows.d, t.dtype, causal, length_bucket(max(rows.M, rows.N)))
+    desc_ok = descriptors_ok(*tensors)
+    if desc_ok:
+        prepare_descriptors()
+    return pick(kernel, bypass, key, default, autotune_enabled(t) and not deterministic, desc_ok, prepare)
+
+
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
     """Launch the forward; returns (o, lse, ke): lse float32 (``rows.stats_shape``) in base-2 units, ke the
     Excitor's reconstructed keys and their rounding error, ``(2, *s.shape)`` (saved for the backward; None for
@@ -440,17 +507,21 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     ke = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else None
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
-    fwd, _, _ = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
-    grid = (triton.cdiv(M, fwd["BLOCK_M"]), B * Hq)
     kx = k if ke is None else ke[0]
-    attention_fwd_kernel[grid](
-        q, k, v, kx, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
-        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
-        *prompt_strides(pk), *prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
-        Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d,
-        BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), **fwd,
-    )
+
+    def launch(config, o, lse):
+        attention_fwd_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
+            q, k, v, kx, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
+            *prompt_strides(pk), *prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
+            Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d,
+            BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), **config,
+        )
+
+    fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))[0]
+    fwd = _configs("fwd", fixed, rows, causal, bypass, (q, k, v, kx), lambda config: lambda: launch(config, o, lse))
+    launch(fwd, o, lse)
     return o, lse, ke
 
 
@@ -465,13 +536,13 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, kv_launch, q_launch = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
+    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
     prec = precision(q)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     excitor = bypass == EXCITOR
 
     delta = new_output(rows.stats_shape, dtype=torch.float32, device=dev)
-    pre_bm = q_launch["BLOCK_M"]
+    pre_bm = q_default["BLOCK_M"]
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
         o, do, q, pk, pk if pv is None else pv, gate, delta, rows.cu_q,
         *rows.strides(o), *rows.strides(do), *rows.strides(q), *prompt_strides(pk), *prompt_strides(pv),
@@ -480,54 +551,81 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
-    kv_tiles = triton.cdiv(N, kv_launch["BLOCK_N"])
-    q_tiles = triton.cdiv(M, q_launch["BLOCK_M"])
     # dk, dv: in the outputs' dtypes under MHA; float32 sums over the group under GQA (one launch per member)
     # and always for the Excitor's dk, which the post-pass finishes with dke
     dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
     dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
-    # gate sums [tile, batch, q head]: one slot per key-tile program (Excitor; tiles past a shorter packed
-    # sequence leave 0), or per query tile (Adapter, atomics into one slot unless deterministic)
-    if excitor or deterministic:
-        dg_buf = torch.zeros((kv_tiles if excitor else q_tiles, B, Hq), dtype=torch.float32, device=dev)
-    else:
-        dg_buf = torch.zeros((1, 1, Hq), dtype=torch.float32, device=dev)
-    dg_strides = (dg_buf.stride(0), dg_buf.stride(1)) if excitor or deterministic else (0, 0)
     kx, kx_lo = (k, k) if ke is None else (ke[0], ke[1])
-    for member in range(groups):
-        attention_bwd_dkdv_kernel[(kv_tiles, B * Hkv)](
-            q, k, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
-            *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
-            Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
-            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d, BLOCK_D=BLOCK_D,
-            PREC=prec, **kv_launch,
-        )
-    dv = dv.to(v.dtype)
 
-    # Adapter prompt sums, made by query-tile programs: [tile, batch, kv head, group member, prompt, d]
-    if excitor:
-        dpk_buf = dpv_buf = dg_buf  # never written
-        dpk_strides = (0,) * 5
-    elif deterministic:
-        dpk_buf = torch.zeros((q_tiles, B, Hkv, groups, P, d), dtype=torch.float32, device=dev)
-        dpk_strides = dpk_buf.stride()[:5]
-    else:
-        dpk_buf = torch.zeros((1, B if per_sample else 1, Hkv, 1, P, d), dtype=torch.float32, device=dev)
-        dpk_strides = (0, dpk_buf.stride(1) if per_sample else 0, dpk_buf.stride(2), 0, dpk_buf.stride(4))
-    if not excitor:
-        dpv_buf = torch.zeros_like(dpk_buf)
-    attention_bwd_dq_kernel[(q_tiles, B * Hq)](
-        q, k, v, kx, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
-        rows.cu_q, rows.cu_k,
-        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
-        *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
-        *dpk_strides, *dg_strides, *rows.stats_strides(lse),
-        Hq, M, N, P, groups, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
-        **q_launch,
-    )
+    def gate_sums(kv_config, q_config):
+        """(buffer, tile and batch strides) of the gate sums [tile, batch, q head]: one slot per key-tile
+        program (Excitor; tiles past a shorter packed sequence leave 0), or per query tile (Adapter, atomics
+        into one slot unless deterministic)."""
+        if excitor or deterministic:
+            tiles = triton.cdiv(N, kv_config["BLOCK_N"]) if excitor else triton.cdiv(M, q_config["BLOCK_M"])
+            buf = torch.zeros((tiles, B, Hq), dtype=torch.float32, device=dev)
+            return buf, (buf.stride(0), buf.stride(1))
+        return torch.zeros((1, 1, Hq), dtype=torch.float32, device=dev), (0, 0)
+
+    def prompt_sums(q_config, dg_buf):
+        """(dpk, dpv, strides) of the Adapter's prompt sums, made by query-tile programs:
+        [tile, batch, kv head, group member, prompt, d] (the Excitor passes unused stand-ins)."""
+        if excitor:
+            return dg_buf, dg_buf, (0,) * 5
+        if deterministic:
+            buf = torch.zeros((triton.cdiv(M, q_config["BLOCK_M"]), B, Hkv, groups, P, d), dtype=torch.float32,
+                              device=dev)
+            return buf, torch.zeros_like(buf), buf.stride()[:5]
+        buf = torch.zeros((1, B if per_sample else 1, Hkv, 1, P, d), dtype=torch.float32, device=dev)
+        return buf, torch.zeros_like(buf), (0, buf.stride(1) if per_sample else 0, buf.stride(2), 0, buf.stride(4))
+
+    def launch_dkdv(config, members, dg):
+        dg_buf, dg_strides = dg
+        for member in members:
+            attention_bwd_dkdv_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * Hkv)](
+                q, k, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
+                *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
+                *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
+                Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
+                CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d,
+                BLOCK_D=BLOCK_D, PREC=prec, **config,
+            )
+
+    def launch_dq(config, dg, prompts):
+        (dg_buf, dg_strides), (dpk_buf, dpv_buf, dpk_strides) = dg, prompts
+        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
+            q, k, v, kx, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
+            rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
+            *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
+            *dpk_strides, *dg_strides, *rows.stats_strides(lse),
+            Hq, M, N, P, groups, softmax_scale * LOG2E, softmax_scale,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
+            PREC=prec, **config,
+        )
+
+    # tuning launches write fresh sums (the real ones are added into) and only the first group member's dk,
+    # dv (which the first real launch overwrites)
+    loads = (q, k, v, kx, do)
+
+    def tune_dkdv(config):
+        dg = gate_sums(config, q_default)
+        return lambda: launch_dkdv(config, (0,), dg)
+
+    def tune_dq(config):
+        dg = gate_sums(kv_default, config)
+        prompts = prompt_sums(config, dg[0])
+        return lambda: launch_dq(config, dg, prompts)
+
+    kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv, deterministic)
+    q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq, deterministic)
+    dg = gate_sums(kv_config, q_config)
+    dg_buf = dg[0]
+    launch_dkdv(kv_config, range(groups), dg)
+    dv = dv.to(v.dtype)
+    dpk_buf, dpv_buf, dpk_strides = prompt_sums(q_config, dg_buf)
+    launch_dq(q_config, dg, (dpk_buf, dpv_buf, dpk_strides))
 
     dgate = dg_buf.sum(dim=(0, 1)).to(gate.dtype)
     if excitor:

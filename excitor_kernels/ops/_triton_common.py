@@ -45,6 +45,29 @@ def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHEC
 
 
 @triton.jit
+def row_source(base, n_rows, stride_row, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DESC: tl.constexpr):
+    """Where ``load_tile`` reads (BLOCK_R, BLOCK_D) tiles of a row-major (n_rows, HEAD_DIM) matrix from: a tensor
+    descriptor when DESC (TMA loads on sm_90; rows and columns outside the matrix read as 0; the launcher
+    checks that ``base`` and ``stride_row`` are 16-byte aligned), else the base pointer itself."""
+    if DESC:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def load_tile(src, start, stride_row, cols, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, DESC: tl.constexpr):
+    """Rows [start, start + BLOCK_R) of a ``row_source``, zeros outside (a descriptor always bounds-checks)."""
+    if DESC:
+        return src.load([start, 0])
+    else:
+        return load_rows(src, start + tl.arange(0, BLOCK_R), stride_row, cols, n_rows, HEAD_DIM, CHECK_ROWS)
+
+
+@triton.jit
 def store_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr):
     ptrs = base + rows[:, None] * stride_row + cols[None, :]
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))

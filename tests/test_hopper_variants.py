@@ -1,0 +1,83 @@
+"""The Hopper variants of the attention kernels (tensor-descriptor loads, warp-specialised loops) and the
+tuned configuration set (excitor_kernels/ops/_triton_tuning.py).
+
+* Correctness: each switch of the same kernels, forced through ``_triton_tuning.forced``, against the float64
+  oracle on a few cases of the support grid, padded and packed (the CPU interpreter emulates descriptor
+  loads and ignores warp specialisation; on a GPU they run compiled).
+* Cost: every configuration of ``CANDIDATES`` compiles for sm_90 (Excitor and Adapter, bf16, d = 128) with no
+  register spills and shared memory within one block's limit (``bench.ptxas``; no GPU needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from excitor_kernels.ops import _triton_tuning as tuning
+from helpers import DEVICES, SUPPORT_GRID, check_against_oracle, param_cases
+from test_varlen import CASES as VARLEN_CASES
+from test_varlen import check as check_varlen
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parent.parent
+
+VARIANTS = {
+    "descriptors": dict(DESC=True),
+    "warp_specialised": dict(DESC=True, WARP_SPEC=True),  # one masked loop per kernel; needs descriptor loads
+}
+pytestmark = pytest.mark.skipif(not tuning.has_descriptors(), reason="this triton has no tensor descriptors")
+
+
+def _forced(variant):
+    config = VARIANTS[variant]
+    return tuning.forced(fwd=config, dkdv=config, dq=config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@param_cases([SUPPORT_GRID[1], SUPPORT_GRID[5]])
+def test_variant_matches_float64(case, op, variant, device):
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need sm_90")
+    if device == "cuda" and variant == "warp_specialised" and op == "adapter":
+        pytest.skip("triton's sm_90 warp specialisation does not compile the Adapter kernels")
+    with _forced(variant):
+        check_against_oracle(op, case, torch.float16, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_descriptors_packed_sequences(op, device):
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need sm_90")
+    with _forced("descriptors"):
+        check_varlen(op, VARLEN_CASES[0], torch.float16, device, "triton")
+
+
+def test_forced_descriptors_refused_where_unsupported():
+    """Odd strides (not 16-byte multiples) cannot be read by descriptors: forcing them names the reason."""
+    q = torch.randn(1, 2, 5, 7)
+    assert not tuning.descriptors_ok(q)
+    with tuning.forced(fwd=dict(DESC=True)), pytest.raises(ValueError, match="DESC=True"):
+        tuning.pick("fwd", 1, (), dict(DESC=False), False, False, None)
+
+
+def test_candidates_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-m", "bench.rank_configs", "--static", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=3000)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and rows, run.stderr[-3000:]
+    expected = {(kernel, op) for kernel in tuning.CANDIDATES for op in ("excitor", "adapter")}
+    assert {(r["kernel"], r["op"]) for r in rows} == expected
+    assert len(rows) == sum(len(tuning.candidates(k, b)) for k in tuning.CANDIDATES for b in (1, 2))
+    bad = [r for r in rows if r.get("error") or r["spill_stores"] or r["spill_loads"] or r["shared"] > r["limit"]]
+    assert not bad, bad
