@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax, prompt_strides, sequence,
-                             store_rows)
+from ._triton_common import (LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax,
+                             prompt_strides, sequence, store_rows)
 
 
 @triton.jit
@@ -79,6 +79,17 @@ def _tile(CU_K, N, Hkv, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_and_prompts(S, PK, b, g, k0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh,
+                      stride_pkp, P, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(st, pk, offs_d, offs_p): this key tile of s and the prompts of its key/value head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    return st, pk, offs_d, offs_p
+
+
+@triton.jit
 def prompt_keys_fwd_kernel(
     S, PK, KE, KE_LO, CU_K,
     stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_keb, stride_keh, stride_ken,
@@ -91,10 +102,8 @@ def prompt_keys_fwd_kernel(
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
-    st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, k0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
+                                               stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)
     _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     rows = b * stride_keb + k0 * stride_ken + g * stride_keh
     ke_hi = ke.to(KE.dtype.element_ty)
@@ -106,7 +115,8 @@ def prompt_keys_fwd_kernel(
 def prompt_keys_bwd_kernel(
     S, PK, DKE, DK, DS, DPK, CU_K,
     stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp, stride_dkeb, stride_dkeh, stride_dken,
-    stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn, stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p,
+    stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn,
+    stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p,
     Hkv, N, P, prompt_scale, prompt_scale_log2,
     ADD_DS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
@@ -116,10 +126,8 @@ def prompt_keys_bwd_kernel(
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
-    st = load_rows(S + b * stride_sb + k0 * stride_sn + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, k0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
+                                               stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)
     dke = load_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, offs_n, stride_dken, offs_d, N,
                     HEAD_DIM, True)
     a, _ = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, False)
@@ -175,7 +183,8 @@ def prompt_keys_backward(dke: torch.Tensor, s: torch.Tensor, pk: torch.Tensor, p
     ds = new_output(s.shape, dtype=s.dtype, device=s.device, like=s)
     prompt_keys_bwd_kernel[(tiles, rows.B * rows.Hkv)](
         s, pk, dke, ds if dk is None else dk, ds, buf, rows.cu_k, *rows.strides(s), *prompt_strides(pk),
-        *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *buf_strides, rows.Hkv, rows.N, P, prompt_scale, prompt_scale * LOG2E,
+        *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *buf_strides,
+        rows.Hkv, rows.N, P, prompt_scale, prompt_scale * LOG2E,
         ADD_DS=dk is not None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(s),
         **launch,
     )
