@@ -13,10 +13,12 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 :data:`CANDIDATES` lists the half-precision configurations per kernel and operator. Each compiles for sm_90
 at ``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
 (tests/test_hopper_variants.py checks it with ``bench.ptxas``; smaller head dims hold smaller tiles). On a
-GPU of compute capability 9.0 or more the launchers time them (and the fixed configuration) at the first
-call of each key (kernel, operator, layout, head dim, dtype, causal, length bucket) and keep the fastest for
-the process (:func:`pick`); older GPUs, float32, the CPU interpreter, ``deterministic=True`` backwards,
-CUDA-graph capture and ``EXCITOR_TRITON_AUTOTUNE=0`` use the fixed tiles of ``_triton_attention.blocks``. ``python -m bench.rank_configs`` prints the ranking on a GPU.
+GPU of compute capability 9.0 or more, with ``EXCITOR_TRITON_AUTOTUNE=1``, the launchers time them (and the
+fixed configuration) at the first call of each key (kernel, operator, layout, head dim, dtype, causal, length
+bucket) and keep the fastest for the process (:func:`pick`). Tuning is opt-in until the variants have been
+checked for correctness on a GPU (timing does not check results); without it, and on older GPUs, float32,
+the CPU interpreter, ``deterministic=True`` backwards and CUDA-graph capture, the launchers use the fixed
+tiles of ``_triton_attention.blocks``. ``python -m bench.rank_configs`` prints the ranking on a GPU.
 """
 from __future__ import annotations
 
@@ -106,8 +108,8 @@ def length_bucket(n: int) -> int:
 
 def autotune_enabled(t: torch.Tensor) -> bool:
     """Tune half-precision launches on sm_90+ GPUs (the set is pruned for sm_90), outside CUDA-graph capture,
-    unless ``EXCITOR_TRITON_AUTOTUNE=0``."""
-    return (t.is_cuda and t.element_size() == 2 and os.environ.get("EXCITOR_TRITON_AUTOTUNE", "1") != "0"
+    when ``EXCITOR_TRITON_AUTOTUNE=1`` (opt-in until the variants are validated on a GPU)."""
+    return (t.is_cuda and t.element_size() == 2 and os.environ.get("EXCITOR_TRITON_AUTOTUNE", "0") == "1"
             and torch.cuda.get_device_capability(t.device) >= (9, 0)
             and not torch.cuda.is_current_stream_capturing())
 
@@ -155,5 +157,5 @@ def fastest(configs: list, prepare) -> list:
             continue
         timed.append((ms, config))
     if not timed:
-        raise RuntimeError("no configuration of the attention kernels could run; set EXCITOR_TRITON_AUTOTUNE=0")
+        raise RuntimeError("no configuration of the attention kernels could run; unset EXCITOR_TRITON_AUTOTUNE")
     return sorted(timed, key=lambda t: t[0])
