@@ -452,6 +452,10 @@ def attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+# the delta pre-pass: 8 warps (with 4 the Adapter's prompt tile spills at d = 64 on sm_90, bench.static)
+PREPROCESS_LAUNCH = dict(num_warps=8)
+
+
 def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
     # pointer loads, no warp specialisation: every GPU, every triton (see _triton_tuning for the others)
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, DESC=False,
@@ -548,6 +552,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         *rows.strides(o), *rows.strides(do), *rows.strides(q), *prompt_strides(pk), *prompt_strides(pv),
         *rows.stats_strides(delta), Hq, M, P, groups, softmax_scale * LOG2E,
         BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
+        **(PREPROCESS_LAUNCH if q.is_cuda else {}),
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
