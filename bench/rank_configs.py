@@ -25,31 +25,31 @@ OPS = {"excitor": 1, "adapter": 2}
 def static(as_json: bool) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("bench.rank_configs --static: run without TRITON_INTERPRET=1")
-    from bench.ptxas import compile_cost
+    from bench import static as cost
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops._triton_tuning import CANDIDATES, candidates
 
     kernels = {"fwd": tri.attention_fwd_kernel, "dkdv": tri.attention_bwd_dkdv_kernel,
                "dq": tri.attention_bwd_dq_kernel}
+    flags = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_P=32, CAUSAL=True, VARLEN=False, ACCUMULATE=True, PREC="tf32")
     failed = 0
     for name in CANDIDATES:
         for op, bypass in OPS.items():
             for config in candidates(name, bypass):
-                constexprs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-                constexprs.update(HEAD_DIM=128, BLOCK_D=128, BLOCK_P=32, CAUSAL=True, BYPASS=bypass, VARLEN=False,
-                                  ACCUMULATE=True, PREC="tf32")
-                kernel = kernels[name]
-                constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
                 row = dict(kernel=name, op=op, **config)
-                try:
-                    # the dk/dv launches of GQA groups and of the Excitor add into float32 sums
-                    row.update(compile_cost(kernel, 90, "bf16", constexprs,
-                                            dict(num_warps=config["num_warps"], num_stages=config["num_stages"]),
-                                            types={"DK": "*fp32", "DV": "*fp32"} if name == "dkdv" else None))
-                    bad = row["spill_stores"] or row["spill_loads"] or row["shared"] > row["limit"]
-                except Exception as exc:  # noqa: BLE001 - reported per configuration
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                # the dk/dv launches of GQA groups and of the Excitor add into float32 sums
+                j = cost.job(kernels[name], config, dict(flags, BYPASS=bypass),
+                             types={"DK": "*fp32", "DV": "*fp32"} if name == "dkdv" else None)
+                j.update(cc=90, dtype="bf16", key=f"rank/sm90/bf16/d128/{name}/{op}/{_label(config)}",
+                         config=dict(cc=90, dtype="bf16", d=128, kernel=name, op=op, **config))
+                r = cost.compile_triton(j)
+                if "error" in r:
+                    row["error"] = r["error"][:500]
                     bad = True
+                else:
+                    row.update(registers=r["registers"], spill_stores=r["spill_stores"], spill_loads=r["spill_loads"],
+                               shared=r["shared"], limit=r["shared_limit"])
+                    bad = row["spill_stores"] or row["spill_loads"] or row["shared"] > row["limit"]
                 failed += bool(bad)
                 print(json.dumps(row) if as_json else
                       f"{name:5s} {op:8s} {_label(config):28s} " + (row.get("error") or

@@ -5,7 +5,7 @@ tuned configuration set (excitor_kernels/ops/_triton_tuning.py).
   oracle on a few cases of the support grid, padded and packed (the CPU interpreter emulates descriptor
   loads and ignores warp specialisation; on a GPU they run compiled).
 * Cost: every configuration of ``CANDIDATES`` compiles for sm_90 (Excitor and Adapter, bf16, d = 128) with no
-  register spills and shared memory within one block's limit (``bench.ptxas``; no GPU needed).
+  register spills and shared memory within one block's limit (``bench.static``'s compile path; no GPU needed).
 """
 from __future__ import annotations
 

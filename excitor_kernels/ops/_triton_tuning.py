@@ -12,7 +12,8 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 
 :data:`CANDIDATES` lists the half-precision configurations per kernel and operator. Each compiles for sm_90
 at ``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
-(tests/test_hopper_variants.py checks it with ``bench.ptxas``; smaller head dims hold smaller tiles). On a
+(tests/test_hopper_variants.py checks it with ``bench.static``'s compile path; smaller head dims hold smaller
+tiles). On a
 GPU of compute capability 9.0 or more, with ``EXCITOR_TRITON_AUTOTUNE=1``, the launchers time them (and the
 fixed configuration) at the first call of each key (kernel, operator, layout, head dim, dtype, causal, length
 bucket) and keep the fastest for the process (:func:`pick`). Tuning is opt-in until the variants have been
@@ -35,7 +36,9 @@ BOTH = (EXCITOR, ADAPTER)
 # (operators, BLOCK_M, BLOCK_N, num_warps, num_stages, DESC, WARP_SPEC); the first of each kernel is blocks()'s
 # fixed GPU configuration. Kept: no spills on sm_90 at bf16, d = 128 for the operators named. Left out for
 # spilling there, e.g. pointer forwards 128x64 (8 warps) and 64x64 (4 warps), dk/dv 32x64 and 32x32 with 4
-# warps, dk/dv at 128x32 and Adapter dq with descriptors at 32x64 (8 warps). Warp specialisation compiles on sm_90 (triton 3.9)
+# warps, dk/dv at 128x32, the Excitor's dk/dv with descriptors at 64x32 (its hi + lo ds product) and Adapter
+# dq with descriptors at 32x64 (8 warps); compiled as a GPU launch sees them (16-byte aligned pointers and
+# strides, bench.static). Warp specialisation compiles on sm_90 (triton 3.9)
 # for the Excitor forward and dq with descriptor loads at 4 warps (triton adds a producer warp group); not
 # with pointer loads, not for the Adapter (its prompt products), while the dk/dv loop and any loop at 8
 # warps triton leaves as it is.
@@ -44,8 +47,8 @@ _SET = {
             (BOTH, 128, 32, 8, 3, True, False), (BOTH, 128, 64, 8, 2, True, False),
             (BOTH, 64, 64, 4, 2, True, False), (BOTH, 64, 32, 4, 3, True, False),
             ((EXCITOR,), 128, 64, 4, 2, True, True), ((EXCITOR,), 128, 32, 4, 2, True, True)],
-    "dkdv": [(BOTH, 64, 32, 8, 2, False, False), (BOTH, 64, 32, 8, 2, True, False),
-             (BOTH, 64, 32, 8, 3, True, False), (BOTH, 32, 32, 8, 2, False, False),
+    "dkdv": [(BOTH, 64, 32, 8, 2, False, False), ((ADAPTER,), 64, 32, 8, 2, True, False),
+             ((ADAPTER,), 64, 32, 8, 3, True, False), (BOTH, 32, 32, 8, 2, False, False),
              (BOTH, 32, 32, 8, 2, True, False)],
     "dq": [(BOTH, 32, 64, 8, 2, False, False), (BOTH, 64, 64, 8, 2, True, False),
            ((EXCITOR,), 32, 64, 8, 2, True, False), ((EXCITOR,), 64, 32, 4, 2, True, False),
