@@ -181,7 +181,7 @@ def triton_jobs(subset: str = "full"):
                     continue
                 # launched with the dq tiles' BLOCK_M and its own launch options
                 found.append((layout, job(tri.attention_bwd_preprocess_kernel, tri.PREPROCESS_LAUNCH, flags,
-                                              BLOCK_M=dq["BLOCK_M"])))
+                                          BLOCK_M=dq["BLOCK_M"])))
                 # MHA: one launch (a group's later members ACCUMULATE into float32 dk, dv under GQA); the
                 # Excitor's dk is a float32 sum finished by the post-pass; elsewhere DKE is dk, unused
                 found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=False,

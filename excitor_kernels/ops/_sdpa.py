@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._alloc import new_output
 from ._triton_common import (LOG2E, load_rows, pow2, precision, prompt_attention, prompt_attention_backward,
@@ -52,6 +53,10 @@ from ._triton_common import (LOG2E, load_rows, pow2, precision, prompt_attention
 from ._triton_prompt_keys import prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
+# On the CPU the token attention runs on SDPA's math backend: PyTorch's CPU flash kernel gives a finite row where
+# a score is NaN (a NaN query row, or a NaN key a row sees, comes out as numbers; pytorch/pytorch#141128), which
+# would hide a diverging run (docs/contract.md, "Non-finite inputs"). The CPU is not this backend's target.
+_CPU_SDPA = [SDPBackend.MATH]
 
 
 @triton.jit
@@ -480,6 +485,13 @@ _prompts_op.register_autograd(_prompts_backward, setup_context=_prompts_setup)
 def attend(q, k, v, causal, scale, enable_gqa=False):
     """``F.scaled_dot_product_attention`` with docs/contract.md's bottom-right causal alignment (see the module
     docstring); rows that see no key output 0."""
+    if q.device.type == "cpu":  # PyTorch's CPU flash kernel writes finite rows for NaN scores (see _CPU_SDPA)
+        with sdpa_kernel(_CPU_SDPA):
+            return _attend(q, k, v, causal, scale, enable_gqa)
+    return _attend(q, k, v, causal, scale, enable_gqa)
+
+
+def _attend(q, k, v, causal, scale, enable_gqa):
     M, N = q.shape[-2], k.shape[-2]
     gqa = dict(enable_gqa=True) if enable_gqa else {}
     if not causal or M == N:

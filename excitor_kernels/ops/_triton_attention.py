@@ -104,6 +104,17 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
+def _sees_no_key(offs_m, N, shift, CAUSAL: tl.constexpr):
+    """Rows that see no key: they output 0 and store lse = +inf, decided by the mask alone (whatever the tiles
+    they skipped held). A row that sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the
+    softmax of the formula."""
+    empty = (offs_m < 0) | (N == 0)
+    if CAUSAL:
+        empty = empty | (offs_m + shift < 0)
+    return empty
+
+
+@triton.jit
 def _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb, stride_keh, stride_ken,
                  stride_vb, stride_vh, stride_vn, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
@@ -184,11 +195,7 @@ def attention_fwd_kernel(
                                    stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
                                    HEAD_DIM, PREC, DESC, False)
 
-    # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
-    # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
-    empty = (offs_m < 0) | (N == 0)
-    if CAUSAL:
-        empty = empty | (offs_m + shift < 0)
+    empty = _sees_no_key(offs_m, N, shift, CAUSAL)
     o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     if BYPASS == 2:
         _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
@@ -202,22 +209,29 @@ def attention_fwd_kernel(
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    O, DO, Q, PK, PV, GATE, DELTA, CU_Q,
+    O, DO, Q, K, V, PK, PV, GATE, LSE, DELTA, CU_Q, CU_K,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     stride_pkb, stride_pkh, stride_pkp,
     stride_pvb, stride_pvh, stride_pvp, stride_lb, stride_lh,
-    Hq, M, P, GROUPS, qk_scale,
-    BYPASS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Hq, M, N, P, GROUPS, qk_scale,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """delta_i = <do_i, o_i> minus, for the adapter, the prompt part gate[h] <do_i, op_i>.
+    """delta_i = <do_i, ot_i>, ot the token attention's output: the D of its softmax backward,
+    ds = p * (do v^T - delta).
 
-    delta is the D of the softmax backward of the token attention alone: ds = p * (do v^T - delta).
+    Excitor: ot = o. Adapter: ot = o - gate[h] op, op the prompt term recomputed here. Where gate[h] op_i is not
+    finite (a NaN or Inf in the prompts or the gate) that difference cannot give ot_i back, while the formula's
+    dk stays finite; such a tile recomputes ot_i = sum_j exp2(s_ij - lse_i) v_j from q, k, v and the saved lse,
+    one key at a time in float32 (a branch no finite input takes; it keeps the pass's registers those of the
+    common path), so that a non-finite prompt reaches no key's gradient.
     """
-    b, h, g, q0, _, M, _, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_Q, Hq, M, M, GROUPS,
-                                                VARLEN, BLOCK_M)
+    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
+                                                 VARLEN, BLOCK_M)
     if start_m >= M:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -231,7 +245,22 @@ def attention_bwd_preprocess_kernel(
         _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
                                         HEAD_DIM, PREC)
-        o -= tl.load(GATE + h).to(tl.float32) * op
+        gated = tl.load(GATE + h).to(tl.float32) * op
+        o -= gated
+        if tl.max(tl.max(tl.where(gated - gated == 0.0, 0, 1), 1), 0) > 0:  # x - x is NaN for NaN and +-inf
+            lse = tl.load(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, mask=offs_m < M, other=float("inf"))
+            hi = N
+            if CAUSAL:
+                hi = tl.minimum(N, tl.maximum(start_m + BLOCK_M + N - M, 0))
+            cols = offs_d < HEAD_DIM
+            q32 = q.to(tl.float32)
+            o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for j in range(0, hi):
+                kj = tl.load(K + b * stride_kb + (k0 + j) * stride_kn + g * stride_kh + offs_d, mask=cols, other=0.0)
+                vj = tl.load(V + b * stride_vb + (k0 + j) * stride_vn + g * stride_vh + offs_d, mask=cols, other=0.0)
+                p = tl.exp2(tl.sum(q32 * kj.to(tl.float32)[None, :], 1) * qk_scale - lse)
+                sees = _visible(offs_m, j + tl.zeros([1], tl.int32), N, N - M, CAUSAL)     # (BLOCK_M, 1)
+                o += tl.where(sees, p[:, None] * vj.to(tl.float32)[None, :], 0.0)
     delta = tl.sum(o * do.to(tl.float32), 1)
     tl.store(DELTA + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < M)
 
@@ -548,11 +577,12 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     delta = new_output(rows.stats_shape, dtype=torch.float32, device=dev)
     pre_bm = q_default["BLOCK_M"]
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
-        o, do, q, pk, pk if pv is None else pv, gate, delta, rows.cu_q,
-        *rows.strides(o), *rows.strides(do), *rows.strides(q), *prompt_strides(pk), *prompt_strides(pv),
-        *rows.stats_strides(delta), Hq, M, P, groups, softmax_scale * LOG2E,
-        BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec,
-        **(PREPROCESS_LAUNCH if q.is_cuda else {}),
+        o, do, q, k, v, pk, pk if pv is None else pv, gate, lse, delta, rows.cu_q, rows.cu_k,
+        *rows.strides(o), *rows.strides(do), *rows.strides(q), *rows.strides(k), *rows.strides(v),
+        *prompt_strides(pk), *prompt_strides(pv), *rows.stats_strides(delta), Hq, M, N, P, groups,
+        softmax_scale * LOG2E,
+        CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D,
+        BLOCK_P=BLOCK_P, PREC=prec, **(PREPROCESS_LAUNCH if q.is_cuda else {}),
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)
