@@ -1,7 +1,7 @@
 """Tune a small Llama with LLaMA-Excitor prompts on a synthetic instruction set (nothing downloaded).
 
-    python python/finetune_demo.py [--steps 150] [--pretrain-steps 400] [--lr 2e-2] [--mode excitor|adapter]
-                                   [--device cpu|cuda]
+    python python/finetune_demo.py [--steps 500] [--pretrain-steps 400] [--lr 1e-2] [--mode excitor|adapter]
+                                   [--device cpu|cuda] [--seed 0]
 
 A small Llama is built from a config and pre-trained (all weights) on made-up instructions
 ("reverse: abc" -> "cba", "upper: ab" -> "AB", "first: abc" -> "a"; byte tokens, loss on the answers
@@ -14,7 +14,9 @@ Prints the trainable parameter count, the loss curve, tokens/s, and two checks t
   trainable tensor (on a CPU the Triton kernels run interpreted, ``TRITON_INTERPRET=1``, set below before
   triton is imported; on a GPU the backend ``auto`` picks);
 * greedy-decoding exact match on 64 held-out prompts, before and after tuning (with the KV cache).
-The exit status is 1 when a check fails. Most of the time is the pre-training (``--pretrain-steps``).
+The exit status is 1 when a check fails. Most of the time is the pre-training (``--pretrain-steps``). The
+defaults pass check 2 for every seed tried (``--seed`` 0 to 3 on a CPU: 52 to 57 of 64 after tuning, 0 before);
+the Excitor's bypass only moves attention, so it needs more steps than ``--mode adapter`` (64 of 64 in 150).
 """
 from __future__ import annotations
 
@@ -131,15 +133,16 @@ def fused_vs_reference(model, batch, fused: str, train_backend: str) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mode", choices=("excitor", "adapter"), default="excitor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    rng = random.Random(0)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
     device = torch.device(args.device)
 
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -169,8 +172,8 @@ def main() -> None:
         optimizer.step()
         tokens += int(mask.sum())
         window.append(loss.item())
-        if step % 25 == 0:
-            print(f"step {step:3d}  mean loss of the last 25 batches {sum(window) / len(window):.3f}")
+        if step % 100 == 0:
+            print(f"step {step:3d}  mean loss of the last 100 batches {sum(window) / len(window):.3f}")
             window = []
     elapsed = time.perf_counter() - start
     print(f"throughput: {tokens / elapsed:,.0f} tokens/s (forward + backward + step, {elapsed:.1f}s)")
