@@ -1,7 +1,8 @@
 // Backward kernels (docs/contract.md), sm_80+ mma.sync path. Two launches:
 //
 // 1. delta_i = <do_i, o_i> (adapter: minus gate[h] <do_i, op_i>, the prompt part of o), so that the token
-//    softmax backward is ds = p * (do v^T - delta).
+//    softmax backward is ds = p * (do v^T - delta). Where gate[h] op_i is not finite the difference cannot give
+//    the token output back: such a tile recomputes it from q, k, v and lse (token_output, a rare branch).
 // 2. One launch, two kinds of CTA (the first ones own key tiles, the rest query tiles):
 //    key tile j.. of kv head g, looping over the query heads h of g and their query tiles:
 //        dv_j += sum_i p[i, j] do_i,   dk'[h, j] = softmax_scale sum_i ds[i, j] q_i   (k' rebuilt from ke)
@@ -27,6 +28,28 @@ __device__ __forceinline__ T *at_mut(void *base, const EkStrides &st, int b, int
   return static_cast<T *>(base) + b * st.b + h * st.h + int64_t(row) * st.row;
 }
 
+// The token attention's output of the CTA's query rows, ot_i = sum_j exp2(s_ij - lse_i) v_j, into ot (kTile x D
+// floats of shared memory), in float32 with plain loads: the Adapter's delta takes it where the gated prompt term
+// is not finite (a NaN or Inf in the prompts or the gate), so that it reaches no key's gradient. Two threads per
+// row, each owning half of the columns; s_q holds the tile's queries.
+template <class T, int D>
+__device__ void token_output(float *ot, const T *s_q, const EkFwdParams &p, int b, int g, int bh, int start_m) {
+  const int r = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * (D / 2), i = start_m + r;
+  const int M = p.q_len, N = p.kv_len;
+  float *row = ot + r * D;
+  for (int c = c0; c < c0 + D / 2; ++c) row[c] = 0.f;
+  if (i >= M) return;
+  const float lse = p.lse[int64_t(bh) * M + i], qk_scale = p.softmax_scale * kLog2e;
+  const int hi = p.causal ? min(N, i + N - M + 1) : N;  // keys j <= i + N - M (bottom-right)
+  for (int j = 0; j < hi; ++j) {
+    const T *k = at<T>(p.k, p.k_st, b, g, j), *v = at<T>(p.v, p.v_st, b, g, j);
+    float s = 0.f;
+    for (int c = 0; c < D; ++c) s += to_float(s_q[r * pitch<D>() + c]) * to_float(k[c]);
+    const float pij = exp2f(s * qk_scale - lse);
+    for (int c = c0; c < c0 + D / 2; ++c) row[c] += pij * to_float(v[c]);
+  }
+}
+
 // One CTA per (batch * query head, 64-query tile).
 template <class T, int D, int BYPASS>
 __global__ void __launch_bounds__(kThreads) delta_kernel(EkBwdParams bp) {
@@ -39,6 +62,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(EkBwdParams bp) {
 
   float op[D / 8][4];
   zero(op);
+  const float *ot = nullptr;  // the recomputed token output, when the prompt term is not finite
   if constexpr (BYPASS == EK_ADAPTER) {
     T *s_q = reinterpret_cast<T *>(smem);
     T *s_pk = s_q + kTile * pitch<D>();
@@ -49,6 +73,18 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(EkBwdParams bp) {
     __syncthreads();
     float ap[kTile / 8][4];
     prompt_mix<T, D>(op, ap, s_q, s_pk, s_pv, p.num_prompts, p.softmax_scale * kLog2e, f);
+    bool bad = false;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) bad |= !isfinite(gate_h * op[nb][e]);
+    static_assert(2 * tile_bytes<T, D>() >= kTile * D * int(sizeof(float)), "token output over the prompt tiles");
+    if (__syncthreads_or(bad)) {  // the prompt tiles have been read: their space holds the float32 token output
+      float *s_ot = reinterpret_cast<float *>(s_pk);
+      token_output<T, D>(s_ot, s_q, p, b, g, bh, start_m);
+      __syncthreads();
+      ot = s_ot;
+    }
   }
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
@@ -61,7 +97,8 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(EkBwdParams bp) {
 #pragma unroll
         for (int e = 2 * h2; e < 2 * h2 + 2; ++e) {
           const int c = f.col(nb, e);
-          sum += to_float(dout[c]) * (to_float(o[c]) - gate_h * op[nb][e]);
+          const float tok = ot ? ot[f.row(e) * D + c] : to_float(o[c]) - gate_h * op[nb][e];
+          sum += to_float(dout[c]) * tok;
         }
     }
     sum = quad_sum(sum);

@@ -175,15 +175,6 @@ def _grads_outside(label: str, got: torch.Tensor, formula: torch.Tensor, sdpa: t
     return None
 
 
-# What a backend still gets wrong (found by this test). strict: a case that starts passing fails until its entry
-# goes. The CUDA kernels have the Adapter delta pre-pass the Triton one had before it recomputed the token output
-# (csrc/backward.cu delta_kernel); they have never run (no GPU yet), so the entries say what to expect there.
-_ADAPTER_DELTA = ("adapter backward: dk of every key of the head group is non-finite when only the gated prompt "
-                  "term is (delta = <do, o - gate op> cannot give the token output back)")
-KNOWN = {("cuda", "adapter", n, v): _ADAPTER_DELTA for n in ("prompt_keys", "prompt_values", "gate")
-         for v in ("nan", "inf")}
-
-
 def _cases():
     for op, names in OPERANDS.items():
         for name in names:
@@ -193,9 +184,6 @@ def _cases():
                 for value, vid in ((float("nan"), "nan"), (float("inf"), "inf")):
                     marks = list(getattr(backend, "marks", ()))
                     backend_name = getattr(backend, "values", (backend,))[0]
-                    known = KNOWN.get((backend_name, op, name, vid))
-                    if known:
-                        marks.append(pytest.mark.xfail(strict=True, reason=known))
                     yield pytest.param(op, name, backend_name, value, marks=marks,
                                        id=f"{op}-{name}-{backend_name}-{vid}")
 
