@@ -217,7 +217,8 @@ def test_non_finite_input_propagates(op, name, backend, value):
     open_rows = _minus_inf_rows(op, x)
     sdpa_differs = (_pattern(o_sdpa) != _pattern(o_ref)).any(-1) & (torch.arange(M) >= EMPTY_ROWS)
     assert not (sdpa_differs & ~open_rows).any(), "SDPA and the formula differ outside the rows left open"
-    problems = [_check("o", o, o_ref, open_rows, o_sdpa), _check("o (no-grad call)", o_decode, o_ref, open_rows, o_sdpa)]
+    problems = [_check("o", o, o_ref, open_rows, o_sdpa),
+                _check("o (no-grad call)", o_decode, o_ref, open_rows, o_sdpa)]
     problems += [_grads_outside(f"d{n}", g, grads_ref[n], grads_sdpa[n]) for n, g in grads.items()]
     problems = [p for p in problems if p]
     assert not problems, f"{backend} {op}, {value} in {name}:\n" + "\n".join(problems)
@@ -232,22 +233,31 @@ def _varlen_case():
     return VarlenCase(lq=(5, 0, 33, 1, 2), lk=(9, 3, 70, 1, 0), Hq=4, Hkv=2, P=3, per_sequence=True)
 
 
-@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def _token_gradient_cases():
+    for backend in _backends():
+        name = getattr(backend, "values", (backend,))[0]
+        if name in ("triton", "sdpa", "cuda"):
+            yield pytest.param("padded", name, marks=getattr(backend, "marks", ()), id=f"padded-{name}")
+    yield pytest.param("varlen", "triton", id="varlen-triton")
+
+
+@pytest.mark.parametrize("layout,backend", list(_token_gradient_cases()))
 @pytest.mark.parametrize("poison", ["prompt_values-nan", "gate-inf"])
-def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, poison):
+def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, backend, poison):
     """A NaN or Inf in the Adapter's prompts or gate makes the gated prompt term of the rows that see it
-    non-finite, but not the token attention: dk and dv must still match the float64 formula (the Triton
-    delta pre-pass recomputes the token output of such rows instead of taking o - gate op)."""
+    non-finite, but not the token attention: dk and dv must still match the float64 formula (the fused delta
+    pre-passes recompute the token output of such rows instead of taking o - gate op)."""
     import test_varlen as tv
 
     name, value = poison.split("-")
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # the CUDA kernels take fp16/bf16 only
     if layout == "padded":
-        x = _inputs("adapter", TRITON_DEVICE)
-        do = torch.randn(B, HQ, M, D, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE)
+        x = _inputs("adapter", TRITON_DEVICE, dtype)
+        do = torch.randn(B, HQ, M, D, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE, dtype)
         spot = (0, 1, 5) if name != "gate" else (1,)
     else:
         c = _varlen_case()
-        x = {n: t.detach() for n, t in tv.make_inputs(c, "adapter", torch.float32, TRITON_DEVICE).items()}
+        x = {n: t.detach() for n, t in tv.make_inputs(c, "adapter", dtype, TRITON_DEVICE).items()}
         do = torch.randn_like(x["q"])
         spot = (2, 0, 1, 5) if name != "gate" else (1,)
     with torch.no_grad():
@@ -255,14 +265,14 @@ def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, 
     leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
     with excitor_kernels.poisoned_outputs():
         if layout == "padded":
-            o = call("adapter", leaves, "triton", True)
+            o = call("adapter", leaves, backend, True)
             o_ref, grads_ref = _with_grads(lambda t: call("adapter", t, "reference", True), x, do)
         else:
-            o = tv.call_varlen("adapter", leaves, c, "triton")
+            o = tv.call_varlen("adapter", leaves, c, backend)
             o_ref, grads_ref = tv.oracle("adapter", x, c, do)
         grads = dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), do)))
     assert not torch.isfinite(o_ref).all(), "the poisoned input must make some output rows non-finite"
     for n in ("k", "v"):
         assert torch.isfinite(grads_ref[n]).all()
         err = (grads[n].double().cpu() - grads_ref[n].cpu()).norm() / grads_ref[n].norm()
-        assert err <= BUDGET[torch.float32], f"d{n}: relative error {err:.2e}"
+        assert err <= BUDGET[dtype], f"d{n}: relative error {err:.2e}"
