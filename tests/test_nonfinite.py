@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import excitor_kernels
 from excitor_kernels import _cuda
 from excitor_kernels.reference import visible_keys
+import test_varlen as tv
 from helpers import BUDGET, TRITON_DEVICE, call, run_with_grads
 
 B, HQ, HKV, M, N, D, P = 2, 4, 2, 6, 4, 64, 3
@@ -72,45 +73,38 @@ def _poison(x: dict, name: str, value: float) -> None:
             t[s["h"]] = value
 
 
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """Key/value heads -> query heads."""
+    return t.repeat_interleave(HQ // HKV, dim=-3)
+
+
+def _token_keys(op: str, x: dict) -> torch.Tensor:
+    """The keys the queries of each head meet, (B, HQ, N, D): k, or the Excitor's k + gate[h] a pk."""
+    if op == "adapter":
+        return _heads(x["k"])
+    pk = x["prompt_keys"]
+    a = torch.softmax(D ** -0.5 * (x["sim_keys"] @ pk.transpose(-1, -2)), dim=-1)
+    return _heads(x["k"]) + x["gate"].view(1, HQ, 1, 1) * _heads(a @ pk)
+
+
 def _sdpa_formula(op: str, x: dict, causal: bool):
     """The operator through SDPA's math backend (float64): reconstructed keys with torch ops, bottom-right causal
     mask. (Rows that see no key are not compared: SDPA gives them NaN when a value they do not see is NaN.)"""
-    q, k, v, pk, gate = x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"]
-    scale = D ** -0.5
-    groups = HQ // HKV
+    q, v, scale = x["q"], _heads(x["v"]), D ** -0.5
     mask = visible_keys(M, N, causal, device=q.device)
-
-    def heads(t):
-        return t.repeat_interleave(groups, dim=-3)
-
     with sdpa_kernel(SDPBackend.MATH):
-        return _sdpa_terms(op, x, q, k, v, pk, gate, scale, heads, mask)
-
-
-def _sdpa_terms(op, x, q, k, v, pk, gate, scale, heads, mask):
-    if op == "excitor":
-        s = x["sim_keys"]
-        a = torch.softmax(scale * (s @ pk.transpose(-1, -2)), dim=-1)
-        k_prime = heads(k) + gate.view(1, HQ, 1, 1) * heads(a @ pk)
-        return F.scaled_dot_product_attention(q, k_prime, heads(v), attn_mask=mask, scale=scale)
-    tokens = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=mask, scale=scale)
-    prompts = F.scaled_dot_product_attention(q, heads(pk).expand(B, -1, -1, -1), heads(x["prompt_values"])
-                                             .expand(B, -1, -1, -1), scale=scale)
-    return tokens + gate.view(1, HQ, 1, 1) * prompts
+        tokens = F.scaled_dot_product_attention(q, _token_keys(op, x), v, attn_mask=mask, scale=scale)
+        if op == "excitor":
+            return tokens
+        pk, pv = (_heads(x[n]).expand(B, -1, -1, -1) for n in ("prompt_keys", "prompt_values"))
+        return tokens + x["gate"].view(1, HQ, 1, 1) * F.scaled_dot_product_attention(q, pk, pv, scale=scale)
 
 
 def _minus_inf_rows(op: str, x: dict) -> torch.Tensor:
     """(B, HQ, M) rows that see keys whose token scores (float64) are all -inf: the formula's softmax there is
     0 / 0 = NaN, SDPA's is 0 (its math and CPU kernels); docs/contract.md leaves the row to the implementation."""
     t = {n: v.detach().double().cpu() for n, v in x.items()}
-    heads = lambda u: u.repeat_interleave(HQ // HKV, dim=-3)  # noqa: E731
-    keys = heads(t["k"])
-    if op == "excitor":
-        pk = t["prompt_keys"]
-        a = torch.softmax(D ** -0.5 * (t["sim_keys"] @ pk.transpose(-1, -2)), dim=-1)
-        keys = keys + t["gate"].view(1, HQ, 1, 1) * heads(a @ pk)
-    with torch.no_grad():
-        scores = t["q"] @ keys.transpose(-1, -2)
+    scores = t["q"] @ _token_keys(op, t).transpose(-1, -2)
     visible = visible_keys(M, N, True).cpu()
     return (visible.any(-1) & (scores.eq(float("-inf")) | ~visible).all(-1))
 
@@ -228,11 +222,6 @@ def test_non_finite_input_propagates(op, name, backend, value):
     assert err <= BUDGET[dtype], f"finite part of o: relative error {err:.2e}"
 
 
-def _varlen_case():
-    from test_varlen import VarlenCase
-    return VarlenCase(lq=(5, 0, 33, 1, 2), lk=(9, 3, 70, 1, 0), Hq=4, Hkv=2, P=3, per_sequence=True)
-
-
 def _token_gradient_cases():
     for backend in _backends():
         name = getattr(backend, "values", (backend,))[0]
@@ -247,8 +236,6 @@ def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, 
     """A NaN or Inf in the Adapter's prompts or gate makes the gated prompt term of the rows that see it
     non-finite, but not the token attention: dk and dv must still match the float64 formula (the fused delta
     pre-passes recompute the token output of such rows instead of taking o - gate op)."""
-    import test_varlen as tv
-
     name, value = poison.split("-")
     dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # the CUDA kernels take fp16/bf16 only
     if layout == "padded":
@@ -256,7 +243,7 @@ def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, 
         do = torch.randn(B, HQ, M, D, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE, dtype)
         spot = (0, 1, 5) if name != "gate" else (1,)
     else:
-        c = _varlen_case()
+        c = tv.VarlenCase(lq=(5, 0, 33, 1, 2), lk=(9, 3, 70, 1, 0), Hq=4, Hkv=2, P=3, per_sequence=True)
         x = {n: t.detach() for n, t in tv.make_inputs(c, "adapter", dtype, TRITON_DEVICE).items()}
         do = torch.randn_like(x["q"])
         spot = (2, 0, 1, 5) if name != "gate" else (1,)

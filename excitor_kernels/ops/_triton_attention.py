@@ -104,17 +104,6 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _sees_no_key(offs_m, N, shift, CAUSAL: tl.constexpr):
-    """Rows that see no key: they output 0 and store lse = +inf, decided by the mask alone (whatever the tiles
-    they skipped held). A row that sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the
-    softmax of the formula."""
-    empty = (offs_m < 0) | (N == 0)
-    if CAUSAL:
-        empty = empty | (offs_m + shift < 0)
-    return empty
-
-
-@triton.jit
 def _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb, stride_keh, stride_ken,
                  stride_vb, stride_vh, stride_vn, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
@@ -195,7 +184,11 @@ def attention_fwd_kernel(
                                    stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
                                    HEAD_DIM, PREC, DESC, False)
 
-    empty = _sees_no_key(offs_m, N, shift, CAUSAL)
+    # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
+    # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
+    empty = (offs_m < 0) | (N == 0)
+    if CAUSAL:
+        empty = empty | (offs_m + shift < 0)
     o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     if BYPASS == 2:
         _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
@@ -249,9 +242,7 @@ def attention_bwd_preprocess_kernel(
         o -= gated
         if tl.max(tl.max(tl.where(gated - gated == 0.0, 0, 1), 1), 0) > 0:  # x - x is NaN for NaN and +-inf
             lse = tl.load(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, mask=offs_m < M, other=float("inf"))
-            hi = N
-            if CAUSAL:
-                hi = tl.minimum(N, tl.maximum(start_m + BLOCK_M + N - M, 0))
+            full, hi = _causal_key_bounds(start_m, M, N, N - M, CAUSAL, BLOCK_M, BLOCK_M)
             cols = offs_d < HEAD_DIM
             q32 = q.to(tl.float32)
             o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
