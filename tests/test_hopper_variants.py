@@ -75,9 +75,10 @@ def test_candidates_compile_for_sm90_without_spills():
     run = subprocess.run([sys.executable, "-m", "bench.rank_configs", "--static", "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=3000)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert run.returncode == 0 and rows, run.stderr[-3000:]
+    assert rows, run.stderr[-3000:]
     expected = {(kernel, op) for kernel in tuning.CANDIDATES for op in ("excitor", "adapter")}
     assert {(r["kernel"], r["op"]) for r in rows} == expected
     assert len(rows) == sum(len(tuning.candidates(k, b)) for k in tuning.CANDIDATES for b in (1, 2))
     bad = [r for r in rows if r.get("error") or r["spill_stores"] or r["spill_loads"] or r["shared"] > r["limit"]]
-    assert not bad, bad
+    assert not bad, bad  # the rows that made the ranking fail (it exits 1 on any of them)
+    assert run.returncode == 0, run.stderr[-3000:]

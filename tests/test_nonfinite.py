@@ -241,23 +241,21 @@ def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, 
     if layout == "padded":
         x = _inputs("adapter", TRITON_DEVICE, dtype)
         do = torch.randn(B, HQ, M, D, generator=torch.Generator().manual_seed(1)).to(TRITON_DEVICE, dtype)
-        spot = (0, 1, 5) if name != "gate" else (1,)
+        _poison(x, name, float(value))
+        o_ref, grads_ref = _with_grads(lambda t: call("adapter", t, "reference", True), x, do)
+        _, grads = run_with_grads("adapter", {n: t.detach().requires_grad_(True) for n, t in x.items()}, backend,
+                                  True, do)
     else:
         c = tv.VarlenCase(lq=(5, 0, 33, 1, 2), lk=(9, 3, 70, 1, 0), Hq=4, Hkv=2, P=3, per_sequence=True)
         x = {n: t.detach() for n, t in tv.make_inputs(c, "adapter", dtype, TRITON_DEVICE).items()}
         do = torch.randn_like(x["q"])
-        spot = (2, 0, 1, 5) if name != "gate" else (1,)
-    with torch.no_grad():
-        x[name][spot] = float(value)
-    leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
-    with excitor_kernels.poisoned_outputs():
-        if layout == "padded":
-            o = call("adapter", leaves, backend, True)
-            o_ref, grads_ref = _with_grads(lambda t: call("adapter", t, "reference", True), x, do)
-        else:
+        with torch.no_grad():
+            x[name][(2, 0, 1, 5) if name != "gate" else (1,)] = float(value)
+        o_ref, grads_ref = tv.oracle("adapter", x, c, do)
+        leaves = {n: t.detach().requires_grad_(True) for n, t in x.items()}
+        with excitor_kernels.poisoned_outputs():
             o = tv.call_varlen("adapter", leaves, c, backend)
-            o_ref, grads_ref = tv.oracle("adapter", x, c, do)
-        grads = dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), do)))
+            grads = dict(zip(leaves, torch.autograd.grad(o, list(leaves.values()), do)))
     assert not torch.isfinite(o_ref).all(), "the poisoned input must make some output rows non-finite"
     for n in ("k", "v"):
         assert torch.isfinite(grads_ref[n]).all()

@@ -303,12 +303,13 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     return dk, sums.prompt_grad(sums.prompt, Hkv, pk), sums.gate_grad(gate), dsim
 
 
-def _gated_launch(q, gate, q2, dq, sums, backward):
+def _gated_launch(q, gate, q2, dq, dgate, dgate_strides, backward):
+    """The forward passes no gate sums (it writes none): q2 stands in for them."""
     B, Hq, M, d = q.shape
     block, opts = _rows_block(q.is_cuda, M)
     gated_queries_kernel[(triton.cdiv(M, block), B * Hq)](
-        q, gate.contiguous(), q2, q2, dq, sums.gate, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3],
-        *sums.gate_strides, Hq, M, BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
+        q, gate.contiguous(), q2, q2, dq, dgate, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3],
+        *dgate_strides, Hq, M, BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
     )
 
 
@@ -316,7 +317,7 @@ def gated_queries(q, gate):
     """The concat form's queries ``[q, gate[h] q] (B, Hq, M, 2d)``."""
     B, Hq, M, d = q.shape
     q2 = new_output((B, Hq, M, 2 * d), dtype=q.dtype, device=q.device)
-    _gated_launch(q, gate, q2, q2, _Sums(1, B, Hq, Hq, 0, d, False, False, q.device), False)
+    _gated_launch(q, gate, q2, q2, q2, (0, 0), False)
     return q2
 
 
@@ -326,7 +327,7 @@ def gated_queries_backward(dq2, q, gate, deterministic):
     dq2 = dq2 if dq2.stride(-1) == 1 else dq2.contiguous()
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     sums = _Sums(triton.cdiv(M, _rows_block(q.is_cuda, M)[0]), B, Hq, Hq, 0, d, False, deterministic, q.device)
-    _gated_launch(q, gate, dq2, dq, sums, True)
+    _gated_launch(q, gate, dq2, dq, sums.gate, sums.gate_strides, True)
     return dq, sums.gate_grad(gate)
 
 
