@@ -28,6 +28,15 @@ def flash_attn(q, k, v, *, causal, scale):
     return o.transpose(1, 2)
 
 
+def flash_attn4(q, k, v, *, causal, scale):
+    """Plain attention through flash-attn-4 (FlashAttention's CuTe DSL kernels for Hopper and Blackwell; layout
+    (B, N, H, d), GQA native). On the device machine it is carried as wheels: ``.ci/fa4_carry``."""
+    from flash_attn.cute import flash_attn_func
+
+    o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale)
+    return (o[0] if isinstance(o, tuple) else o).transpose(1, 2)
+
+
 def reconstructed_keys(k, prompt_keys, gate, groups, prompt_scale):
     """k'[h, j] = k_j + gate[h] * softmax(prompt_scale * k_j pk^T) pk, materialised per query head.
     The P-way softmax runs in float32."""

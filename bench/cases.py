@@ -53,9 +53,10 @@ class Case:
 
 
 def gpu_cases(quick: bool) -> list[Case]:
-    """The GPU sweep. Quick: bf16, d=128, causal, MHA, P=10, N in {2k, 4k, 8k} (fits one 10-minute command)."""
+    """The GPU sweep (B * N = 16k tokens, 32 query heads). Quick: bf16, d=128, causal, N in {1k, 4k, 16k}, MHA and
+    GQA 32/8, P=30 (the operator set of the GPU issue; about one 10-minute command)."""
     if quick:
-        grid = dict(dtype=["bf16"], d=[128], causal=[True], seq=[2048, 4096, 8192], kv=[32], prompts=[10])
+        grid = dict(dtype=["bf16"], d=[128], causal=[True], seq=[1024, 4096, 16384], kv=[32, 8], prompts=[30])
     else:
         grid = dict(dtype=["bf16", "fp16"], d=[64, 128], causal=[True, False],
                     seq=[512, 1024, 2048, 4096, 8192, 16384], kv=[32, 8], prompts=[10, 30])

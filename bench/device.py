@@ -50,6 +50,7 @@ def environment() -> dict:
         transformers=_version("transformers"),
         peft=_version("peft"),
         flash_attn=_version("flash-attn"),
+        flash_attn_4=_version("flash-attn-4"),
         python=platform.python_version(),
         **extra,
     )

@@ -1,8 +1,10 @@
 """Who computes each operator in the comparison, and why a provider cannot run here.
 
 A provider is called as ``fn(x, causal, scale)`` with ``x`` the inputs of :func:`make_inputs` and
-returns ``o (B, Hq, M, d)``. Plain-attention providers (``sdpa``, ``flash_attn``) ignore the prompts:
-they are the speed of light for the same q, k, v. Our backends are named by their ``backend=``, except
+returns ``o (B, Hq, M, d)``. Plain-attention providers (``sdpa``, ``sdpa_flash``, ``sdpa_cudnn``,
+``sdpa_efficient``, ``flash_attn``, ``flash_attn4``) ignore the prompts: they are the speed of light for the same q, k, v. On a GPU
+plain SDPA is timed once per SDPA kernel, pinned (``SDPA_PINNED``); the report's "SDPA-best" is the fastest of
+them on each case. Our backends are named by their ``backend=``, except
 ``ours_sdpa`` / ``ours_sdpa_concat`` (``backend="sdpa"`` / ``"sdpa_concat"``: the prompt passes around SDPA,
 GQA with values per query head / through the ``[q, g q], [k, ke]`` rewrite), since ``sdpa`` is the plain baseline.
 """
@@ -58,7 +60,9 @@ def _merge(*tables):
 # name -> {op: fn}
 PROVIDERS = {
     "sdpa": _plain(baselines.sdpa),
+    **{name: _plain(baselines.sdpa) for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")},
     "flash_attn": _plain(baselines.flash_attn),
+    "flash_attn4": _plain(baselines.flash_attn4),
     "composition": _merge(_excitor_only(baselines.excitor_composition), _adapter_only(baselines.adapter_composition)),
     "eager_official": _merge(_excitor_only(baselines.excitor_eager), _adapter_only(baselines.adapter_eager_official)),
     "eager_peft": _adapter_only(baselines.adapter_eager_peft),
@@ -69,16 +73,28 @@ PROVIDERS = {
     "ours_sdpa_concat": _ours("sdpa_concat", ops=("excitor",)),
 }
 USES_SDPA = {"sdpa", "composition", "ours_sdpa", "ours_sdpa_concat"}  # timed with the fastest SDPA backend for the case
-GPU_PROVIDERS = ("sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa",
+SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",  # plain SDPA, one kernel each
+               "sdpa_efficient": "EFFICIENT_ATTENTION"}
+PLAIN_SDPA = ("sdpa", *SDPA_PINNED)
+GPU_PROVIDERS = (*SDPA_PINNED, "flash_attn", "flash_attn4", "composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa",
                  "ours_sdpa_concat")
 SMOKE_PROVIDERS = ("reference", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda",
                    "ours_sdpa", "ours_sdpa_concat")
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def unavailable(name: str) -> str | None:
     """Why ``name`` cannot run in this environment (None when it can)."""
-    if name == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+    if name == "flash_attn" and not _importable("flash_attn.flash_attn_interface"):
         return "flash-attn is not installed"
+    if name == "flash_attn4" and not _importable("flash_attn.cute"):
+        return "flash-attn-4 is not installed (.ci/fa4_carry carries it to the device machine)"
     if name in ("triton", "ours_sdpa", "ours_sdpa_concat"):  # the sdpa backend's prompt passes are Triton kernels
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
@@ -89,8 +105,8 @@ def unavailable(name: str) -> str | None:
 
         if _cuda.cannot_build() is not None:
             return f"the CUDA extension cannot be built: {_cuda.cannot_build()}"
-    if name == "flash_attn" and not HAS_GPU:
-        return "flash-attn needs a GPU"
+    if name in ("flash_attn", "flash_attn4") and not HAS_GPU:
+        return f"{name} needs a GPU"
     return None
 
 
