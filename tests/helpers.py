@@ -84,10 +84,13 @@ def run_with_grads(op: str, x: dict, backend: str, causal: bool, do: torch.Tenso
     return o, dict(zip(x.keys(), grads))
 
 
-def oracle(op: str, x: dict, causal: bool, do: torch.Tensor):
-    """The float64 evaluation of docs/contract.md's formulas (reference backend on float64 copies) and its grads."""
-    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+def oracle(op: str, x: dict, causal: bool, do: torch.Tensor | None):
+    """The float64 evaluation of docs/contract.md's formulas (reference backend on float64 copies) and its grads
+    for output gradient ``do`` (``do=None``: the output alone, grads None)."""
+    x64 = {n: t.detach().double().requires_grad_(do is not None) for n, t in x.items()}
     o = call(op, x64, "reference", causal)
+    if do is None:
+        return o, None
     grads = torch.autograd.grad(o, list(x64.values()), do.double())
     return o, dict(zip(x64.keys(), grads))
 
