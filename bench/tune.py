@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import os
 import sys
@@ -27,14 +28,16 @@ import torch
 if not torch.cuda.is_available():  # triton reads it when the kernels are decorated, so before the package
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import excitor_kernels  # noqa: E402
 from excitor_kernels import _dispatch, _tuning  # noqa: E402
 from excitor_kernels._validate import check_inputs  # noqa: E402
 
 from . import timing  # noqa: E402
+from .cases import Case  # noqa: E402
+from .providers import PROVIDERS, make_inputs  # noqa: E402
 from .steps import make_step  # noqa: E402
 
 CANDIDATES = ("cuda", "triton", "sdpa", "sdpa_concat")
+OURS = {"cuda": "cuda", "triton": "triton", "sdpa": "ours_sdpa", "sdpa_concat": "ours_sdpa_concat"}  # bench providers
 TOKENS, HEADS, PROMPTS = 16 * 1024, 32, 30
 
 
@@ -52,46 +55,29 @@ def grid(quick: bool, smoke: bool) -> list[dict]:
                                                            axes["dtype"], axes["head_dim"], axes["gqa"], axes["seq"])]
 
 
-def _inputs(case: dict, device, smoke: bool) -> dict:
+def _bench_case(case: dict, smoke: bool) -> Case:
+    """The benchmark's description of a grid case (``bench.cases.Case``; causal, ``M == N``)."""
     heads = 4 if smoke else HEADS
-    batch = 1 if smoke else max(1, TOKENS // case["seq"])
-    train = case["mode"] == "training"
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case["dtype"]]
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt).requires_grad_(train)
-
-    B, H, Hkv, N, d = batch, heads, heads // case["gqa"], case["seq"], case["head_dim"]
-    P = 4 if smoke else PROMPTS
-    x = dict(q=rand(B, H, N, d), k=rand(B, Hkv, N, d), v=rand(B, Hkv, N, d), prompt_keys=rand(Hkv, P, d),
-             gate=rand(H, scale=0.5))
-    if case["op"] == "adapter":
-        x["prompt_values"] = rand(Hkv, P, d)
-    return x
-
-
-def _call(case: dict, x: dict, backend: str):
-    if case["op"] == "excitor":
-        return lambda: excitor_kernels.excitor_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"],
-                                                         backend=backend)
-    return lambda: excitor_kernels.adapter_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"],
-                                                     x["gate"], backend=backend)
+    return Case(case["op"], "fwd" if case["mode"] == "inference" else "fwd+bwd", case["dtype"], case["head_dim"],
+                True, 1 if smoke else max(1, TOKENS // case["seq"]), case["seq"], heads, heads // case["gqa"],
+                4 if smoke else PROMPTS)
 
 
 def measure(case: dict, device, smoke: bool) -> dict:
     """Median ms per candidate backend on ``case`` (None where it cannot run or runs out of memory)."""
-    x = _inputs(case, device, smoke)
-    with torch.set_grad_enabled(case["mode"] == "training"):
-        p = check_inputs(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], prompt_values=x.get("prompt_values"),
-                         needs_prompt_values=case["op"] == "adapter")
+    c = _bench_case(case, smoke)
+    x = make_inputs(c, device, requires_grad=c.pass_ != "fwd")
+    with torch.set_grad_enabled(c.pass_ != "fwd"):
+        p = check_inputs(x["q"], x["k"], x["v"], x["pk"], x["gate"], prompt_values=x["pv"] if c.op == "adapter" else None,
+                         needs_prompt_values=c.op == "adapter")
     ms = {}
     for backend in CANDIDATES:
         if _dispatch.unsupported(backend, f"{case['op']}_attention", p, explicit=True) is not None or \
                 (backend == "sdpa_concat" and (case["op"] == "adapter" or case["gqa"] == 1)):
             ms[backend] = None
             continue
-        step = make_step(_call(case, x, backend), x, "fwd" if case["mode"] == "inference" else "fwd+bwd")
+        call = functools.partial(PROVIDERS[OURS[backend]][c.op], x, c.causal, c.head_dim ** -0.5)
+        step = make_step(call, x, c.pass_)
         try:
             ms[backend] = round(timing.median_ms(step, reps=1 if smoke else 10), 4)
         except torch.cuda.OutOfMemoryError:
