@@ -153,6 +153,13 @@ def in_test_subset(config: dict) -> bool:
     return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in ("padded", "gqa", "decode")
 
 
+def shape_flags(d: int, dtype: str) -> dict:
+    """The constexprs every attention kernel takes from the head dim, the prompt count and the dtype."""
+    from excitor_kernels.ops._triton_common import pow2
+
+    return dict(HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(PROMPTS), PREC="ieee" if dtype == "fp32" else "tf32")
+
+
 def triton_jobs(subset: str = "full"):
     """Every Triton kernel at the configuration its launcher uses on a GPU, as dicts with ``key`` (unique),
     ``kernel``, ``cc``, ``dtype``, ``constexprs``, ``types``, ``options`` and ``config`` (what the report
@@ -160,12 +167,11 @@ def triton_jobs(subset: str = "full"):
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops import _triton_decode as dec
     from excitor_kernels.ops import _triton_prompt_keys as pkeys
-    from excitor_kernels.ops._triton_common import pow2
 
     for cc, dtype, d in itertools.product(TARGETS, DTYPES, HEAD_DIMS):
         itemsize = 4 if dtype == "fp32" else 2
         prompt = pkeys.prompt_blocks(True, SEQ)
-        shape = dict(HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(PROMPTS), PREC="ieee" if dtype == "fp32" else "tf32")
+        shape = shape_flags(d, dtype)
         for op, bypass in OPERATORS.items():
             excitor = bypass == tri.EXCITOR
             fwd, dkdv, dq = tri.blocks(True, SEQ, SEQ, d, itemsize, bypass=bypass, arch=cc)
