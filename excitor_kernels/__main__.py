@@ -30,10 +30,8 @@ import torch
 from . import __version__, _cuda, _dispatch
 from ._validate import check_inputs
 from .ops import adapter_attention, excitor_attention
-from .reference import adapter_attention_reference, excitor_attention_reference
+from .reference import ERROR_BUDGET, adapter_attention_reference, excitor_attention_reference
 
-# docs/contract.md: ||out - ref|| / ||ref|| against float64
-BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 CASE = dict(B=1, Hq=2, Hkv=1, M=20, N=20, d=64, P=4)  # GQA, small: seconds when interpreted
 BACKENDS = tuple(b for b in _dispatch.BACKENDS if b != "auto")
 ON_TRITON = tuple(b for b in BACKENDS if b not in ("reference", "cuda"))  # Triton kernels (sdpa: its prompt passes)
@@ -137,7 +135,7 @@ def self_check(backend: str) -> dict:
         errs = {n: ((a.double().cpu() - b).norm() / b.norm()).item() for n, (a, b) in errors.items()}
         name, err = max(errs.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
         worst[op] = (name, err)
-    budget = BUDGET[dtype]
+    budget = ERROR_BUDGET[dtype]
     ok = all(e <= budget for _, e in worst.values())  # NaN fails
     return dict(backend=backend, device=device.type, dtype=str(dtype).replace("torch.", ""), ok=ok,
                 budget=budget, worst={op: [n, e] for op, (n, e) in worst.items()},
