@@ -72,8 +72,7 @@ def measure(case: dict, device, smoke: bool) -> dict:
                          needs_prompt_values=c.op == "adapter")
     ms = {}
     for backend in CANDIDATES:
-        if _dispatch.unsupported(backend, f"{case['op']}_attention", p, explicit=True) is not None or \
-                (backend == "sdpa_concat" and (case["op"] == "adapter" or case["gqa"] == 1)):
+        if _dispatch.unsupported(backend, f"{c.op}_attention", p, explicit=True) or _dispatch.redundant(backend, p):
             ms[backend] = None
             continue
         call = functools.partial(PROVIDERS[OURS[backend]][c.op], x, c.causal, c.head_dim ** -0.5)

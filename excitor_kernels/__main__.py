@@ -175,7 +175,7 @@ def report() -> int:
     device = torch.device("cuda" if gpu else "cpu")
     # Triton without a GPU: interpreted, which needs TRITON_INTERPRET=1 before triton is imported.
     child = None
-    if not gpu and not _dispatch.triton_interpreted() and _dispatch._triton_importable():
+    if not gpu and not _dispatch.triton_interpreted():
         child = _interpreted_in_child()
 
     gpus = _gpus()

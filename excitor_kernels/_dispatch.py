@@ -4,11 +4,13 @@
 the inputs and raise a ``ValueError`` that says why when they do not. ``"auto"`` chooses per call among the
 fused backends that support the inputs (:func:`choose`, :func:`explain_backend`):
 
-1. decode-shaped calls (at most 16 queries, no gradient) take triton, whose split-KV decode kernel serves them;
+1. decode-shaped calls (``Problem.decode``: at most 16 queries, no gradient, padded) take triton, whose split-KV
+   decode kernel serves them;
 2. where ``auto_table.json`` (written by ``python -m bench.tune`` on a GPU, see ``_tuning``) has entries for
    the GPU's architecture, the backend with the smallest measured time in the nearest entry;
 3. otherwise the rule: cuda (opt-in until validated on a GPU), else triton, else sdpa: the one-pass kernels
-   keep the least memory, and sdpa is taken only where a measurement says it is faster;
+   keep the least memory, and sdpa is taken only where a measurement says it is faster (sdpa_concat is a
+   candidate only under GQA, ``Hq != Hkv``: without it, it is sdpa's computation, :func:`redundant`);
 4. with no fused backend, the reference backend, warning once per distinct reason.
 
 Every new choice is logged once at debug level on the ``excitor_kernels`` logger.
@@ -27,7 +29,6 @@ from ._validate import Problem, check_inputs
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat")
 FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat")  # the rule's order without a measured table
-DECODE_MAX_QUERIES = 16  # _triton_decode.MAX_DECODE_QUERIES
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 MAX_FUSED_PROMPTS = 64
@@ -37,22 +38,13 @@ _logged: set = set()
 _log = logging.getLogger("excitor_kernels")
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def triton_interpreted() -> bool:
+    """Whether triton runs its kernels interpreted on the CPU (TRITON_INTERPRET=1, read when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     """Why the Triton backend cannot run ``p`` (None when it can)."""
-    if not _triton_importable():
-        return "triton is not installed"
     if p.device.type == "cuda":
         pass
     elif p.device.type == "cpu" and triton_interpreted():
@@ -76,13 +68,15 @@ def cuda_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     return _cuda.unsupported_reason(op, p, explicit=explicit)
 
 
-def sdpa_unsupported(op: str, p: Problem, *, explicit: bool, concat: bool = False) -> str | None:
-    """Why the sdpa backend (``concat``: its GQA rewrite) cannot run ``p``: SDPA plus Triton prompt kernels."""
+def sdpa_unsupported(op: str, p: Problem, *, explicit: bool, concat: bool = False,
+                     triton_reason: str | None = "") -> str | None:
+    """Why the sdpa backend (``concat``: its GQA rewrite) cannot run ``p``: SDPA plus Triton prompt kernels
+    (``triton_reason``: :func:`triton_unsupported`'s answer when the caller has it)."""
     if concat and op.startswith("adapter"):
         return "the GQA rewrite <[q, g q], [k, ke]> concerns the Excitor keys; adapter_attention takes 'sdpa'"
     if p.varlen:
         return "SDPA has no entry point for packed (varlen) sequences on dense tensors; they run on triton"
-    return triton_unsupported(op, p, explicit=explicit)
+    return triton_unsupported(op, p, explicit=explicit) if triton_reason == "" else triton_reason
 
 
 def unsupported(name: str, op: str, p: Problem, *, explicit: bool) -> str | None:
@@ -92,6 +86,14 @@ def unsupported(name: str, op: str, p: Problem, *, explicit: bool) -> str | None
     if name == "triton":
         return triton_unsupported(op, p, explicit=explicit)
     return sdpa_unsupported(op, p, explicit=explicit, concat=name == "sdpa_concat")
+
+
+def redundant(name: str, p: Problem) -> str | None:
+    """Why ``backend="auto"`` (and ``bench.tune``) need not consider fused backend ``name`` for ``p`` though it runs
+    it (None when it is a candidate): sdpa_concat without GQA computes exactly what sdpa computes."""
+    if name == "sdpa_concat" and p.q_heads == p.kv_heads:
+        return "the same computation as sdpa without GQA"
+    return None
 
 
 @dataclass(frozen=True)
@@ -104,17 +106,19 @@ class Choice:
 
 def _auto(op: str, p: Problem) -> Choice:
     reasons, able = [], []
+    triton_reason = triton_unsupported(op, p, explicit=False)
+    why_not = dict(cuda=cuda_unsupported(op, p, explicit=False), triton=triton_reason,
+                   sdpa=sdpa_unsupported(op, p, explicit=False, triton_reason=triton_reason),
+                   sdpa_concat=sdpa_unsupported(op, p, explicit=False, concat=True, triton_reason=triton_reason))
     for name in FUSED_ORDER:
-        why = unsupported(name, op, p, explicit=False)
-        if why is None and name == "sdpa_concat" and p.q_heads == p.kv_heads:
-            why = "the same computation as sdpa without GQA"
+        why = why_not[name] or redundant(name, p)
         if why is None:
             able.append(name)
         else:
             reasons.append(f"{name}: {why}")
     if not able:
         return Choice("reference", f"no fused backend runs these inputs ({'; '.join(reasons)})")
-    if "triton" in able and not p.varlen and not p.requires_grad and p.q_len <= DECODE_MAX_QUERIES:
+    if "triton" in able and p.decode:
         return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
     case = _tuning.case_of(op, p)
     gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0, *case.values())

@@ -29,13 +29,19 @@ import torch
 from ._validate import Problem
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
+_TABLE_STR = str(TABLE_PATH)
 FORMAT = 1
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def arch(device: torch.device) -> str:
     """``sm_<major><minor>`` of a CUDA device."""
-    major, minor = torch.cuda.get_device_capability(device)
+    return _arch(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm_{major}{minor}"
 
 
@@ -47,7 +53,7 @@ def case_of(op: str, p: Problem) -> dict:
 
 
 def _path() -> Path:
-    return Path(os.environ.get("EXCITOR_AUTO_TABLE", TABLE_PATH))
+    return Path(os.environ.get("EXCITOR_AUTO_TABLE") or TABLE_PATH)
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,15 +95,24 @@ def lookup(table: dict | None, gpu: str, case: dict) -> dict | None:
 def nearest_times(device_type: str, device_index: int, op: str, mode: str, dtype: str, head_dim: int, gqa: int,
                   seq: int) -> tuple:
     """``(gpu, entry)`` for a call: ``gpu`` the architecture name (the device type off CUDA) and ``entry`` the
-    nearest entry of the current table as ``(head_dim, gqa, seq, ((backend, ms), ...))``, or None. Under
+    nearest entry of the current table as ``(head_dim, gqa, seq, ((backend, ms), ...))``, or None. A call costs
+    one ``stat`` of the table; the search is cached per (table file and its mtime, gpu, case). Under
     ``torch.compile`` it runs once at trace time and its result is a constant (no file reads in the graph)."""
-    gpu = arch(torch.device(device_type, device_index)) if device_type == "cuda" else device_type
-    case = dict(op=op, mode=mode, dtype=dtype, head_dim=head_dim, gqa=gqa, seq=seq)
-    e = lookup(load(), gpu, case)
-    if e is None:
+    gpu = _arch(device_index) if device_type == "cuda" else device_type
+    path = os.environ.get("EXCITOR_AUTO_TABLE") or _TABLE_STR
+    try:
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
         return gpu, None
-    return gpu, (e["head_dim"], e["gqa"], e["seq"], tuple((n, ms) for n, ms in sorted(e["ms"].items())
-                                                         if ms is not None))
+    return gpu, _nearest(path, mtime, gpu, (op, mode, dtype, head_dim, gqa, seq))
+
+
+@functools.lru_cache(maxsize=1024)
+def _nearest(path: str, mtime: float, gpu: str, case: tuple) -> tuple | None:
+    e = lookup(_read(Path(path), mtime), gpu, dict(zip(("op", "mode", "dtype", "head_dim", "gqa", "seq"), case)))
+    if e is None:
+        return None
+    return (e["head_dim"], e["gqa"], e["seq"], tuple((n, ms) for n, ms in sorted(e["ms"].items()) if ms is not None))
 
 
 def merge(table: dict | None, gpu: str, info: dict, entries: list) -> dict:

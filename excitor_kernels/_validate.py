@@ -12,6 +12,7 @@ import torch
 # float64 is accepted for the reference backend (gradcheck, float64 oracles); the fused backends
 # take the three training dtypes.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_DECODE_QUERIES = 16  # the most queries per sequence the split-KV decode kernel (ops/_triton_decode.py) takes
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class Problem:
     device: torch.device
     varlen: bool = False  # packed sequences: batch = sequences, q_len / kv_len = the longest ones
     requires_grad: bool = False  # training: grad mode on and some input requires a gradient
+
+    @property
+    def decode(self) -> bool:
+        """Whether the split-KV decode kernel serves this call: padded, no gradient, at most
+        ``MAX_DECODE_QUERIES`` queries (one or a few new tokens per sequence against a KV cache)."""
+        return not self.varlen and not self.requires_grad and self.q_len <= MAX_DECODE_QUERIES
 
 
 def _shape(t: torch.Tensor) -> tuple:

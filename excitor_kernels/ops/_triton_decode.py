@@ -39,10 +39,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
+from .._validate import MAX_DECODE_QUERIES
 from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_attention, prompt_strides, store_rows
 from ._triton_prompt_keys import prompt_mixture
-
-MAX_DECODE_QUERIES = 16
 
 
 @triton.jit
@@ -277,9 +276,3 @@ def attention_decode(bypass: int, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def _(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
       prompt_scale):
     return torch.empty_like(q)
-
-
-def wants_decode(q: torch.Tensor, *tensors) -> bool:
-    """The split-KV path serves inference calls: at most MAX_DECODE_QUERIES queries and no gradient."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
-    return q.shape[-2] <= MAX_DECODE_QUERIES and not needs_grad

@@ -116,7 +116,7 @@ def excitor_attention(
     if cache_seqlens is not None:
         dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
     backend = select_backend(OP, backend, p)
-    decode = backend == "triton" and dec.wants_decode(q, k, v, prompt_keys, gate, sim_keys)
+    decode = backend == "triton" and p.decode
     if cache_seqlens is not None and backend != "reference" and not decode:
         raise ValueError(f"cache_seqlens is served by the decode path only (M <= {dec.MAX_DECODE_QUERIES} queries, "
                          f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
