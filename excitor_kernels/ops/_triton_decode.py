@@ -94,7 +94,10 @@ def decode_split_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    seen = tl.zeros([BLOCK_R], tl.int32)  # rows that see a key of this chunk
+    # row r sees a key of this chunk iff the chunk is not empty and (causal) its first key is one r may see
+    seen = (offs_r >= 0) & (lo < hi)
+    if CAUSAL:
+        seen = seen & (lo <= last_key)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_rows(k_base, offs_n, stride_kn, offs_d, hi, HEAD_DIM, True)
@@ -110,7 +113,6 @@ def decode_split_kernel(
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= last_key[:, None])
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        seen = tl.maximum(seen, tl.max(visible.to(tl.int32), 1))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 finite
         p = tl.exp2(qk - m_new[:, None])
@@ -123,9 +125,9 @@ def decode_split_kernel(
     # a row that sees no key of the chunk leaves (-inf, 0, 0), whatever the masked tiles held; one that sees
     # keys whose scores are all -inf stores l = NaN, so that the combined row is NaN like the formula's softmax
     ws = (split * tl.num_programs(1) + bg).to(tl.int64) * R
-    store_rows(WS_ACC + ws * HEAD_DIM, tl.where(seen[:, None] > 0, acc, 0.0), offs_r, HEAD_DIM, offs_d, R, HEAD_DIM)
+    store_rows(WS_ACC + ws * HEAD_DIM, tl.where(seen[:, None], acc, 0.0), offs_r, HEAD_DIM, offs_d, R, HEAD_DIM)
     tl.store(WS_M + ws + offs_r, tl.where(l_i == 0.0, float("-inf"), m_i), mask=offs_r < R)
-    tl.store(WS_L + ws + offs_r, tl.where((seen > 0) & (l_i == 0.0), float("nan"), l_i), mask=offs_r < R)
+    tl.store(WS_L + ws + offs_r, tl.where(seen & (l_i == 0.0), float("nan"), l_i), mask=offs_r < R)
 
 
 @triton.jit
