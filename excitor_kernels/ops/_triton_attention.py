@@ -361,10 +361,11 @@ def attention_bwd_dkdv_kernel(
         dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
     store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
     if BYPASS == 1:
-        # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error);
-        # ke is centred (docs/design.md), so the sum does not cancel
+        # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error,
+        # which float32 keys do not have); ke is centred (docs/design.md), so the sum does not cancel
         ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC).to(tl.float32)
-        ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        if KE.dtype.element_ty != tl.float32:
+            ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
         dke = gate_h * dk
         dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
@@ -582,7 +583,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
     dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
-    kx, kx_lo = (k, k) if ke is None else (ke[0], ke[1])
+    kx, kx_lo = (k, k) if ke is None else (ke[0], ke[-1])
 
     def gate_sums(kv_config, q_config):
         """(buffer, tile and batch strides) of the gate sums [tile, batch, q head]: one slot per key-tile

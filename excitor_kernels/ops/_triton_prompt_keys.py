@@ -11,8 +11,8 @@ of head ``h`` by the same vector ``gate[h] c``, which adds ``gate[h] <q_i, c>`` 
 and so leaves each softmax, the output and every gradient unchanged; it keeps ``ke`` small where the mixture
 is nearly uniform, so that ``k'`` rounds well and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` does not cancel.
 
-The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and, beside it, its rounding error (the
-same size), which only the gate gradient reads: that sum is the most sensitive to ``ke``'s precision. The
+The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and, beside it for half-precision inputs,
+its rounding error (the same size), which only the gate gradient reads: that sum is the most sensitive to ``ke``'s precision. The
 backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
 (float32, same shape), and the post-pass applies the chain rule, tile by tile:
 
@@ -98,7 +98,8 @@ def prompt_keys_fwd_kernel(
     BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """ke for one tile of keys of one (batch entry or sequence, key/value head), as KE (rounded to the input
-    dtype: what the attention kernels add to k) and KE_LO (the rounding error, for the gate gradient)."""
+    dtype: what the attention kernels add to k) and KE_LO (the rounding error, for the gate gradient; float32
+    keys have none: KE_LO is then KE itself and is not written)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
@@ -108,7 +109,8 @@ def prompt_keys_fwd_kernel(
     rows = b * stride_keb + k0 * stride_ken + g * stride_keh
     ke_hi = ke.to(KE.dtype.element_ty)
     store_rows(KE + rows, ke_hi, offs_n, stride_ken, offs_d, N, HEAD_DIM)
-    store_rows(KE_LO + rows, ke - ke_hi.to(tl.float32), offs_n, stride_ken, offs_d, N, HEAD_DIM)
+    if KE.dtype.element_ty != tl.float32:
+        store_rows(KE_LO + rows, ke - ke_hi.to(tl.float32), offs_n, stride_ken, offs_d, N, HEAD_DIM)
 
 
 @triton.jit
@@ -149,14 +151,14 @@ def prompt_blocks(on_gpu: bool, N: int) -> dict:
 
 
 def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout) -> torch.Tensor:
-    """ke as a ``(2, *s.shape)`` tensor in s's dtype: ``ke[0]`` rounded, ``ke[1]`` its rounding error (zero for
-    float32), for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
+    """ke as a ``(2, *s.shape)`` tensor in s's dtype: ``ke[0]`` rounded, ``ke[1]`` its rounding error (float32:
+    ``(1, *s.shape)``, ``ke[-1]`` is ``ke[0]``: no rounding error), for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
     ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry."""
-    ke = new_output((2, *s.shape), dtype=s.dtype, device=s.device)
+    ke = new_output((1 if s.dtype == torch.float32 else 2, *s.shape), dtype=s.dtype, device=s.device)
     launch = prompt_blocks(s.is_cuda, rows.N)
     grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
     prompt_keys_fwd_kernel[grid](
-        s, pk, ke[0], ke[1], rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke[0]),
+        s, pk, ke[0], ke[-1], rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke[0]),
         rows.Hkv, rows.N, pk.shape[-2], prompt_scale * LOG2E,
         VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=pow2(pk.shape[-2]), PREC=precision(s),
         **launch,

@@ -27,8 +27,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, lse, ke): ke are the reconstructed keys of the pre-pass and their rounding error, saved for the
-    backward (docs/design.md)."""
+    """(o, lse, ke): ke are the reconstructed keys of the pre-pass and (half precision) their rounding error, saved
+    for the backward (docs/design.md)."""
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
                                  prompt_scale, rows)
@@ -39,7 +39,7 @@ def _(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, max_seql
       softmax_scale, prompt_scale, deterministic):
     s = k if sim_keys is None else sim_keys
     return (torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32),
-            torch.empty((2, *s.shape), dtype=s.dtype, device=s.device))
+            torch.empty((1 if s.dtype == torch.float32 else 2, *s.shape), dtype=s.dtype, device=s.device))
 
 
 @torch.library.custom_op("excitor_kernels::excitor_attention_bwd", mutates_args=())
