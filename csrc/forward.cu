@@ -27,15 +27,23 @@ __global__ void __launch_bounds__(kThreads) reconstruct_keys_kernel(EkFwdParams 
   __syncthreads();
   float ke[D / 8][4], a[kTile / 8][4];
   prompt_mix<T, D>(ke, a, s_x, s_pk, s_pk, p.num_prompts, p.prompt_scale * kLog2e, f);
-  // centre on c = mean_n pk_n (docs/design.md): every key of head h moves by gate[h] c, which no softmax sees
+  // centre on c = mean_n pk_n (docs/design.md): every key of head h moves by gate[h] c, which no softmax sees.
+  // The D column means are summed once per CTA (a column per thread) into s_x's space, which prompt_mix no
+  // longer reads once every warp has passed the barrier.
+  static_assert(tile_bytes<T, D>() >= D * int(sizeof(float)), "the column means fit in s_x's tile");
+  float *s_c = reinterpret_cast<float *>(smem);
+  __syncthreads();
+  for (int col = threadIdx.x; col < D; col += kThreads) {
+    float c = 0.f;
+    for (int n = 0; n < p.num_prompts; ++n) c += to_float(s_pk[n * pitch<D>() + col]);
+    s_c[col] = c / p.num_prompts;
+  }
+  __syncthreads();
 #pragma unroll
   for (int nb = 0; nb < D / 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int col = f.col(nb, e);
-      float c = 0.f;
-      for (int n = 0; n < p.num_prompts; ++n) c += to_float(s_pk[n * pitch<D>() + col]);
-      c /= p.num_prompts;
+      const float c = s_c[f.col(nb, e)];
       ke[nb][e] -= c;
       ke[nb][e + 2] -= c;
     }
