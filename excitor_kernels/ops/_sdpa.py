@@ -48,8 +48,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._alloc import new_output
-from ._triton_common import (LOG2E, load_rows, pow2, precision, prompt_attention, prompt_attention_backward,
-                             prompt_strides, store_rows)
+from ._triton_common import (LOG2E, GradSums, load_rows, pow2, precision, prompt_attention,
+                             prompt_attention_backward, prompt_strides, store_rows)
 from ._triton_prompt_keys import prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
@@ -236,31 +236,6 @@ def _rows_block(on_gpu: bool, L: int) -> tuple[int, dict]:
     return (64, dict(num_warps=4)) if on_gpu else (min(32, pow2(L)), {})
 
 
-class _Sums:
-    """float32 buffers for prompt and gate gradients summed over row tiles.
-
-    ``prompt (tiles | 1, B | 1, heads, P, d)`` and ``gate (tiles | 1, B | 1, Hq)``: with atomics the tile axis
-    (and, for shared prompts, the batch axis) has stride 0 so every program adds into one slot; deterministic
-    runs give every program its own slot and sum them here in a fixed order."""
-
-    def __init__(self, tiles, B, heads, Hq, P, d, per_sample, deterministic, device):
-        t, pb = (tiles, B) if deterministic else (1, B if per_sample else 1)
-        self.prompt = torch.zeros((t, pb, heads, P, d), dtype=torch.float32, device=device)
-        self.gate = torch.zeros((t, B if deterministic else 1, Hq), dtype=torch.float32, device=device)
-        st = self.prompt.stride()
-        self.prompt_strides = (st[0] if deterministic else 0, st[1] if pb > 1 else 0, st[2], st[3])
-        self.gate_strides = (self.gate.stride(0), self.gate.stride(1)) if deterministic else (0, 0)
-        self.per_sample = per_sample
-
-    def prompt_grad(self, buf, Hkv, like):
-        g = buf.sum(0)                                                  # (B | 1, heads, P, d)
-        g = g.unflatten(1, (Hkv, -1)).sum(2)                            # query heads -> their key/value head
-        return (g if self.per_sample else g.sum(0)).to(like.dtype)
-
-    def gate_grad(self, like):
-        return self.gate.sum(dim=(0, 1)).to(like.dtype)
-
-
 def excitor_keys(k, pk, gate, sim, prompt_scale, concat):
     """``k' (B, Hq, N, d)`` with ``k'[h] = k + gate[h] ke``, or ``[k, ke] (B, Hkv, N, 2d)`` when ``concat``."""
     B, Hkv, N, d = k.shape
@@ -291,7 +266,7 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     ds = k if dsim is None else dsim
     block, opts = _rows_block(k.is_cuda, N)
     tiles = triton.cdiv(N, block)
-    sums = _Sums(tiles, B, Hkv, Hq, P, d, pk.dim() == 4, deterministic, k.device)
+    sums = GradSums(tiles, B, Hkv, Hq, P, d, pk.dim() == 4, deterministic, k.device)
     excitor_keys_bwd_kernel[(tiles, B * Hkv)](
         dkp, k, s, pk, gate.contiguous(), dk, ds, sums.prompt, sums.gate,
         *dkp.stride()[:3], *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
@@ -326,7 +301,7 @@ def gated_queries_backward(dq2, q, gate, deterministic):
     B, Hq, M, d = q.shape
     dq2 = dq2 if dq2.stride(-1) == 1 else dq2.contiguous()
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
-    sums = _Sums(triton.cdiv(M, _rows_block(q.is_cuda, M)[0]), B, Hq, Hq, 0, d, False, deterministic, q.device)
+    sums = GradSums(triton.cdiv(M, _rows_block(q.is_cuda, M)[0]), B, Hq, Hq, 0, d, False, deterministic, q.device)
     _gated_launch(q, gate, dq2, dq, sums.gate, sums.gate_strides, True)
     return dq, sums.gate_grad(gate)
 
@@ -355,7 +330,7 @@ def adapter_prompts_backward(do, q, pk, pv, gate, softmax_scale, deterministic):
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     block, opts = _rows_block(q.is_cuda, M)
     tiles = triton.cdiv(M, block)
-    sums = _Sums(tiles, B, Hq if deterministic else Hkv, Hq, P, d, pk.dim() == 4, deterministic, q.device)
+    sums = GradSums(tiles, B, Hq if deterministic else Hkv, Hq, P, d, pk.dim() == 4, deterministic, q.device)
     dpv_buf = torch.zeros_like(sums.prompt)
     adapter_prompts_bwd_kernel[(tiles, B * Hq)](
         do, q, pk, pv, gate.contiguous(), dq, sums.prompt, dpv_buf, sums.gate,

@@ -178,3 +178,26 @@ class RowLayout:
         return (0, stats.stride(0)) if self.varlen else tuple(stats.stride()[:2])
 
 
+class GradSums:
+    """float32 buffers for prompt and gate gradients summed over row tiles (Hq = 0 or P = 0: no such buffer).
+
+    ``prompt (tiles | 1, B | 1, heads, P, d)`` and ``gate (tiles | 1, B | 1, Hq)``: with atomics the tile axis
+    (and, for shared prompts, the batch axis) has stride 0 so every program adds into one slot; deterministic
+    runs give every program its own slot and sum them here in a fixed order."""
+
+    def __init__(self, tiles, B, heads, Hq, P, d, per_sample, deterministic, device):
+        t, pb = (tiles, B) if deterministic else (1, B if per_sample else 1)
+        self.prompt = torch.zeros((t, pb, heads, P, d), dtype=torch.float32, device=device)
+        self.gate = torch.zeros((t, B if deterministic else 1, Hq), dtype=torch.float32, device=device)
+        st = self.prompt.stride()
+        self.prompt_strides = (st[0] if deterministic else 0, st[1] if pb > 1 else 0, st[2], st[3])
+        self.gate_strides = (self.gate.stride(0), self.gate.stride(1)) if deterministic else (0, 0)
+        self.per_sample = per_sample
+
+    def prompt_grad(self, buf, Hkv, like):
+        g = buf.sum(0)                                                  # (B | 1, heads, P, d)
+        g = g.unflatten(1, (Hkv, -1)).sum(2)                            # query heads -> their key/value head
+        return (g if self.per_sample else g.sum(0)).to(like.dtype)
+
+    def gate_grad(self, like):
+        return self.gate.sum(dim=(0, 1)).to(like.dtype)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (LOG2E, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax,
+from ._triton_common import (LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax,
                              prompt_strides, sequence, store_rows)
 
 
@@ -174,21 +174,14 @@ def prompt_keys_backward(dke: torch.Tensor, s: torch.Tensor, pk: torch.Tensor, p
     instead of with atomics."""
     launch = prompt_blocks(s.is_cuda, rows.N)
     tiles = triton.cdiv(rows.N, launch["BLOCK_N"])
-    per_sample = pk.dim() == 4
     P, d = pk.shape[-2], rows.d
-    # [tile, batch, head, prompt, d]; the atomic layout (tile and, for shared prompts, batch stride 0) makes
-    # those programs add into one block
-    buf = torch.zeros((tiles if deterministic else 1, rows.B if per_sample or deterministic else 1, rows.Hkv, P, d),
-                      dtype=torch.float32, device=s.device)
-    buf_strides = (buf.stride(0) if deterministic else 0, buf.stride(1) if per_sample or deterministic else 0,
-                   buf.stride(2), buf.stride(3))
+    sums = GradSums(tiles, rows.B, rows.Hkv, 0, P, d, pk.dim() == 4, deterministic, s.device)
     ds = new_output(s.shape, dtype=s.dtype, device=s.device, like=s)
     prompt_keys_bwd_kernel[(tiles, rows.B * rows.Hkv)](
-        s, pk, dke, ds if dk is None else dk, ds, buf, rows.cu_k, *rows.strides(s), *prompt_strides(pk),
-        *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *buf_strides,
+        s, pk, dke, ds if dk is None else dk, ds, sums.prompt, rows.cu_k, *rows.strides(s), *prompt_strides(pk),
+        *rows.strides(dke), *rows.strides(ds if dk is None else dk), *rows.strides(ds), *sums.prompt_strides,
         rows.Hkv, rows.N, P, prompt_scale, prompt_scale * LOG2E,
         ADD_DS=dk is not None, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(s),
         **launch,
     )
-    dpk = buf.sum(0) if per_sample else buf.sum((0, 1))
-    return dpk.to(pk.dtype), ds
+    return sums.prompt_grad(sums.prompt, rows.Hkv, pk), ds
