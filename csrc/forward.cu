@@ -11,7 +11,11 @@
 
 namespace ek {
 
-// One CTA per (64-key tile, batch * kv head): ke for those keys, written in the input dtype.
+// One CTA per (64-key tile, batch * kv head): ke for those keys, written in the input dtype. Shared memory: the
+// key tile, the prompt tile, the D prompt column means (float32).
+template <class T, int D>
+constexpr int reconstruct_smem_bytes() { return 2 * tile_bytes<T, D>() + D * int(sizeof(float)); }
+
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) reconstruct_keys_kernel(EkFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -25,20 +29,17 @@ __global__ void __launch_bounds__(kThreads) reconstruct_keys_kernel(EkFwdParams 
                   p.kv_len - n0);
   load_tile<T, D>(s_pk, static_cast<const T *>(p.pk) + b * p.pk_st.b + g * p.pk_st.h, p.pk_st.row, p.num_prompts);
   __syncthreads();
-  float ke[D / 8][4], a[kTile / 8][4];
-  prompt_mix<T, D>(ke, a, s_x, s_pk, s_pk, p.num_prompts, p.prompt_scale * kLog2e, f);
   // centre on c = mean_n pk_n (docs/design.md): every key of head h moves by gate[h] c, which no softmax sees.
-  // The D column means are summed once per CTA (a column per thread) into s_x's space, which prompt_mix no
-  // longer reads once every warp has passed the barrier.
-  static_assert(tile_bytes<T, D>() >= D * int(sizeof(float)), "the column means fit in s_x's tile");
-  float *s_c = reinterpret_cast<float *>(smem);
-  __syncthreads();
+  // The D column means are summed once per CTA, a column per thread, into shared memory after the two tiles.
+  float *s_c = reinterpret_cast<float *>(s_pk + kTile * pitch<D>());
   for (int col = threadIdx.x; col < D; col += kThreads) {
     float c = 0.f;
     for (int n = 0; n < p.num_prompts; ++n) c += to_float(s_pk[n * pitch<D>() + col]);
     s_c[col] = c / p.num_prompts;
   }
   __syncthreads();
+  float ke[D / 8][4], a[kTile / 8][4];
+  prompt_mix<T, D>(ke, a, s_x, s_pk, s_pk, p.num_prompts, p.prompt_scale * kLog2e, f);
 #pragma unroll
   for (int nb = 0; nb < D / 8; ++nb)
 #pragma unroll
@@ -166,7 +167,7 @@ extern "C" int ek_forward(const EkFwdParams *p, cudaStream_t stream) {
     constexpr int D = decltype(dim)::value, BYPASS = decltype(op)::value;
     if constexpr (BYPASS == EK_EXCITOR) {
       const dim3 grid(p->batch * p->kv_heads, cdiv(p->kv_len, kTile));
-      const cudaError_t err = launch(reconstruct_keys_kernel<T, D>, grid, 2 * tile_bytes<T, D>(), stream, *p);
+      const cudaError_t err = launch(reconstruct_keys_kernel<T, D>, grid, reconstruct_smem_bytes<T, D>(), stream, *p);
       if (err != cudaSuccess) return err;
     }
     const dim3 grid(p->batch * p->q_heads, cdiv(p->q_len, kTile));
