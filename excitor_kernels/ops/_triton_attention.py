@@ -172,17 +172,16 @@ def attention_fwd_kernel(
     # triton's sm_90 warp specialisation rejects one)
     hi = tl.where(start_m < M, hi, 0)
     full = tl.minimum(full, hi)
-    if WARP_SPEC:  # that pass also takes a single loop per kernel: every key tile masked
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                                   stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                                   HEAD_DIM, PREC, DESC, True)
+    # key tiles [0, full) need no mask, [full, hi) do; warp specialisation takes one loop per kernel, all masked
+    if WARP_SPEC:
+        full = 0
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
                                    stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
                                    HEAD_DIM, PREC, DESC, False)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                                   stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                                   HEAD_DIM, PREC, DESC, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                               stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                               HEAD_DIM, PREC, DESC, WARP_SPEC)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -454,16 +453,14 @@ def attention_bwd_dq_kernel(
     hi = tl.where(start_m < M, hi, 0)  # past the end of a shorter packed sequence: no key (as in the forward)
     full = tl.minimum(full, hi)
     if WARP_SPEC:  # one loop, every key tile masked (as in the forward)
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                           stride_vn, 0, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
-                           DESC, True)
+        full = 0
     else:
         dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
                            stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
                            PREC, DESC, False)
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                           stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
-                           PREC, DESC, False)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                       PREC, DESC, WARP_SPEC)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
