@@ -50,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .._alloc import new_output
 from ._triton_common import (LOG2E, GradSums, load_rows, pow2, precision, prompt_attention,
                              prompt_attention_backward, prompt_strides, store_rows)
-from ._triton_prompt_keys import prompt_chain_rule, prompt_mixture
+from ._triton_prompt_keys import _tile_and_prompts, prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
 # On the CPU the token attention runs on SDPA's math backend: PyTorch's CPU flash kernel gives a finite row where
@@ -103,8 +103,8 @@ def excitor_keys_fwd_kernel(
 
 @triton.jit
 def excitor_keys_bwd_kernel(
-    DKP, K, S, PK, GATE, DK, DS, DPK, DGATE,
-    stride_gb, stride_gh, stride_gn, stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sn,
+    DKP, S, PK, GATE, DK, DS, DPK, DGATE,
+    stride_gb, stride_gh, stride_gn, stride_sb, stride_sh, stride_sn,
     stride_pkb, stride_pkh, stride_pkp, stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn,
     stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b,
     Hkv, N, P, GROUPS, prompt_scale, prompt_scale_log2,
@@ -114,13 +114,8 @@ def excitor_keys_bwd_kernel(
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
     (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt and gate gradients."""
     tile, offs_n, b, g = _program(Hkv, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
-    if SIM_IS_K:
-        st = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
-    else:
-        st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
+                                               stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)  # S: sim_keys, or k
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
@@ -268,8 +263,8 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     tiles = triton.cdiv(N, block)
     sums = GradSums(tiles, B, Hkv, Hq, P, d, pk.dim() == 4, deterministic, k.device)
     excitor_keys_bwd_kernel[(tiles, B * Hkv)](
-        dkp, k, s, pk, gate.contiguous(), dk, ds, sums.prompt, sums.gate,
-        *dkp.stride()[:3], *k.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
+        dkp, s, pk, gate.contiguous(), dk, ds, sums.prompt, sums.gate,
+        *dkp.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
         *ds.stride()[:3], *sums.prompt_strides, *sums.gate_strides,
         Hkv, N, P, Hq // Hkv, prompt_scale, prompt_scale * LOG2E,
         CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P),
