@@ -62,9 +62,9 @@ def unsupported_reason(op: str, p: Problem, *, explicit: bool = False) -> str | 
         return "the CUDA kernels need compute capability 8.0 or later (mma.sync bf16)"
     if cannot_build() is not None:
         return f"the CUDA extension cannot be built: {cannot_build()}"
-    # The kernels were written and compiled without a GPU. They stay opt-in (also for backend="cuda" while
-    # the dispatcher does not pass explicit=True) until csrc/gpu_check.py and the test suite with
-    # backend="cuda" have passed on an H100/H200; then this check goes.
+    # The kernels were written and compiled without a GPU: backend="auto" takes them only when opted in, until
+    # csrc/gpu_check.py and the test suite with backend="cuda" have passed on an H100/H200; then this check
+    # goes. backend="cuda" (explicit) runs them.
     if not explicit and os.environ.get(EXPERIMENTAL_ENV) != "1":
         return f"the CUDA kernels are not yet validated on a GPU (set {EXPERIMENTAL_ENV}=1 to use them)"
     return None

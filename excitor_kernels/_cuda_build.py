@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 SOURCES = ("binding.cpp", "forward.cu", "backward.cu")
+LIBRARY = "excitor_kernels_cuda"  # the extension's module name: its ops' namespace and its file's stem
 MIN_ARCH = 80  # mma.sync with bfloat16 operands
 CACHE_ENV = "EXCITOR_KERNELS_CACHE"
 
@@ -42,12 +43,14 @@ def architectures() -> list[int]:
     return sorted(a for a in archs if a >= MIN_ARCH)
 
 
-def nvcc_flags(archs: list[int]) -> list[str]:
-    """-O3 and one -gencode per architecture; 9.0 is built as sm_90a (wgmma-capable variant)."""
-    def sm(a):
-        return f"{a}{'a' * (a == 90)}"
+def _sm(a: int) -> str:
+    """The target of architecture ``a``: 9.0 is built as sm_90a (the wgmma-capable variant)."""
+    return f"{a}{'a' * (a == 90)}"
 
-    return ["-O3", *(f"-gencode=arch=compute_{sm(a)},code=sm_{sm(a)}" for a in archs)]
+
+def nvcc_flags(archs: list[int]) -> list[str]:
+    """-O3 and one -gencode per architecture (:func:`_sm`)."""
+    return ["-O3", *(f"-gencode=arch=compute_{_sm(a)},code=sm_{_sm(a)}" for a in archs)]
 
 
 def missing() -> str | None:
@@ -89,7 +92,7 @@ def cached() -> Path | None:
     """The cached library for this machine, when one was built before."""
     if missing() is not None:
         return None
-    return _library(cache_dir(architectures()), "excitor_kernels_cuda")
+    return _library(cache_dir(architectures()), LIBRARY)
 
 
 def build():
@@ -103,16 +106,16 @@ def build():
     folder = cache_dir(archs)
     folder.mkdir(parents=True, exist_ok=True)
     src = source_dir()
-    library = _library(folder, "excitor_kernels_cuda")
+    library = _library(folder, LIBRARY)
     newest_source = max((src / f).stat().st_mtime for f in (*SOURCES, "common.cuh", "excitor_attention.h"))
     fresh = library is None or library.stat().st_mtime < newest_source  # ninja rebuilds: say so
     if fresh:
-        arch_names = ", ".join(f"sm_{a}{'a' * (a == 90)}" for a in archs)
+        arch_names = ", ".join(f"sm_{_sm(a)}" for a in archs)
         print(f"excitor-kernels: building the CUDA extension for {arch_names} with ninja into {folder} ...",
               end="", flush=True)
     start = time.perf_counter()
     module = cpp_extension.load(
-        name="excitor_kernels_cuda",
+        name=LIBRARY,
         sources=[str(src / f) for f in SOURCES],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3"],
