@@ -6,6 +6,7 @@ the GPU cases (marker ``gpu``) are deselected at collection, and so are cases wh
 here (marker ``unavailable``): the run shows the smoke set only, with one summary line per reason.
 """
 import os
+import signal
 
 import pytest
 import torch
@@ -34,7 +35,14 @@ def bench_quick(config) -> bool:
     return config.getoption("--bench-quick") or os.environ.get("EXCITOR_BENCH_QUICK", "0") not in ("", "0")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config):
+    # a run stopped by SIGTERM (.ci/gpu_session's deadline) ends as an interrupted session: pytest_sessionfinish
+    # still writes the results measured so far
+    signal.signal(signal.SIGTERM, _interrupt)
     config.stash[_RECORDS] = []
     config.stash[_WRITTEN] = []
     config.stash[_DESELECTED] = {}

@@ -102,17 +102,16 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
     gpu = "cpu" if args.smoke else _tuning.arch(device)
-    entries = []
-    for case in grid(args.quick, args.smoke):
-        if (args.op or case["op"]) != case["op"] or (args.dtype or case["dtype"]) != case["dtype"]:
-            continue
-        entries.append(dict(case, ms=measure(case, device, args.smoke)))
-        print(entries[-1], flush=True)
     info = dict(device="cpu" if args.smoke else torch.cuda.get_device_name(device), torch=torch.__version__,
                 triton=__import__("triton").__version__, date=datetime.date.today().isoformat())
     out = Path(args.out) if args.out else _tuning.TABLE_PATH
-    table = _tuning.load_file(out)
-    print(f"wrote {_tuning.write(_tuning.merge(table, gpu, info, entries), out)}")
+    for case in grid(args.quick, args.smoke):
+        if (args.op or case["op"]) != case["op"] or (args.dtype or case["dtype"]) != case["dtype"]:
+            continue
+        entry = dict(case, ms=measure(case, device, args.smoke))
+        print(entry, flush=True)
+        _tuning.write(_tuning.merge(_tuning.load_file(out), gpu, info, [entry]), out)  # a cut-off run keeps its cases
+    print(f"wrote {out}")
     return 0
 
 
