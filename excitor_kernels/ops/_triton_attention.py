@@ -67,27 +67,46 @@ def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-               lo, hi, N, shift, gate_h, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Online softmax over key tiles [lo, hi); MASKED tiles apply the causal and the j < N masks."""
+def _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn, start_n, N,
+              shift, gate_h, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
+    """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED applies the causal and the j < N masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
+                   HEAD_DIM, DESC)
+    qk = dot(q, tl.trans(kt), PREC) * qk_scale
+    if MASKED:
+        qk = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
+    acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
+              full, hi, N, shift, gate_h, qk_scale,
+              CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """Online softmax over key tiles [0, hi): [0, full) need no mask, [full, hi) do (_causal_key_bounds).
+    Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked."""
+    lo = 0
+    if not WARP_SPEC:
+        for start_n in tl.range(0, full, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                      stride_vn, start_n, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
+                                      HEAD_DIM, PREC, DESC)
+        lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
-                       HEAD_DIM, DESC)
-        qk = dot(q, tl.trans(kt), PREC) * qk_scale
-        if MASKED:
-            qk = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PREC)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                                  stride_vn, start_n, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
+                                  HEAD_DIM, PREC, DESC)
     return acc, l_i, m_i
 
 
@@ -172,16 +191,9 @@ def attention_fwd_kernel(
     # triton's sm_90 warp specialisation rejects one)
     hi = tl.where(start_m < M, hi, 0)
     full = tl.minimum(full, hi)
-    # key tiles [0, full) need no mask, [full, hi) do; warp specialisation takes one loop per kernel, all masked
-    if WARP_SPEC:
-        full = 0
-    else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                                   stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
-                                   HEAD_DIM, PREC, DESC, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                               stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                               HEAD_DIM, PREC, DESC, WARP_SPEC)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                              stride_vn, full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
+                              DESC, WARP_SPEC)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -256,30 +268,51 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_key_tile_head(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                       offs_n, offs_d, lo, hi, M, shift, qk_scale,
-                       MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """For one key tile and one query head, over query tiles [lo, hi): dv += p^T do and dk += ds^T q
-    (the softmax_scale factor of dk is applied by the caller). SPLIT_DS: ds enters as a hi + lo pair of the
-    input dtype (two half-rate products, about float32 accuracy), for the Excitor's gate gradient."""
+def _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d, start_m,
+               M, shift, qk_scale,
+               MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PREC: tl.constexpr, DESC: tl.constexpr):
+    """For one key tile and one query head, query tile [start_m, start_m + BLOCK_M): dv += p^T do and
+    dk += ds^T q (the softmax_scale factor of dk is applied by the caller); MASKED applies the causal mask (rows
+    i >= M have lse = +inf, so p = 0). SPLIT_DS: ds enters as a hi + lo pair of the input dtype (two half-rate
+    products, about float32 accuracy), for the Excitor's gate gradient."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
+    do = load_tile(do_src, start_m, stride_dom, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
+    lse = tl.load(lse_base + offs_m, mask=offs_m < M, other=float("inf"))   # rows >= M give p = 0
+    delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
+    qkT = dot(kt, tl.trans(q), PREC) * qk_scale           # (BLOCK_N, BLOCK_M)
+    pT = tl.exp2(qkT - lse[None, :])
+    if MASKED:
+        pT = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pT, 0.0)
+    dv += dot(pT.to(do.dtype), do, PREC)
+    dpT = dot(vt, tl.trans(do), PREC)
+    dsT = pT * (dpT - delta[None, :])
+    if SPLIT_DS:
+        dk += dot_hi_lo(dsT, q, PREC)
+    else:
+        dk += dot(dsT.to(q.dtype), q, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_queries(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d,
+                  lo, full, M, shift, qk_scale,
+                  CAUSAL: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """dk, dv of one key tile and one query head over query tiles [lo, M): [lo, full) straddle the key tile's
+    causal diagonal and are masked (empty unless CAUSAL), [full, M) see all of it. Warp specialisation takes a
+    kernel's single loop: WARP_SPEC runs one loop over [lo, M), masked when CAUSAL."""
+    hi = full
+    if WARP_SPEC:
+        hi = M
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
-        do = load_tile(do_src, start_m, stride_dom, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
-        lse = tl.load(lse_base + offs_m, mask=offs_m < M, other=float("inf"))   # rows >= M give p = 0
-        delta = tl.load(delta_base + offs_m, mask=offs_m < M, other=0.0)
-        qkT = dot(kt, tl.trans(q), PREC) * qk_scale           # (BLOCK_N, BLOCK_M)
-        pT = tl.exp2(qkT - lse[None, :])
-        if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pT, 0.0)
-        dv += dot(pT.to(do.dtype), do, PREC)
-        dpT = dot(vt, tl.trans(do), PREC)
-        dsT = pT * (dpT - delta[None, :])
-        if SPLIT_DS:
-            dk += dot_hi_lo(dsT, q, PREC)
-        else:
-            dk += dot(dsT.to(q.dtype), q, PREC)
+        dk, dv = _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d,
+                            start_m, M, shift, qk_scale, CAUSAL, SPLIT_DS, BLOCK_M, HEAD_DIM, PREC, DESC)
+    if not WARP_SPEC:
+        for start_m in tl.range(full, M, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n,
+                                offs_d, start_m, M, shift, qk_scale, False, SPLIT_DS, BLOCK_M, HEAD_DIM, PREC, DESC)
     return dk, dv
 
 
@@ -341,17 +374,9 @@ def attention_bwd_dkdv_kernel(
     row_stats = b * stride_lb + h * stride_lh + q0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if WARP_SPEC:  # that pass also takes a single loop per kernel: every query tile masked when causal
-        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, lo, M, M, shift, qk_scale, CAUSAL, BYPASS == 1, BLOCK_M,
-                                    HEAD_DIM, PREC, DESC, True)
-    else:
-        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, lo, full, M, shift, qk_scale, True, BYPASS == 1, BLOCK_M,
-                                    HEAD_DIM, PREC, DESC, False)
-        dk, dv = _bwd_key_tile_head(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm,
-                                    stride_dom, offs_n, offs_d, full, M, M, shift, qk_scale, False, BYPASS == 1, BLOCK_M,
-                                    HEAD_DIM, PREC, DESC, False)
+    dk, dv = _dkdv_queries(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm, stride_dom,
+                           offs_n, offs_d, lo, full, M, shift, qk_scale, CAUSAL, BYPASS == 1, BLOCK_M, HEAD_DIM, PREC,
+                           DESC, WARP_SPEC)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
@@ -378,22 +403,41 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-                  lo, hi, N, shift, gate_h, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """dq += ds k' over key tiles [lo, hi) (softmax_scale applied by the caller)."""
+def _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn, start_n,
+             N, shift, gate_h, qk_scale,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
+    """dq += ds k' over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED
+    applies the causal and the j < N masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
+                   HEAD_DIM, DESC)
+    vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
+    p = tl.exp2(dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), p, 0.0)
+    dp = dot(do, tl.trans(vt), PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + dot(ds.to(kt.dtype), kt, PREC)
+
+
+@triton.jit
+def _dq_keys(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
+             full, hi, N, shift, gate_h, qk_scale,
+             CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked; WARP_SPEC: one
+    loop over [0, hi), every tile masked."""
+    lo = 0
+    if not WARP_SPEC:
+        for start_n in tl.range(0, full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
+                          stride_vn, start_n, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                          PREC, DESC)
+        lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
-                       HEAD_DIM, DESC)
-        vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-        p = tl.exp2(dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), p, 0.0)
-        dp = dot(do, tl.trans(vt), PREC)
-        ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(kt.dtype), kt, PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
+                      start_n, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC, DESC)
     return dq
 
 
@@ -452,15 +496,8 @@ def attention_bwd_dq_kernel(
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     hi = tl.where(start_m < M, hi, 0)  # past the end of a shorter packed sequence: no key (as in the forward)
     full = tl.minimum(full, hi)
-    if WARP_SPEC:  # one loop, every key tile masked (as in the forward)
-        full = 0
-    else:
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                           stride_vn, 0, full, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
-                           PREC, DESC, False)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                       stride_vn, full, hi, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
-                       PREC, DESC, WARP_SPEC)
+    dq = _dq_keys(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
+                  full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC, DESC, WARP_SPEC)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
