@@ -80,14 +80,12 @@ def excitor_keys_fwd_kernel(
     heads of the key/value head, or [k, ke] (CONCAT). Products on the input dtype's tensor cores (PREC),
     float32 accumulation, as in the prompt-keys pre-pass."""
     _, offs_n, b, g = _program(Hkv, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
-    kt = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
-    if SIM_IS_K:
-        st = kt
+    st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
+                                               stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)  # S: sim_keys, or k
+    if SIM_IS_K:  # the host passes k as S: its tile is loaded once
+        kt = st
     else:
-        st = load_rows(S + b * stride_sb + g * stride_sh, offs_n, stride_sn, offs_d, N, HEAD_DIM, True)
-    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+        kt = load_rows(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
     _, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
