@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _tuning
-from ._validate import Problem, check_inputs
+from ._validate import MAX_DECODE_QUERIES, Problem, check_inputs
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat")
 FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat")  # the rule's order without a measured table
@@ -148,21 +148,37 @@ def choose(op: str, backend: str, p: Problem) -> Choice:
     return Choice(backend, "asked for")
 
 
-def select_backend(op: str, backend: str, p: Problem) -> str:
-    """Return the backend name that will run ``op`` on problem ``p`` (logged once per new choice)."""
+def select_backend(op: str, backend: str, p: Problem, *, stacklevel: int = 3) -> str:
+    """Return the backend name that will run ``op`` on problem ``p`` (logged once per new choice; ``stacklevel``
+    of the warning for an automatic fall-back to the reference: the operator's caller)."""
     choice = choose(op, backend, p)
     if backend == "auto":
         if choice.backend == "reference":
             message = f"{op}: backend='auto' uses the reference PyTorch backend ({choice.reason})"
             if message not in _warned:
                 _warned.add(message)
-                warnings.warn(message, stacklevel=3)
+                warnings.warn(message, stacklevel=stacklevel)
         key = (op, choice)
         if key not in _logged and not torch.compiler.is_compiling():
             _logged.add(key)
             _log.debug("%s: backend='auto' -> %s (%s)", op, choice.backend, choice.reason)
     return choice.backend
 
+
+def select_path(op: str, backend: str, p: Problem, cache_seqlens=None) -> tuple[str, bool]:
+    """(backend, decode) of a padded call: :func:`select_backend`'s choice and whether the call takes the
+    split-KV decode kernel (triton on a decode-shaped call, ``Problem.decode``). ``cache_seqlens`` is checked
+    here; only the decode kernel and the reference serve it."""
+    if cache_seqlens is not None:
+        from .ops._triton_decode import check_cache_seqlens  # imported here: the ops modules import this one
+
+        check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, p.device)
+    backend = select_backend(op, backend, p, stacklevel=4)
+    decode = backend == "triton" and p.decode
+    if cache_seqlens is not None and backend != "reference" and not decode:
+        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {MAX_DECODE_QUERIES} queries, "
+                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
+    return backend, decode
 
 def explain_backend(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,
                     backend: str = "auto") -> Choice:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._dispatch import select_backend
+from .._dispatch import select_backend, select_path
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import adapter_attention_reference, per_sequence
 from . import _sdpa
@@ -100,13 +100,7 @@ def adapter_attention(
     p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
                      needs_prompt_values=True)
     softmax_scale, _ = resolve_scales(p, causal, softmax_scale)
-    if cache_seqlens is not None:
-        dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
-    backend = select_backend(OP, backend, p)
-    decode = backend == "triton" and p.decode
-    if cache_seqlens is not None and backend != "reference" and not decode:
-        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {dec.MAX_DECODE_QUERIES} queries, "
-                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
+    backend, decode = select_path(OP, backend, p, cache_seqlens)
     if backend == "reference":
         return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
                                            softmax_scale=softmax_scale, cache_seqlens=cache_seqlens)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._dispatch import select_backend
+from .._dispatch import select_backend, select_path
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import excitor_attention_reference, per_sequence
 from . import _sdpa
@@ -113,13 +113,7 @@ def excitor_attention(
     p = check_inputs(q, k, v, prompt_keys, gate, sim_keys=sim_keys, softmax_scale=softmax_scale,
                      prompt_scale=prompt_scale)
     softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale)
-    if cache_seqlens is not None:
-        dec.check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, q.device)
-    backend = select_backend(OP, backend, p)
-    decode = backend == "triton" and p.decode
-    if cache_seqlens is not None and backend != "reference" and not decode:
-        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {dec.MAX_DECODE_QUERIES} queries, "
-                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
+    backend, decode = select_path(OP, backend, p, cache_seqlens)
     if backend == "reference":
         return excitor_attention_reference(q, k, v, prompt_keys, gate, sim_keys=sim_keys, causal=causal,
                                            softmax_scale=softmax_scale, prompt_scale=prompt_scale,
