@@ -323,17 +323,17 @@ def adapter_prompts_backward(do, q, pk, pv, gate, softmax_scale, deterministic):
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     block, opts = _rows_block(q.is_cuda, M)
     tiles = triton.cdiv(M, block)
-    sums = GradSums(tiles, B, Hq if deterministic else Hkv, Hq, P, d, pk.dim() == 4, deterministic, q.device)
-    dpv_buf = torch.zeros_like(sums.prompt)
+    sums = GradSums(tiles, B, Hq if deterministic else Hkv, Hq, P, d, pk.dim() == 4, deterministic, q.device,
+                    values=True)
     adapter_prompts_bwd_kernel[(tiles, B * Hq)](
-        do, q, pk, pv, gate.contiguous(), dq, sums.prompt, dpv_buf, sums.gate,
+        do, q, pk, pv, gate.contiguous(), dq, sums.prompt, sums.value, sums.gate,
         *do.stride()[:3], *q.stride()[:3], *prompt_strides(pk), *prompt_strides(pv), *dq.stride()[:3],
         *sums.prompt_strides, *sums.gate_strides, Hq, M, P, Hq // Hkv, 1 if deterministic else Hq // Hkv,
         softmax_scale, softmax_scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q),
         **opts,
     )
-    return dq, sums.prompt_grad(sums.prompt, Hkv, pk), sums.prompt_grad(dpv_buf, Hkv, pv), sums.gate_grad(gate)
+    return dq, sums.prompt_grad(sums.prompt, Hkv, pk), sums.prompt_grad(sums.value, Hkv, pv), sums.gate_grad(gate)
 
 
 # ----------------------------------------------------------------------------------------------

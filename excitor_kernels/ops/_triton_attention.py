@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, RowLayout, dot, dot_hi_lo, load_rows, load_tile, pow2,
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, load_tile, pow2,
                              precision, prompt_attention, prompt_attention_backward, prompt_strides, row_source,
                              sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
@@ -619,27 +619,23 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
     kx, kx_lo = (k, k) if ke is None else (ke[0], ke[-1])
 
-    def gate_sums(kv_config, q_config):
-        """(buffer, tile and batch strides) of the gate sums [tile, batch, q head]: one slot per key-tile
-        program (Excitor; tiles past a shorter packed sequence leave 0), or per query tile (Adapter, atomics
-        into one slot unless deterministic)."""
-        if excitor or deterministic:
-            tiles = triton.cdiv(N, kv_config["BLOCK_N"]) if excitor else triton.cdiv(M, q_config["BLOCK_M"])
-            buf = torch.zeros((tiles, B, Hq), dtype=torch.float32, device=dev)
-            return buf, (buf.stride(0), buf.stride(1))
-        return torch.zeros((1, 1, Hq), dtype=torch.float32, device=dev), (0, 0)
-
-    def prompt_sums(q_config, dg_buf):
-        """(dpk, dpv, strides) of the Adapter's prompt sums, made by query-tile programs:
-        [tile, batch, kv head, group member, prompt, d] (the Excitor passes unused stand-ins)."""
+    def grad_sums(kv_config, q_config):
+        """GradSums of the gate (and the Adapter's prompt) gradients: the Excitor's gate sums have one slot per
+        key-tile program (tiles past a shorter packed sequence leave 0); the Adapter's are made by query-tile
+        programs, atomics into one slot unless deterministic."""
         if excitor:
-            return dg_buf, dg_buf, (0,) * 5
-        if deterministic:
-            buf = torch.zeros((triton.cdiv(M, q_config["BLOCK_M"]), B, Hkv, groups, P, d), dtype=torch.float32,
-                              device=dev)
-            return buf, torch.zeros_like(buf), buf.stride()[:5]
-        buf = torch.zeros((1, B if per_sample else 1, Hkv, 1, P, d), dtype=torch.float32, device=dev)
-        return buf, torch.zeros_like(buf), (0, buf.stride(1) if per_sample else 0, buf.stride(2), 0, buf.stride(4))
+            return GradSums(triton.cdiv(N, kv_config["BLOCK_N"]), B, 0, Hq, 0, d, per_sample, True, dev)
+        return GradSums(triton.cdiv(M, q_config["BLOCK_M"]), B, Hq if deterministic else Hkv, Hq, P, d, per_sample,
+                        deterministic, dev, values=True)
+
+    def prompt_args(sums):
+        """(dpk, dpv, strides) of the dq kernel's prompt sums [tile, batch, kv head, group member, prompt]: the
+        sums' head axis holds the query heads h = g * groups + member when deterministic, the key/value heads
+        under atomics (member stride 0). The Excitor passes unused stand-ins."""
+        if excitor:
+            return sums.gate, sums.gate, (0,) * 5
+        t, b, h, p = sums.prompt_strides
+        return sums.prompt, sums.value, (t, b, h * groups, h, p) if deterministic else (t, b, h, 0, p)
 
     def launch_dkdv(config, members, dg):
         dg_buf, dg_strides = dg
@@ -653,8 +649,9 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
                 BLOCK_D=BLOCK_D, PREC=prec, **config,
             )
 
-    def launch_dq(config, dg, prompts):
-        (dg_buf, dg_strides), (dpk_buf, dpv_buf, dpk_strides) = dg, prompts
+    def launch_dq(config, sums):
+        dg_buf, dg_strides = sums.gate, sums.gate_strides
+        dpk_buf, dpv_buf, dpk_strides = prompt_args(sums)
         attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
             q, k, v, kx, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
             rows.cu_q, rows.cu_k,
@@ -671,33 +668,26 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     loads = (q, k, v, kx, do)
 
     def tune_dkdv(config):
-        dg = gate_sums(config, q_default)
-        return lambda: launch_dkdv(config, (0,), dg)
+        sums = grad_sums(config, q_default)
+        return lambda: launch_dkdv(config, (0,), (sums.gate, sums.gate_strides))
 
     def tune_dq(config):
-        dg = gate_sums(kv_default, config)
-        prompts = prompt_sums(config, dg[0])
-        return lambda: launch_dq(config, dg, prompts)
+        sums = grad_sums(kv_default, config)
+        return lambda: launch_dq(config, sums)
 
     kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv, deterministic)
     q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq, deterministic)
-    dg = gate_sums(kv_config, q_config)
-    dg_buf = dg[0]
-    launch_dkdv(kv_config, range(groups), dg)
+    sums = grad_sums(kv_config, q_config)
+    launch_dkdv(kv_config, range(groups), (sums.gate, sums.gate_strides))
     dv = dv.to(v.dtype)
-    dpk_buf, dpv_buf, dpk_strides = prompt_sums(q_config, dg_buf)
-    launch_dq(q_config, dg, (dpk_buf, dpv_buf, dpk_strides))
+    launch_dq(q_config, sums)
 
-    dgate = dg_buf.sum(dim=(0, 1)).to(gate.dtype)
+    dgate = sums.gate_grad(gate)
     if excitor:
         s = k if sim is None else sim
         dpk, ds = prompt_keys_backward(dke, s, pk, prompt_scale, rows, deterministic, dk=dk if sim is None else None)
         if sim is None:
             return dq, ds, dv, dpk, None, dgate, None
         return dq, dk.to(k.dtype), dv, dpk, None, dgate, ds
-
-    def _prompt_grad(buf):  # -> pk's shape: sum tiles and group members (and the batch for shared prompts)
-        g = buf.sum(dim=(0, 3))
-        return (g if per_sample else g.sum(0)).to(pk.dtype)
-
-    return dq, dk.to(k.dtype), dv, _prompt_grad(dpk_buf), _prompt_grad(dpv_buf).to(pv.dtype), dgate, None
+    return (dq, dk.to(k.dtype), dv, sums.prompt_grad(sums.prompt, Hkv, pk), sums.prompt_grad(sums.value, Hkv, pv),
+            dgate, None)

@@ -181,13 +181,15 @@ class RowLayout:
 class GradSums:
     """float32 buffers for prompt and gate gradients summed over row tiles (Hq = 0 or P = 0: no such buffer).
 
-    ``prompt (tiles | 1, B | 1, heads, P, d)`` and ``gate (tiles | 1, B | 1, Hq)``: with atomics the tile axis
-    (and, for shared prompts, the batch axis) has stride 0 so every program adds into one slot; deterministic
-    runs give every program its own slot and sum them here in a fixed order."""
+    ``prompt (tiles | 1, B | 1, heads, P, d)`` (and ``value``, the same, for prompt values) and
+    ``gate (tiles | 1, B | 1, Hq)``: with atomics the tile axis (and, for shared prompts, the batch axis) has
+    stride 0 so every program adds into one slot; deterministic runs give every program its own slot and sum
+    them here in a fixed order."""
 
-    def __init__(self, tiles, B, heads, Hq, P, d, per_sample, deterministic, device):
+    def __init__(self, tiles, B, heads, Hq, P, d, per_sample, deterministic, device, values=False):
         t, pb = (tiles, B) if deterministic else (1, B if per_sample else 1)
         self.prompt = torch.zeros((t, pb, heads, P, d), dtype=torch.float32, device=device)
+        self.value = torch.zeros_like(self.prompt) if values else None
         self.gate = torch.zeros((t, B if deterministic else 1, Hq), dtype=torch.float32, device=device)
         st = self.prompt.stride()
         self.prompt_strides = (st[0] if deterministic else 0, st[1] if pb > 1 else 0, st[2], st[3])
