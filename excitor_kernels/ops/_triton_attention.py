@@ -112,14 +112,17 @@ def _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn,
 
 @triton.jit
 def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range seen by query tile [start_m, start_m + BLOCK_M): tiles [0, full) need no mask, [full, hi) do."""
+    """Key range seen by query tile [start_m, start_m + BLOCK_M) of M queries: tiles [0, full) need no mask,
+    [full, hi) do. A tile past the end of a shorter packed sequence (start_m >= M) sees no key, hi = 0 (its
+    program runs on and stores nothing: triton's sm_90 warp specialisation rejects an early return)."""
     if CAUSAL:
         hi = tl.minimum(N, tl.maximum(start_m + BLOCK_M + shift, 0))
         full = tl.minimum(N // BLOCK_N, tl.maximum(start_m + shift + 1, 0) // BLOCK_N) * BLOCK_N
     else:
         hi = N
         full = N // BLOCK_N * BLOCK_N
-    return full, hi
+    hi = tl.where(start_m < M, hi, 0)
+    return tl.minimum(full, hi), hi
 
 
 @triton.jit
@@ -187,10 +190,6 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    # a program past the end of a shorter packed sequence sees no key and stores nothing (no early return:
-    # triton's sm_90 warp specialisation rejects one)
-    hi = tl.where(start_m < M, hi, 0)
-    full = tl.minimum(full, hi)
     acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
                               stride_vn, full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
                               DESC, WARP_SPEC)
@@ -494,8 +493,6 @@ def attention_bwd_dq_kernel(
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    hi = tl.where(start_m < M, hi, 0)  # past the end of a shorter packed sequence: no key (as in the forward)
-    full = tl.minimum(full, hi)
     dq = _dq_keys(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
                   full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC, DESC, WARP_SPEC)
     dq *= softmax_scale
