@@ -180,6 +180,7 @@ def select_path(op: str, backend: str, p: Problem, cache_seqlens=None) -> tuple[
                          f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
     return backend, decode
 
+
 def explain_backend(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,
                     backend: str = "auto") -> Choice:
     """Which backend ``excitor_attention`` (``op="excitor"``) or ``adapter_attention`` (``op="adapter"``) would
