@@ -155,7 +155,8 @@ def select_backend(op: str, backend: str, p: Problem, *, stacklevel: int = 3) ->
     if backend == "auto":
         if choice.backend == "reference":
             message = f"{op}: backend='auto' uses the reference PyTorch backend ({choice.reason})"
-            if message not in _warned:
+            # warned outside a torch.compile trace only: warnings.warn is a graph break
+            if not torch.compiler.is_compiling() and message not in _warned:
                 _warned.add(message)
                 warnings.warn(message, stacklevel=stacklevel)
         key = (op, choice)

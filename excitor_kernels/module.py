@@ -1,9 +1,18 @@
-"""``ExcitorAttention``: a drop-in replacement for a transformers Llama-family attention layer.
+"""``ExcitorAttention``: a transformers decoder attention layer whose attention carries the Excitor bypass
+(or the Adapter prompts), everything else left to the layer itself.
 
-It keeps the layer's frozen ``q_proj, k_proj, v_proj, o_proj`` (same parameter names, so checkpoints
-load unchanged), the rotary embedding, the KV-cache update and the ``(attn_output, attn_weights)``
-return convention (weights are always ``None``), and computes the attention with this package's
-operators. Per layer it owns
+The model's own attention layer stays in charge of its projections, norms (Qwen3's and Gemma3's ``q_norm/
+k_norm``, OLMo2's), fused ``qkv_proj`` (Phi3), rotary embedding, KV-cache update and output projection:
+``ExcitorAttention(layer)`` is an instance of ``layer``'s own class (a subclass made once per class, with the
+same children, attributes and parameter names, so checkpoints load unchanged) whose attention call is routed,
+through transformers' attention registry (``AttentionInterface``), to this package's operators. The layer gets
+a private copy of its config with ``_attn_implementation = "excitor"``; the model's config, its masks and
+every other layer are unchanged. The options the layer passes to its attention function are honoured or
+refused, never dropped: ``scaling`` is used, ``softcap`` and attention sinks are refused when the layer is
+adapted, a ``sliding_window`` shorter than the keys is refused at the call, and any other option the
+function does not know raises ``ValueError`` naming it.
+
+Per layer it owns
 
 * ``prompts`` ``(P, hidden)``: learnable prompt tokens, normal init with ``init_std`` (default N(0, 1) in
   adapter mode, as the official LLaMA-Adapter and PEFT; ``config.initializer_range`` in excitor mode);
@@ -14,17 +23,19 @@ operators. Per layer it owns
 * with ``sim_rank=r`` (excitor mode only): ``sim_down`` ``(r, hidden)`` and ``sim_up`` ``(Hkv*d, r)``,
   zero-initialised, giving the tokens' side of the prompt similarity
 
-      sim_j = k_j + sim_up(sim_down(x_j))      (k_j after rotary; sim == k at init)
+      sim_j = k_j + sim_up(sim_down(x_j))      (k_j as the layer hands it to attention; sim == k at init)
 
-Every forward the prompts (plus the optional per-sample context ``(B, P, hidden)``) go through the frozen
-``k_proj`` (and ``v_proj`` in adapter mode) without rotary position and become ``prompt_keys``
-``(Hkv, P, d)`` (``(B, Hkv, P, d)`` with a context). Mode ``"excitor"`` runs
-:func:`excitor_attention`, mode ``"adapter"`` runs :func:`adapter_attention`. With the gate at zero
-the layer computes exactly the frozen layer.
+Prompt keys and values: every forward the prompts (plus the optional per-sample context ``(B, P, hidden)``)
+run through the layer's own forward with the identity rotation (``cos = 1, sin = 0``: prompts have no
+position) and no cache, and the keys and values it hands to the attention function are taken: the prompts
+get exactly what the family does to keys and values before RoPE (projections, biases, norms). Mode
+``"excitor"`` runs :func:`excitor_attention`, mode ``"adapter"`` :func:`adapter_attention`. With the gate
+at zero the layer computes exactly the original layer.
 
-KV cache: keys and values go through ``past_key_values.update`` like the original layer. With
-``sim_rank`` the key cache of the layer holds ``[k | sim]`` concatenated on the head dimension (2d),
-so cached tokens keep their similarity keys; the two halves are read back as strided views.
+KV cache: the layer updates its cache itself. With ``sim_rank`` the cache it is given is wrapped so that
+its key cache holds ``[k | sim]`` concatenated on the head dimension (2d), so cached tokens keep their
+similarity keys; the two halves are read back as strided views (a dynamic cache is needed: a static cache
+preallocated at width d refuses the 2d keys).
 
 Padding and packing: see :mod:`excitor_kernels.padding` (batched causal call when exact, per-sample
 calls on the kept tokens otherwise; packed sequences, from ``DataCollatorWithFlattening`` for instance,
@@ -32,6 +43,8 @@ run the varlen operators, with a prompt context of one entry per packed sequence
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 from typing import Optional
 
@@ -40,40 +53,62 @@ from torch import nn
 
 from ._dispatch import BACKENDS
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import attention_layout
+from .padding import PACKING_KWARGS, attention_layout
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+IMPLEMENTATION = "excitor"  # the name registered in transformers' AttentionInterface
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument across transformers releases
+# Keyword arguments a layer may pass its attention function that do not change the attention (or that the
+# padding analysis reads); anything else that is not None is an option this function cannot silently drop.
+BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_items_in_batch",
+                           "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
+                           *PACKING_KWARGS, *CACHE_ARGS))
+_CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
 
 
-def check_llama_attention(attention: nn.Module, name: str = "attention") -> None:
-    """Raise ``TypeError`` unless ``attention`` is shaped like transformers' ``LlamaAttention``.
+def _forward_source(cls) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
-    Needed: exactly the children ``q_proj, k_proj, v_proj, o_proj`` (``nn.Linear``), no own parameters or
-    buffers (so no q/k norms), ``config``, ``layer_idx`` and ``head_dim``, and an ``apply_rotary_pos_emb``
-    in the module that defines the class (Llama, Mistral, Qwen2 and their copies).
+
+def check_attention(attention: nn.Module, name: str = "attention") -> None:
+    """Raise ``TypeError``/``ValueError`` naming what ``attention`` has that the operators cannot honour.
+
+    Accepted: a transformers decoder self-attention layer whose ``forward`` calls the attention registry
+    (``ALL_ATTENTION_FUNCTIONS``) with ``config``, ``layer_idx`` and ``head_dim``, causal, without attention
+    dropout, logit softcapping or attention sinks, and without a patched ``forward`` (hooks of accelerate or
+    another adapter: adapt the model before dispatching it).
     """
     if isinstance(attention, ExcitorAttention):
         raise ValueError(f"{name} is already an ExcitorAttention; adapt a model only once")
-    children = dict(attention.named_children())
+    cls = type(attention)
     problems = []
-    if set(children) != set(PROJECTIONS) or not all(isinstance(children[p], nn.Linear) for p in PROJECTIONS):
-        problems.append(f"children {sorted(children)} instead of nn.Linear {list(PROJECTIONS)}")
-    if list(attention.named_parameters(recurse=False)) or list(attention.named_buffers(recurse=False)):
-        problems.append("parameters or buffers of its own")
     for attr in ("config", "layer_idx", "head_dim"):
         if not hasattr(attention, attr):
             problems.append(f"no attribute {attr!r}")
-    if not callable(getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)):
-        problems.append(f"no apply_rotary_pos_emb in {type(attention).__module__}")
+    if "ALL_ATTENTION_FUNCTIONS" not in _forward_source(cls):
+        problems.append("a forward that does not call transformers' attention registry (ALL_ATTENTION_FUNCTIONS)")
+    if "forward" in vars(attention):
+        problems.append("a patched forward (accelerate hooks or another adapter; adapt the model first)")
+    if getattr(attention, "is_cross_attention", False) or getattr(attention, "is_causal", True) is False:
+        problems.append("non-causal or cross attention")
     if problems:
-        raise TypeError(f"{name} must be a Llama-style attention layer (LlamaAttention, MistralAttention, "
-                        f"Qwen2Attention); got {type(attention).__name__} with {'; '.join(problems)}")
+        raise TypeError(f"{name} must be a transformers decoder self-attention layer that calls the attention "
+                        f"registry; got {cls.__name__} with {'; '.join(problems)}")
+    config = attention.config
     dropout = getattr(attention, "attention_dropout", 0.0) or 0.0
     if dropout != 0.0:
         raise ValueError(f"{name} has attention_dropout={dropout}; the operators have no attention dropout, "
                          f"set config.attention_dropout=0.0")
+    softcap = getattr(attention, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None))
+    if softcap is not None:
+        raise ValueError(f"{name} ({cls.__name__}) applies attention logit softcapping "
+                         f"(config.attn_logit_softcapping={softcap}); the operators cannot, set it to None")
+    if isinstance(getattr(attention, "sinks", None), torch.Tensor):
+        raise ValueError(f"{name} ({cls.__name__}) has attention sinks (sinks); the operators have none")
 
 
 def check_options(*, num_prompts, mode, backend, gate_activation, sim_rank, init_std, gate_scale=False) -> None:
@@ -97,11 +132,68 @@ def check_options(*, num_prompts, mode, backend, gate_activation, sim_rank, init
         raise ValueError(f"init_std must be None or a float > 0; got {init_std!r}")
 
 
+def _subclass(cls) -> type:
+    """``ExcitorAttention`` mixed into attention class ``cls`` (made once per class)."""
+    if cls not in _CLASSES:
+        name = f"Excitor{cls.__name__}"
+        sub = type(name, (ExcitorAttention, cls), {"__module__": __name__, "__qualname__": name})
+        sub._forward_args = tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+        _CLASSES[cls] = sub
+    return _CLASSES[cls]
+
+
+def _rebuild(cls, state):
+    """Unpickle / deepcopy an ``ExcitorAttention`` of attention class ``cls``."""
+    obj = object.__new__(_subclass(cls))
+    obj.__dict__.update(state)
+    return obj
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not _attention_function:
+        AttentionInterface.register(IMPLEMENTATION, _attention_function)
+
+
+class _Capture:
+    """Marks the prompt pass: the attention function keeps the keys and values it is handed."""
+
+    keys = values = None
+
+
+class _Call:
+    """What one adapted forward hands its attention function: prompt keys/values and the sim-key terms."""
+
+    def __init__(self, pk, pv, delta):
+        self.pk, self.pv, self.delta, self.sim = pk, pv, delta, None
+
+
+class _SimCache:
+    """A cache seen through a layer with ``sim_rank``: ``update`` stores ``[k | k + delta]`` (2d wide keys)
+    and hands back the key half, keeping the sim half for the attention function; all else is the cache's."""
+
+    def __init__(self, cache, call: _Call, head_dim: int):
+        self._cache, self._call, self._d = cache, call, head_dim
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        wide = torch.cat([key_states, key_states + self._call.delta.to(key_states.dtype)], dim=-1)
+        keys, values = self._cache.update(wide, value_states, *args, **kwargs)
+        self._call.sim = keys[..., self._d:]
+        return keys[..., :self._d], values
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
 class ExcitorAttention(nn.Module):
-    """Llama-family attention whose scores carry the Excitor bypass (or the Adapter prompts).
+    """A decoder attention layer whose scores carry the Excitor bypass (or the Adapter prompts).
+
+    ``ExcitorAttention(layer, ...)`` returns an instance of ``layer``'s own class mixed with this one: it shares
+    ``layer``'s children and attributes (not copied) and adds the trainable parameters.
 
     Args:
-        attention: the layer to replace; its projections are taken over (not copied).
+        attention: the layer to adapt (see :func:`check_attention` for what is refused).
         num_prompts: ``P``, the learnable prompt tokens.
         mode: ``"excitor"`` or ``"adapter"``.
         backend: operator backend, ``"auto" | "reference" | "triton" | "cuda" | "sdpa" | "sdpa_concat"``.
@@ -112,38 +204,50 @@ class ExcitorAttention(nn.Module):
         sim_rank: rank of the learnable similarity projection (excitor mode), None for ``sim = k``.
         init_std: std of the prompts' normal init; default 1.0 in adapter mode (official LLaMA-Adapter's
             ``nn.Embedding`` and PEFT's ``normal_()``), ``config.initializer_range`` (or 0.02) in excitor mode.
-        dtype: dtype of the new parameters; default the projections' dtype.
+        dtype: dtype of the new parameters; default the dtype of the layer's first parameter.
     """
+
+    def __new__(cls, attention=None, *args, **kwargs):
+        if cls is ExcitorAttention:
+            check_attention(attention)
+            cls = _subclass(type(attention))
+        return object.__new__(cls)
 
     def __init__(self, attention: nn.Module, *, num_prompts: int = 10, mode: str = "excitor",
                  backend: str = "auto", gate_activation: str = "tanh", gate_per_head: bool = True,
                  sim_rank: Optional[int] = None, init_std: Optional[float] = None,
                  dtype: Optional[torch.dtype] = None, gate_scale: bool = False):
-        super().__init__()
-        check_llama_attention(attention)
         check_options(num_prompts=num_prompts, mode=mode, backend=backend, gate_activation=gate_activation,
                       sim_rank=sim_rank, init_std=init_std, gate_scale=gate_scale)
+        _register()
+        nn.Module.__init__(self)
+        fresh = set(vars(self))  # nn.Module's own bookkeeping stays new (no hooks carried over)
+        for key, value in vars(attention).items():
+            if key not in fresh:
+                self.__dict__[key] = value
+        self._parameters.update(attention._parameters)
+        self._buffers.update(attention._buffers)
+        self._non_persistent_buffers_set.update(attention._non_persistent_buffers_set)
+        self._modules.update(attention._modules)
+        self.training = attention.training
         self.attention_class = type(attention)
-        self.config = attention.config
-        self.layer_idx = attention.layer_idx
-        self.head_dim = attention.head_dim
-        for name in PROJECTIONS:
-            setattr(self, name, getattr(attention, name))
-        self.num_heads = self.q_proj.out_features // self.head_dim
-        self.num_kv_heads = self.k_proj.out_features // self.head_dim
-        self.scaling = getattr(attention, "scaling", self.head_dim ** -0.5)
-        self.sliding_window = getattr(attention, "sliding_window", getattr(self.config, "sliding_window", None))
-        self._rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.original_config = attention.config
+        config = copy.copy(attention.config)  # this layer alone calls the registered function
+        config._attn_implementation_internal = IMPLEMENTATION
+        self.config = config
+
+        self.num_heads = attention.config.num_attention_heads
+        self.num_kv_heads = getattr(attention.config, "num_key_value_heads", None) or self.num_heads
         self.mode, self.backend, self.gate_activation = mode, backend, gate_activation
         self.num_prompts, self.sim_rank = num_prompts, sim_rank
 
-        weight = self.k_proj.weight
+        weight = next(attention.parameters())
         dtype = dtype or weight.dtype
-        hidden = self.k_proj.in_features
+        hidden = attention.config.hidden_size
         if init_std is not None:
             std = init_std
         else:
-            std = 1.0 if mode == "adapter" else getattr(self.config, "initializer_range", 0.02)
+            std = 1.0 if mode == "adapter" else getattr(attention.config, "initializer_range", 0.02)
         self.prompts = nn.Parameter(torch.empty(num_prompts, hidden, device=weight.device, dtype=dtype).normal_(0, std))
         self.gate = nn.Parameter(torch.zeros(self.num_heads if gate_per_head else 1, device=weight.device, dtype=dtype))
         self.gate_scale = nn.Parameter(torch.ones(1, device=weight.device, dtype=dtype)) if gate_scale else None
@@ -154,6 +258,9 @@ class ExcitorAttention(nn.Module):
             nn.init.zeros_(self.sim_up.weight)
         self.prompt_context: Optional[torch.Tensor] = None
 
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (self.attention_class, self.__dict__)
+
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, num_prompts={self.num_prompts}, heads={self.num_heads}/{self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, gate_activation={self.gate_activation!r}, "
@@ -161,90 +268,103 @@ class ExcitorAttention(nn.Module):
                 f"backend={self.backend!r}")
 
     def gate_values(self) -> torch.Tensor:
-        """The contiguous ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate`` (times ``gate_scale``
-        when present), broadcast when scalar."""
+        """The ``(Hq,)`` gate the operator gets: ``tanh(gate)`` or ``gate`` (times ``gate_scale`` when present),
+        broadcast when scalar."""
         g = torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
         if self.gate_scale is not None:
             g = g * self.gate_scale
-        return g.expand(self.num_heads).contiguous()  # the fused kernels index gate[h] assuming unit stride
+        return g.expand(self.num_heads).contiguous()
 
-    def _project_prompts(self, proj: nn.Linear, batch: int) -> torch.Tensor:
-        """``proj(prompts [+ context])`` as ``(Hkv, P, d)``, or ``(B, Hkv, P, d)`` with a context."""
-        x = self.prompts
+    def _named_arguments(self, args, kwargs) -> dict:
+        """The forward's arguments after ``hidden_states``, all by name."""
+        if len(args) > len(self._forward_args) - 1:
+            raise TypeError(f"{type(self).__name__}.forward got {len(args) + 1} positional arguments")
+        named = dict(zip(self._forward_args[1:], args))
+        for key, value in kwargs.items():
+            if key in named:
+                raise TypeError(f"{type(self).__name__}.forward got two values for {key!r}")
+            named[key] = value
+        return named
+
+    def _prompt_projections(self, hidden_states, position_embeddings):
+        """The keys and values the layer makes of its prompts (plus the context), without position:
+        ``(Hkv, P, d)`` each, or ``(S, Hkv, P, d)`` with a context of S entries (checked by ``attention``)."""
+        x = self.prompts[None]
         if self.prompt_context is not None:
             ctx = self.prompt_context
-            if ctx.dim() != 3 or tuple(ctx.shape) != (batch, *self.prompts.shape):
-                raise ValueError(f"prompt context must have shape (B={batch} samples or packed sequences, "
+            if ctx.dim() != 3 or tuple(ctx.shape[1:]) != tuple(self.prompts.shape):
+                raise ValueError(f"prompt context must have shape (B samples or packed sequences, "
                                  f"num_prompts={self.num_prompts}, "
                                  f"hidden={self.prompts.shape[1]}); got {tuple(ctx.shape)}")
             x = x + ctx.to(x.dtype)
-        y = proj(x.to(proj.weight.dtype))
-        return y.view(*y.shape[:-1], self.num_kv_heads, self.head_dim).transpose(-3, -2)
+        x = x.to(hidden_states.dtype)
+        capture = _Capture()
+        named = {"attention_mask": None, IMPLEMENTATION: capture}
+        if position_embeddings is not None:
+            if not (isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2
+                    and all(isinstance(t, torch.Tensor) for t in position_embeddings)):
+                raise TypeError(f"{self.attention_class.__name__} gets position_embeddings that are not a (cos, sin) "
+                                f"pair of tensors; the prompts' identity rotation cannot be built")
+            cos, sin = position_embeddings
+            shape = (*[1] * (cos.dim() - 2), self.num_prompts, cos.shape[-1])
+            named["position_embeddings"] = (cos.new_ones(shape), sin.new_zeros(shape))
+        self.attention_class.forward(self, x, **named)
+        keys, values = capture.keys, capture.values
+        if self.prompt_context is None:
+            keys, values = keys[0], values[0]
+        return keys, values
 
-    def _attend(self, q, k, v, pk, pv, sim, gate, causal=True):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        named = self._named_arguments(args, kwargs)
+        pk, pv = self._prompt_projections(hidden_states, named.get("position_embeddings"))
+        delta = None
+        if self.sim_rank is not None:
+            B, M, _ = hidden_states.shape
+            delta = self.sim_up(self.sim_down(hidden_states.to(self.sim_down.weight.dtype)))
+            delta = delta.view(B, M, -1, self.head_dim).transpose(1, 2)
+        call = _Call(pk, pv if self.mode == "adapter" else None, delta)
+        if delta is not None:
+            for name in CACHE_ARGS:
+                if named.get(name) is not None:
+                    named[name] = _SimCache(named[name], call, self.head_dim)
+        named[IMPLEMENTATION] = call
+        return self.attention_class.forward(self, hidden_states, **named)
+
+    def original_attention(self) -> nn.Module:
+        """An instance of the adapted class holding the same (shared) children, without the prompts."""
+        attention = object.__new__(self.attention_class)
+        own = {"attention_class", "original_config", "num_heads", "num_kv_heads", "mode", "backend",
+               "gate_activation", "num_prompts", "sim_rank", "prompt_context"}
+        attention.__dict__.update({k: v for k, v in vars(self).items() if k not in own})
+        attention._parameters = {k: v for k, v in self._parameters.items() if k not in ("prompts", "gate", "gate_scale")}
+        attention._modules = {k: v for k, v in self._modules.items() if k not in ("sim_down", "sim_up")}
+        attention._buffers = dict(self._buffers)
+        attention.config = self.original_config
+        return attention
+
+    # -- the attention itself (called by the layer's forward through the registry) --
+
+    def _attend(self, q, k, v, pk, pv, sim, gate, scaling, causal=True):
         """The operator on ``(B, H, L, d)`` views."""
         if self.mode == "excitor":
-            return excitor_attention(q, k, v, pk, gate, sim_keys=sim, causal=causal, softmax_scale=self.scaling,
+            return excitor_attention(q, k, v, pk, gate, sim_keys=sim, causal=causal, softmax_scale=scaling,
                                      backend=self.backend)
-        return adapter_attention(q, k, v, pk, pv, gate, causal=causal, softmax_scale=self.scaling,
-                                 backend=self.backend)
+        return adapter_attention(q, k, v, pk, pv, gate, causal=causal, softmax_scale=scaling, backend=self.backend)
 
-    def _attend_packed(self, q, k, v, pk, pv, sim, gate, packing):
+    def _attend_packed(self, q, k, v, pk, pv, sim, gate, scaling, packing):
         """The varlen operator on a packed batch of one; returns ``(1, Hq, M, d)``."""
         def flat(t):  # (1, H, L, d) view -> (L, H, d) view
             return None if t is None else t[0].transpose(0, 1)
 
         if self.mode == "excitor":
             o = excitor_attention_varlen(flat(q), flat(k), flat(v), pk, gate, *packing, sim_keys=flat(sim),
-                                         softmax_scale=self.scaling, backend=self.backend)
+                                         softmax_scale=scaling, backend=self.backend)
         else:
             o = adapter_attention_varlen(flat(q), flat(k), flat(v), pk, pv, gate, *packing,
-                                         softmax_scale=self.scaling, backend=self.backend)
+                                         softmax_scale=scaling, backend=self.backend)
         return o.transpose(0, 1).unsqueeze(0)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, position_ids=None, **kwargs):
-        if position_embeddings is None:
-            raise ValueError("position_embeddings must be the (cos, sin) pair from the model's rotary embedding; "
-                             "got None")
-        B, M, _ = hidden_states.shape
-        shape = (B, M, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self._rotary(q, k, cos, sin)
-        sim = None
-        if self.sim_rank is not None:
-            delta = self.sim_up(self.sim_down(hidden_states.to(self.sim_down.weight.dtype)))
-            sim = k + delta.view(shape).transpose(1, 2).to(k.dtype)
-        if past_key_values is not None:
-            if sim is None:
-                k, v = past_key_values.update(k, v, self.layer_idx)
-            else:
-                ks, v = past_key_values.update(torch.cat([k, sim], dim=-1), v, self.layer_idx)
-                k, sim = ks[..., :self.head_dim], ks[..., self.head_dim:]
-        N = k.shape[2]
-        if self.sliding_window is not None and N > self.sliding_window:
-            raise ValueError(f"sequence of {N} keys is longer than the layer's sliding_window={self.sliding_window}; "
-                             f"the operators implement full causal attention only")
-
-        packing, plan = attention_layout(attention_mask, position_ids, kwargs, B, M, N)
-        prompt_batch = B if packing is None else packing.num_sequences
-        pk = self._project_prompts(self.k_proj, prompt_batch).to(q.dtype)
-        pv = self._project_prompts(self.v_proj, prompt_batch).to(q.dtype) if self.mode == "adapter" else None
-        gate = self.gate_values()
-        if packing is not None:
-            o = self._attend_packed(q, k, v, pk, pv, sim, gate, packing)
-        elif plan is None:
-            o = self._attend(q, k, v, pk, pv, sim, gate)
-        else:
-            o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate)
-                             for b, (qi, ki) in enumerate(plan)])
-        out = self.o_proj(o.transpose(1, 2).reshape(B, M, -1))
-        return out, None
-
-    def _attend_sample(self, b, q_index, k_index, q, k, v, pk, pv, sim, gate):
+    def _attend_sample(self, b, q_index, k_index, q, k, v, pk, pv, sim, gate, scaling):
         """Sample ``b`` on its real queries and valid keys; padding query rows are 0. Returns (Hq, M, d)."""
         out = q.new_zeros(q.shape[1:])
         if q_index.numel() == 0:
@@ -257,13 +377,74 @@ class ExcitorAttention(nn.Module):
             return None if t is None else (t[b:b + 1] if t.dim() == 4 else t)
 
         o = self._attend(q[b:b + 1].index_select(2, q_index), keys(k), keys(v), prompts(pk), prompts(pv),
-                         None if sim is None else keys(sim), gate)
+                         None if sim is None else keys(sim), gate, scaling)
         return out.index_copy(1, q_index, o[0])
 
-    def original_attention(self) -> nn.Module:
-        """A fresh instance of the replaced class holding the same (shared) projections."""
-        with torch.device("meta"):
-            attention = self.attention_class(self.config, self.layer_idx)
-        for name in PROJECTIONS:
-            setattr(attention, name, getattr(self, name))
-        return attention
+    def attention(self, call: _Call, q, k, v, attention_mask, scaling, kwargs):
+        """``(B, M, Hq, d)`` attention output of queries ``q (B, Hq, M, d)`` over keys/values ``(B, Hkv, N, d)``."""
+        B, _, M, _ = q.shape
+        N = k.shape[2]
+        if torch.is_autocast_enabled(q.device.type):  # as autocast runs SDPA: all operands in its dtype
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        sim = None
+        if self.sim_rank is not None:
+            sim = call.sim
+            if sim is None:  # no cache: the keys are this call's tokens
+                if N != M:
+                    raise ValueError(f"{type(self).__name__} got {N} keys for {M} queries without a cache update; "
+                                     f"sim_rank needs the layer's cache to go through its update")
+                sim = k + call.delta.to(k.dtype)
+            sim = sim.to(q.dtype)
+        packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N)
+        pk = call.pk.to(q.dtype)
+        pv = None if call.pv is None else call.pv.to(q.dtype)
+        if pk.dim() == 4:
+            want = B if packing is None else packing.num_sequences
+            if pk.shape[0] != want:
+                raise ValueError(f"prompt context must have shape (B={want} samples or packed sequences, "
+                                 f"num_prompts={self.num_prompts}, hidden={self.prompts.shape[1]}); got "
+                                 f"{tuple(self.prompt_context.shape)}")
+        gate = self.gate_values()
+        if packing is not None:
+            o = self._attend_packed(q, k, v, pk, pv, sim, gate, scaling, packing)
+        elif plan is None:
+            o = self._attend(q, k, v, pk, pv, sim, gate, scaling)
+        else:
+            o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate, scaling)
+                             for b, (qi, ki) in enumerate(plan)])
+        return o.transpose(1, 2)
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function registered as ``attn_implementation="excitor"``: the layer's queries ``(B, Hq, M, d)``
+    (after its norms and RoPE) and keys/values ``(B, Hkv, N, d)`` (after its cache update) through the
+    package's operators; ``(output (B, M, Hq, d), None)``."""
+    call = kwargs.pop(IMPLEMENTATION, None)
+    if isinstance(call, _Capture):  # the prompt pass: keep what the layer made of the prompts
+        call.keys, call.values = key, value
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+    name = type(module).__name__
+    if not isinstance(module, ExcitorAttention) or call is None:
+        raise RuntimeError(f"attn_implementation={IMPLEMENTATION!r} is set by ExcitorAttention for its own layer; "
+                           f"{name} called it without its prompts (call the layer, not the function)")
+    if dropout:
+        raise ValueError(f"{name} asks for attention dropout {dropout}; the operators have none")
+    if kwargs.pop("softcap", None) is not None:
+        raise ValueError(f"{name} asks for attention logit softcapping; the operators cannot apply it")
+    window = kwargs.pop("sliding_window", None)
+    if window is not None and key.shape[2] > window:
+        raise ValueError(f"{name} has sliding_window={window} and {key.shape[2]} keys; the operators implement "
+                         f"full causal attention only (sequences up to the window are exact)")
+    if kwargs.pop("is_causal", None) is False:
+        raise ValueError(f"{name} asks for non-causal attention (is_causal=False); the adapted layer is causal")
+    if kwargs.pop("output_attentions", None):
+        raise ValueError(f"{name} asks for attention weights (output_attentions=True); the fused operators do "
+                         f"not form them")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in BENIGN_KWARGS)
+    if unknown:
+        raise ValueError(f"{name} passes its attention function the option(s) {unknown}, which ExcitorAttention "
+                         f"does not implement; refusing rather than ignoring them")
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
+    return module.attention(call, query, key, value, attention_mask, scaling, kwargs), None

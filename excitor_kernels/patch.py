@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .module import ExcitorAttention, check_llama_attention, check_options
+from .module import ExcitorAttention, check_attention, check_options
 
 FORMAT_VERSION = 1
 _OPTIONS = ("num_prompts", "mode", "gate_activation", "sim_rank")
@@ -63,7 +63,7 @@ def apply_excitor(model: nn.Module, num_prompts: int = 10, num_layers: Optional[
                          f"got {num_layers!r}")
     targets = list(layers)[len(layers) - num_layers:]
     for i, layer in enumerate(targets, start=len(layers) - num_layers):
-        check_llama_attention(layer.self_attn, f"layers[{i}].self_attn")
+        check_attention(layer.self_attn, f"layers[{i}].self_attn")
 
     model.requires_grad_(False)
     for layer in targets:
