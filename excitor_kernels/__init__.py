@@ -8,7 +8,8 @@ from ._dispatch import explain_backend
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .reference import adapter_attention_reference, excitor_attention_reference
 from .module import ExcitorAttention
-from .patch import apply_excitor, load_excitor, prompt_context, save_excitor, set_backend, set_prompt_context
+from .patch import (apply_excitor, from_pretrained, load_excitor, prompt_context, save_excitor, set_backend,
+                    set_prompt_context)
 from .peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
 from .llama_adapter import export_llama_adapter, load_llama_adapter
 
@@ -27,6 +28,7 @@ __all__ = [
     "apply_excitor",
     "save_excitor",
     "load_excitor",
+    "from_pretrained",
     "set_backend",
     "set_prompt_context",
     "prompt_context",

@@ -71,7 +71,79 @@ def apply_excitor(model: nn.Module, num_prompts: int = 10, num_layers: Optional[
                                            gate_activation=gate_activation, gate_per_head=gate_per_head,
                                            sim_rank=sim_rank, init_std=init_std, dtype=dtype,
                                            gate_scale=gate_scale)
+    record_options(model)
     return model
+
+
+def record_options(model: nn.Module) -> None:
+    """Keep the options of the adapted layers in ``model.config.excitor`` (none when no layer is adapted), so
+    that ``save_pretrained`` writes them into config.json beside the weights (which hold the adapted
+    parameters under their module names) and :func:`from_pretrained` restores the model in one call."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    if excitor_layers(model):
+        config.excitor = excitor_config(model)
+    elif hasattr(config, "excitor"):
+        del config.excitor
+
+
+def from_pretrained(path: str, *, backend: Optional[str] = None, model_class=None, **kwargs) -> nn.Module:
+    """Load a model that ``save_pretrained`` wrote after :func:`apply_excitor`, adapted as it was saved.
+
+    ``path`` is a directory or a hub id; ``kwargs`` go to ``model_class.from_pretrained`` (default
+    ``AutoModelForCausalLM``: ``torch_dtype``, ``revision``, ...). The base weights load as transformers loads
+    them (it lists the adapted tensors as unexpected at that step); the options come from config.json's
+    ``excitor`` entry and the adapted tensors from the checkpoint's safetensors files. ``backend`` defaults to
+    ``"auto"``. Raises ``ValueError`` when the checkpoint holds no options or misses an adapted tensor.
+    """
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    model = model_class.from_pretrained(path, **kwargs)
+    saved = getattr(model.config, "excitor", None)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path!r} has no 'excitor' entry in its config.json: it was not saved from a model "
+                         f"adapted with apply_excitor")
+    if saved.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path!r} has excitor format version {saved.get('version')}; this code reads {FORMAT_VERSION}")
+    options = {"gate_scale": False, **{k: v for k, v in saved.items() if k != "version"}}
+    tensors = _checkpoint_tensors(path, kwargs.get("revision"))
+    names = [n for n in tensors if n.endswith(".prompts")]
+    dtype = tensors[names[0]].dtype if names else None
+    apply_excitor(model, backend=backend or "auto", dtype=dtype, **options)
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(state) - set(tensors))
+    if missing:
+        raise ValueError(f"{path!r} misses the adapted tensors {missing}")
+    with torch.no_grad():
+        for name, p in state.items():
+            if p.shape != tensors[name].shape:
+                raise ValueError(f"{name} has shape {tuple(p.shape)} in the model and {tuple(tensors[name].shape)} "
+                                 f"in {path!r}")
+            p.copy_(tensors[name])
+    return model
+
+
+def _checkpoint_tensors(path: str, revision: Optional[str] = None) -> dict:
+    """The adapted tensors (names ending in an ExcitorAttention parameter) of a safetensors checkpoint."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", revision=revision,
+                        _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    ends = (".prompts", ".gate", ".gate_scale", ".sim_down.weight", ".sim_up.weight")
+    tensors = {}
+    for name in files:
+        with safe_open(cached_file(path, name, revision=revision), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(ends) and ".self_attn." in key:
+                    tensors[key] = f.get_tensor(key)
+    return tensors
 
 
 def set_backend(model: nn.Module, backend: str) -> None:

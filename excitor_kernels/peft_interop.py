@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .module import ExcitorAttention
-from .patch import decoder_layers, excitor_layers, top_adapted_layers
+from .patch import decoder_layers, excitor_layers, record_options, top_adapted_layers
 
 
 def _adapted_attentions(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
@@ -61,6 +61,7 @@ def from_peft_adaption_prompt(peft_model: nn.Module, backend: str = "auto") -> n
             new.prompts.copy_(attn.adaption_prompt[0])
             new.gate.copy_(attn.adaption_gate)
         layer.self_attn = new
+    record_options(model)
     return model
 
 
@@ -88,6 +89,7 @@ def to_peft_adaption_prompt(model: nn.Module, adapter_name: str = "default"):
     weights = [(layer.prompts.detach().clone(), layer.gate.detach().clone()) for layer in layers]
     for i in adapted_idx:
         all_layers[i].self_attn = all_layers[i].self_attn.original_attention()
+    record_options(model)
     config = AdaptionPromptConfig(adapter_len=layers[0].num_prompts, adapter_layers=len(layers),
                                   task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)

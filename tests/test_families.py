@@ -1,0 +1,147 @@
+"""Every family the module swap accepts is exact (zero gate = the unmodified model, cached generation, cached
+chunks = the full forward after training) or refused when adapted, naming what the operators cannot honour."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from excitor_kernels import apply_excitor
+from excitor_kernels.patch import excitor_layers
+from families import FAMILIES, available, family_model
+from tiny_models import randomize, rel
+
+NAMES = [n for n in FAMILIES if available(n)]
+MODES = [("excitor", None), ("excitor", 3), ("adapter", None)]
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(3, 97, (3, 11), generator=gen)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0   # left padding
+    mask[2, -2:] = 0  # right padding
+    return x, mask
+
+
+def test_the_required_families_are_all_here():
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode,sim_rank", MODES)
+def test_zero_gate_padded_batch_and_cached_generation_equal_the_original(name, mode, sim_rank):
+    x, mask = _batch()
+    base = family_model(name)
+    with torch.no_grad():
+        expected = base(input_ids=x, attention_mask=mask).logits
+        want = base.generate(x[:2], attention_mask=mask[:2], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model = apply_excitor(family_model(name), num_prompts=4, mode=mode, sim_rank=sim_rank, backend="reference")
+    assert len(excitor_layers(model)) == 2
+    real = mask.bool()
+    with torch.no_grad():
+        got = model(input_ids=x, attention_mask=mask).logits
+        tokens = model.generate(x[:2], attention_mask=mask[:2], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert rel(got[real], expected[real]) <= 1e-5
+    assert torch.equal(tokens, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode,sim_rank", MODES)
+def test_after_training_cached_chunks_equal_the_full_forward(name, mode, sim_rank):
+    x, _ = _batch()
+    model = apply_excitor(family_model(name), num_prompts=4, mode=mode, sim_rank=sim_rank,
+                          backend="reference").train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):  # zero gate, then zero sim_up: the third step reaches every tensor
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    randomize(model)
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        out = model(input_ids=x[:, :5], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for start, stop in [(5, 8), (8, 9), (9, 11)]:
+            out = model(input_ids=x[:, start:stop], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            cache = out.past_key_values
+        plain = family_model(name)(input_ids=x).logits
+    assert rel(torch.cat(pieces, dim=1), full) <= 1e-5
+    assert rel(full, plain) > 1e-3, "the trained prompts must change the outputs"
+
+
+def test_prompt_keys_take_the_layers_own_key_path():
+    """Qwen3 normalises keys per head before RoPE: the prompt keys are k_norm(k_proj(prompts)), unrotated."""
+    model = apply_excitor(family_model("qwen3"), num_prompts=4, backend="reference")
+    layer = excitor_layers(model)[-1]  # the spy keeps the last layer's call
+    seen = {}
+
+    def spy(q, k, v, pk, gate, **kw):
+        seen["pk"] = pk
+        return torch.zeros_like(q)
+
+    import excitor_kernels.module as module
+    original = module.excitor_attention
+    module.excitor_attention = spy
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        module.excitor_attention = original
+    d = layer.head_dim
+    want = layer.k_norm(layer.k_proj(layer.prompts).view(4, -1, d)).transpose(0, 1)
+    assert torch.allclose(seen["pk"], want, atol=1e-6, rtol=1e-6)
+
+
+def test_softcapping_is_refused_when_adapting():
+    model = family_model("gemma2", attn_logit_softcapping=50.0)
+    before = [type(layer.self_attn) for layer in model.model.layers]
+    with pytest.raises(ValueError, match="softcapping"):
+        apply_excitor(model)
+    assert [type(layer.self_attn) for layer in model.model.layers] == before
+
+
+def test_sliding_window_shorter_than_the_keys_is_refused_at_the_call():
+    model = apply_excitor(family_model("mistral", sliding_window=4), backend="reference")
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))  # within the window: exact, runs
+        with pytest.raises(ValueError, match="sliding"):
+            model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]))
+
+
+def test_an_option_the_function_does_not_know_is_refused():
+    from excitor_kernels.module import _attention_function
+
+    model = apply_excitor(family_model("llama"), num_prompts=2, backend="reference")
+    layer = excitor_layers(model)[0]
+    original = layer.attention_class.forward
+
+    def forward(self, *args, **kwargs):
+        return original(self, *args, s_aux=torch.zeros(4), **kwargs)
+
+    layer.attention_class.forward = forward
+    try:
+        with pytest.raises(ValueError, match="s_aux"):
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        layer.attention_class.forward = original
+    with pytest.raises(RuntimeError, match="without its prompts"):
+        _attention_function(layer, torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16), None)
+
+
+def test_layers_without_the_registry_are_refused():
+    class Attention(torch.nn.Module):  # a layer that computes its own attention
+        def __init__(self, config):
+            super().__init__()
+            self.config, self.layer_idx, self.head_dim = config, 0, 16
+
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states, None
+
+    model = family_model("llama")
+    model.model.layers[-1].self_attn = Attention(model.config)
+    with pytest.raises(TypeError, match="attention registry"):
+        apply_excitor(model)
