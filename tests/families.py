@@ -27,7 +27,7 @@ FAMILIES = {
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(use_qk_norm=True)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(attention_multiplier=0.3)),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=None)),
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.5, qk_layernorm=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.5, use_qkv_bias=True)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5, qk_layernorm=True)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=2, num_experts_per_tok=1,
                                                                moe_intermediate_size=32,
@@ -41,6 +41,15 @@ FAMILIES = {
 def available(name: str) -> bool:
     config, model, _ = FAMILIES[name]
     return hasattr(transformers, config) and hasattr(transformers, model)
+
+
+def calls_the_registry(model) -> bool:
+    """Whether the installed release's attention layer of ``model`` calls transformers' attention registry
+    (older releases of some families compute attention in per-implementation classes)."""
+    import inspect
+
+    attention = model.model.layers[0].self_attn
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(attention).forward)
 
 
 def family_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
