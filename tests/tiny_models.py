@@ -51,3 +51,14 @@ def tokens(device, B=2, L=11, seed=5):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def masks_materialised_under_compile() -> bool:
+    """Whether the installed transformers builds the full causal mask under torch.compile even without padding
+    (releases before its skip under tracing: 5.0 does, 5.25 does not). The layer then has to read the mask's
+    values, which breaks the graph and hides packed sequences' boundaries from the mask."""
+    import inspect
+
+    from transformers import masking_utils
+
+    return "is_torchdynamo_exporting" not in inspect.getsource(masking_utils._ignore_causal_mask_sdpa)
