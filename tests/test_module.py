@@ -431,3 +431,16 @@ def test_torch_compile_fullgraph_with_auto(mode, sim_rank):
     assert rel(out.logits, eager.logits) <= 1e-5
     for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
         assert rel(g, e) <= 1e-4
+
+
+def test_deepcopy_and_pickle_keep_the_adapted_layers(tmp_path):
+    import copy
+
+    model = adapted("cpu", "excitor", 4)
+    x = tokens("cpu")
+    torch.save(model, tmp_path / "model.pt")
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        for other in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+            assert len(excitor_layers(other)) == 2
+            assert torch.equal(other(input_ids=x).logits, expected)
