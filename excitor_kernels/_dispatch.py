@@ -1,22 +1,24 @@
 """The one place that turns ``backend=`` into an implementation.
 
-``"reference"`` always runs. ``"triton"``, ``"cuda"``, ``"sdpa"`` and ``"sdpa_concat"`` run when they support
-the inputs and raise a ``ValueError`` that says why when they do not. ``"auto"`` chooses per call among the
-fused backends that support the inputs (:func:`choose`, :func:`explain_backend`):
+``"reference"`` always runs. ``"triton"``, ``"cuda"``, ``"sdpa"``, ``"sdpa_concat"`` and ``"torch"`` run when they
+support the inputs and raise a ``ValueError`` that says why when they do not. ``"auto"`` chooses per call among the
+O(N)-memory backends that support the inputs (:func:`choose`, :func:`explain_backend`):
 
 1. decode-shaped calls (``Problem.decode``: at most 16 queries, no gradient, padded) take triton, whose split-KV
    decode kernel serves them;
 2. where ``auto_table.json`` (written by ``python -m bench.tune`` on a GPU, see ``_tuning``) has entries for
    the GPU's architecture, the backend with the smallest measured time in the nearest entry;
-3. otherwise the rule: cuda (opt-in until validated on a GPU), else triton, else sdpa: the one-pass kernels
-   keep the least memory, and sdpa is taken only where a measurement says it is faster (sdpa_concat is a
-   candidate only under GQA, ``Hq != Hkv``: without it, it is sdpa's computation, :func:`redundant`);
-4. with no fused backend, the reference backend, warning once per distinct reason.
+3. otherwise the rule: cuda (opt-in until validated on a GPU), else triton, else sdpa, else torch: the one-pass
+   kernels keep the least memory, and sdpa is taken only where a measurement says it is faster (sdpa_concat is a
+   candidate only under GQA, ``Hq != Hkv``: without it, it is sdpa's computation, :func:`redundant`); torch
+   (PyTorch ops around SDPA, any device, no Triton) is what devices without the fused kernels get: the CPU, MPS;
+4. with none of them (float64 inputs), the reference backend, warning once per distinct reason.
 
 Every new choice is logged once at debug level on the ``excitor_kernels`` logger.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from . import _tuning
-from ._validate import MAX_DECODE_QUERIES, Problem, check_inputs
+from ._validate import MAX_DECODE_QUERIES, Problem, check_cache_seqlens, check_inputs
 
-BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat")
-FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat")  # the rule's order without a measured table
+BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat", "torch")
+FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat", "torch")  # the rule's order without a measured table
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 MAX_FUSED_PROMPTS = 64
@@ -43,8 +45,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_installed() -> bool:
+    """Whether triton can be imported (it installs on Linux only; the torch and reference backends need none)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
     """Why the Triton backend cannot run ``p`` (None when it can)."""
+    if not triton_installed():
+        return "triton is not installed (it is a Linux package; backend 'torch' needs none)"
     if p.device.type == "cuda":
         pass
     elif p.device.type == "cpu" and triton_interpreted():
@@ -75,12 +84,22 @@ def sdpa_unsupported(op: str, p: Problem, *, explicit: bool, concat: bool = Fals
     if concat and op.startswith("adapter"):
         return "the GQA rewrite <[q, g q], [k, ke]> concerns the Excitor keys; adapter_attention takes 'sdpa'"
     if p.varlen:
-        return "SDPA has no entry point for packed (varlen) sequences on dense tensors; they run on triton"
+        return "SDPA has no entry point for packed (varlen) sequences on dense tensors; they run on triton or torch"
     return triton_unsupported(op, p, explicit=explicit) if triton_reason == "" else triton_reason
+
+
+def torch_unsupported(op: str, p: Problem, *, explicit: bool) -> str | None:
+    """Why the torch backend (``ops/_torch.py``) cannot run ``p`` (None when it can): it takes the training dtypes
+    on any device, any head dim and number of prompts; float64 is the reference's (the oracle)."""
+    if p.dtype not in FUSED_DTYPES:
+        return f"dtype {p.dtype} is not one of float16, bfloat16, float32 (float64 runs on the reference)"
+    return None
 
 
 def unsupported(name: str, op: str, p: Problem, *, explicit: bool) -> str | None:
     """Why fused backend ``name`` cannot run ``op`` on ``p`` (None when it can)."""
+    if name == "torch":
+        return torch_unsupported(op, p, explicit=explicit)
     if name == "cuda":
         return cuda_unsupported(op, p, explicit=explicit)
     if name == "triton":
@@ -109,7 +128,8 @@ def _auto(op: str, p: Problem) -> Choice:
     triton_reason = triton_unsupported(op, p, explicit=False)
     why_not = dict(cuda=cuda_unsupported(op, p, explicit=False), triton=triton_reason,
                    sdpa=sdpa_unsupported(op, p, explicit=False, triton_reason=triton_reason),
-                   sdpa_concat=sdpa_unsupported(op, p, explicit=False, concat=True, triton_reason=triton_reason))
+                   sdpa_concat=sdpa_unsupported(op, p, explicit=False, concat=True, triton_reason=triton_reason),
+                   torch=torch_unsupported(op, p, explicit=False))
     for name in FUSED_ORDER:
         why = why_not[name] or redundant(name, p)
         if why is None:
@@ -117,7 +137,7 @@ def _auto(op: str, p: Problem) -> Choice:
         else:
             reasons.append(f"{name}: {why}")
     if not able:
-        return Choice("reference", f"no fused backend runs these inputs ({'; '.join(reasons)})")
+        return Choice("reference", f"no O(N)-memory backend runs these inputs ({'; '.join(reasons)})")
     if "triton" in able and p.decode:
         return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
     case = _tuning.case_of(op, p)
@@ -130,7 +150,8 @@ def _auto(op: str, p: Problem) -> Choice:
         return Choice(best, f"measured on {where} (nearest entry: head dim {entry[0]}, GQA {entry[1]}, "
                             f"N {entry[2]}): {times}")
     why = f"no measured entry for {where}" if entry is None else f"the measured entry has no time for {able}"
-    return Choice(able[0], f"{why}; rule {' > '.join(FUSED_ORDER[:3])} picks {able[0]} among {able}")
+    rule = " > ".join(n for n in FUSED_ORDER if n != "sdpa_concat")
+    return Choice(able[0], f"{why}; rule {rule} picks {able[0]} among {able}")
 
 
 def choose(op: str, backend: str, p: Problem) -> Choice:
@@ -169,16 +190,15 @@ def select_backend(op: str, backend: str, p: Problem, *, stacklevel: int = 3) ->
 def select_path(op: str, backend: str, p: Problem, cache_seqlens=None) -> tuple[str, bool]:
     """(backend, decode) of a padded call: :func:`select_backend`'s choice and whether the call takes the
     split-KV decode kernel (triton on a decode-shaped call, ``Problem.decode``). ``cache_seqlens`` is checked
-    here; only the decode kernel and the reference serve it."""
+    here; the decode kernel, the torch backend and the reference serve it."""
     if cache_seqlens is not None:
-        from .ops._triton_decode import check_cache_seqlens  # imported here: the ops modules import this one
-
         check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, p.device)
     backend = select_backend(op, backend, p, stacklevel=4)
     decode = backend == "triton" and p.decode
-    if cache_seqlens is not None and backend != "reference" and not decode:
-        raise ValueError(f"cache_seqlens is served by the decode path only (M <= {MAX_DECODE_QUERIES} queries, "
-                         f"no gradients, backend 'triton' or 'auto' on a GPU); got M={p.q_len}, backend={backend!r}")
+    if cache_seqlens is not None and backend not in ("reference", "torch") and not decode:
+        raise ValueError(f"cache_seqlens is served by the decode path only among the fused backends (M <= "
+                         f"{MAX_DECODE_QUERIES} queries, no gradients, backend 'triton' or 'auto' on a GPU); backends "
+                         f"'torch' and 'reference' serve it at any M; got M={p.q_len}, backend={backend!r}")
     return backend, decode
 
 

@@ -75,8 +75,10 @@ def check_inputs(
     softmax_scale=None,
     prompt_scale=None,
     needs_prompt_values: bool = False,
+    packed: bool = False,
 ) -> Problem:
-    """Validate the operands of ``excitor_attention`` / ``adapter_attention`` and return their sizes."""
+    """Validate the operands of ``excitor_attention`` / ``adapter_attention`` and return their sizes (``packed``:
+    the ``(1, H, total, d)`` views of a varlen pack, whose total of keys may be 0)."""
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
     v = _require_tensor("v", v)
@@ -119,7 +121,7 @@ def check_inputs(
         raise ValueError(f"sim_keys must have k's shape {_shape(k)}; got {_shape(sim_keys)}")
     if d < 1:
         raise ValueError(f"q must have a head dimension d >= 1; got shape {_shape(q)}")
-    if M < 1 or N < 1 or B < 1:
+    if M < 1 or N < (0 if packed else 1) or B < 1:
         raise ValueError(
             f"q and k need B >= 1, M >= 1 and N >= 1; got q {_shape(q)} and k {_shape(k)}"
         )
@@ -171,6 +173,28 @@ def check_inputs(
     )
 
 
+def check_cache_seqlens(cache_seqlens, batch: int, cache_len: int, device) -> None:
+    """``cache_seqlens`` must be an int32 tensor of shape (B,) on q's device with 0 <= L_b <= N (any stride; a
+    sample with L_b = 0 has no key: its rows see none, docs/contract.md).
+
+    The value check reads the tensor on the host (a device sync); it is skipped while a CUDA graph is captured.
+    """
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor of dtype int32; got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must have dtype torch.int32; got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},); got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != torch.device(device):
+        raise ValueError(f"cache_seqlens must be on q's device {device}; got {cache_seqlens.device}")
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 0 or hi > cache_len:
+        raise ValueError(f"cache_seqlens values must lie in [0, N] = [0, {cache_len}] (N = k.shape[2]); "
+                         f"got values in [{lo}, {hi}]")
+
+
 def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:
     cu = _require_tensor(name, cu)
     if cu.dtype not in (torch.int32, torch.int64):
@@ -179,8 +203,6 @@ def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (S + 1,) with S >= 1 sequences; got shape {_shape(cu)}")
     if cu.device != q.device:
         raise ValueError(f"{name} must be on q's device {q.device}; got {cu.device}")
-    if cu.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous; got stride {cu.stride()}")
     return cu
 
 
@@ -255,17 +277,24 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
 
     p = check_inputs(batched(q), batched(k), batched(v), one_entry(prompt_keys), gate,
                      prompt_values=one_entry(prompt_values), sim_keys=None if sim_keys is None else batched(sim_keys),
-                     softmax_scale=softmax_scale, prompt_scale=prompt_scale, needs_prompt_values=needs_prompt_values)
+                     softmax_scale=softmax_scale, prompt_scale=prompt_scale, needs_prompt_values=needs_prompt_values,
+                     packed=True)
     if needs_prompt_values and prompt_values.shape != prompt_keys.shape:
         raise ValueError(f"prompt_values must have prompt_keys' shape {_shape(prompt_keys)}; "
                          f"got {_shape(prompt_values)}")
     return replace(p, batch=S, q_len=max_q, kv_len=max_k, per_sample_prompts=prompt_keys.dim() == 4, varlen=True)
 
 
-def resolve_scales(p: Problem, causal, softmax_scale, prompt_scale=None) -> tuple[float, float]:
-    """Check ``causal`` and return (softmax_scale, prompt_scale) with their defaults ``d ** -0.5`` and
-    ``softmax_scale`` (the values themselves were checked by :func:`check_inputs`)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+def require_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return value
+
+
+def resolve_scales(p: Problem, causal, softmax_scale, prompt_scale=None, *, deterministic=False) -> tuple[float, float]:
+    """Check ``causal`` and ``deterministic`` (bools) and return (softmax_scale, prompt_scale) with their defaults
+    ``d ** -0.5`` and ``softmax_scale`` (the values themselves were checked by :func:`check_inputs`)."""
+    require_bool("causal", causal)
+    require_bool("deterministic", deterministic)
     softmax_scale = float(p.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
     return softmax_scale, float(softmax_scale if prompt_scale is None else prompt_scale)

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ._alloc import in_layout_of
+
 # docs/contract.md: the largest ||out - ref|| / ||ref|| (output and every gradient) of a fused backend against a
 # float64 evaluation of the formulas, per input dtype
 ERROR_BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -102,7 +104,7 @@ def excitor_attention_reference(
     k_prime = _expand_kv_heads(kc, groups) + g * _expand_kv_heads(ke, groups)  # (B, Hq, N, d)
     scores = softmax_scale * (qc @ k_prime.transpose(-1, -2))
     o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal, cache_seqlens)
-    return o.to(q.dtype)
+    return in_layout_of(o.to(q.dtype), q)  # q's layout: (B, M, H, d) buffers stay so
 
 
 def adapter_attention_reference(
@@ -132,7 +134,7 @@ def adapter_attention_reference(
     o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal, cache_seqlens)
     o_prompts = torch.softmax(softmax_scale * (qc @ pk.transpose(-1, -2)), -1) @ pv
     o = o_tokens + gate.to(ct).view(1, Hq, 1, 1) * o_prompts
-    return o.to(q.dtype)
+    return in_layout_of(o.to(q.dtype), q)  # q's layout: (B, M, H, d) buffers stay so
 
 
 def per_sequence(attend, q, k, v, prompts: tuple, sim_keys, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
@@ -151,4 +153,4 @@ def per_sequence(attend, q, k, v, prompts: tuple, sim_keys, cu_seqlens_q, cu_seq
         prompts_b = tuple(p if p.dim() == 3 else p[b:b + 1] for p in prompts)
         o = attend(rows(q, cq), rows(k, ck), rows(v, ck), prompts_b, rows(sim_keys, ck))
         out.append(o[0].transpose(0, 1))
-    return torch.cat(out) if out else q.new_empty(q.shape)
+    return in_layout_of(torch.cat(out), q) if out else q.new_empty(q.shape)

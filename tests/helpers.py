@@ -168,7 +168,7 @@ SUPPORT_GRID = [
 ]
 
 
-FUSED_BACKENDS = {"excitor": ("triton", "sdpa", "sdpa_concat"), "adapter": ("triton", "sdpa")}
+FUSED_BACKENDS = {"excitor": ("triton", "sdpa", "sdpa_concat", "torch"), "adapter": ("triton", "sdpa", "torch")}
 
 
 def fused_params(op: str, cases: list) -> list:

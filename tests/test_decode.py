@@ -172,8 +172,8 @@ def _call_with_seqlens(cache_seqlens, M=1):
     ([5, 6], TypeError, "cache_seqlens must be a torch.Tensor"),
     (torch.tensor([5, 6, 7], dtype=torch.int32), ValueError, r"cache_seqlens must have shape \(B,\)"),
     (torch.tensor([[5, 6]], dtype=torch.int32), ValueError, r"cache_seqlens must have shape \(B,\)"),
-    (torch.tensor([5, 21], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[1, N\]"),
-    (torch.tensor([0, 6], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[1, N\]"),
+    (torch.tensor([5, 21], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[0, N\]"),
+    (torch.tensor([-1, 6], dtype=torch.int32), ValueError, r"cache_seqlens values must lie in \[0, N\]"),
 ], ids=["int64", "list", "long", "2d", "above_N", "zero"])
 def test_cache_seqlens_validation(bad, error, match):
     with pytest.raises(error, match=match):

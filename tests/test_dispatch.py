@@ -96,7 +96,7 @@ def test_explain_names_what_a_backend_cannot_do():
     with pytest.raises(ValueError, match="backend='sdpa_concat' cannot run adapter_attention"):
         excitor_kernels.explain_backend("adapter", *args, prompt_values=x["prompt_values"], backend="sdpa_concat")
     choice = excitor_kernels.explain_backend("adapter", *args, prompt_values=x["prompt_values"])
-    assert choice.backend == "reference" and "triton: inputs are on" in choice.reason
+    assert choice.backend == "torch" and "rule cuda > triton > sdpa > torch picks torch" in choice.reason
     with pytest.raises(ValueError, match="op must be 'excitor' or 'adapter'"):
         excitor_kernels.explain_backend("lora", *args)
 

@@ -131,9 +131,20 @@ def test_torch_compile_traces_without_graph_break(device, backend, M):
         torch.testing.assert_close(g, ge)
 
 
-def test_auto_uses_reference_on_cpu_and_says_so_once():
+def test_auto_uses_torch_on_cpu():
+    """Without the fused kernels (the CPU here), auto takes the O(N)-memory torch backend, silently."""
     case = Case(M=8, N=8, P=2)
     x = make_inputs(case, OP, torch.float32, "cpu")
+    assert excitor_kernels.explain_backend(OP, x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"]).backend == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o = call(OP, x, "auto", True)
+    torch.testing.assert_close(o, call(OP, x, "torch", True))
+
+
+def test_auto_uses_reference_for_float64_and_says_so_once():
+    case = Case(M=8, N=8, P=2)
+    x = make_inputs(case, OP, torch.float64, "cpu")
     _dispatch._warned.clear()
     with pytest.warns(UserWarning, match="reference"):
         o = call(OP, x, "auto", True)
@@ -209,11 +220,11 @@ def test_bad_input_raises_clear_error(mutate, exc, match):
 def test_sdpa_gqa_values_are_views_not_copies(monkeypatch):
     """backend='sdpa' under GQA: SDPA gets q and v as views of the caller's (B, H, L, d) tensors, v broadcast over
     each key/value head's query heads with head stride 0 (no (B, Hq, N, d) copy of v)."""
-    from excitor_kernels.ops import _sdpa
+    from excitor_kernels.ops import _torch  # the sdpa backend's SDPA calls go through _torch.attend
 
     seen = []
-    sdpa = _sdpa.F.scaled_dot_product_attention
-    monkeypatch.setattr(_sdpa.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q, k, v)) or
+    sdpa = _torch.F.scaled_dot_product_attention
+    monkeypatch.setattr(_torch.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q, k, v)) or
                         sdpa(q, k, v, **kw))
     case = Case(B=2, Hq=6, Hkv=2, M=12, N=12, P=4)
     x = make_inputs(case, OP, torch.float32, "cpu")

@@ -28,7 +28,7 @@ import excitor_kernels
 from excitor_kernels import _cuda
 from excitor_kernels.reference import visible_keys
 import test_varlen as tv
-from helpers import BUDGET, TRITON_DEVICE, call, run_with_grads
+from helpers import BUDGET, TRITON_DEVICE, call, rel_err, run_with_grads
 
 B, HQ, HKV, M, N, D, P = 2, 4, 2, 6, 4, 64, 3
 EMPTY_ROWS = M - N                       # causal, bottom-right: rows 0 .. M-N-1 see no key
@@ -40,7 +40,7 @@ OPERANDS = {"excitor": ("q", "k", "v", "sim_keys", "prompt_keys", "gate"),
 
 def _backends():
     why = "no CUDA device" if TRITON_DEVICE != "cuda" else _cuda.cannot_build()
-    return ["reference", "triton", "sdpa", "sdpa_concat",
+    return ["reference", "torch", "triton", "sdpa", "sdpa_concat",
             pytest.param("cuda", marks=pytest.mark.skipif(why is not None, reason=f"the CUDA backend: {why}"))]
 
 
@@ -187,7 +187,7 @@ def test_non_finite_input_propagates(op, name, backend, value):
     """The output has NaN/+inf/-inf exactly where the float64 formula has them (a NaN: in the rows the
     contract names, which are SDPA's among the rows that see a key; a row that sees no key: 0); a gradient
     is non-finite when the formula's is, and only where the formula's or SDPA's is."""
-    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
     dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # the CUDA kernels take fp16/bf16 only
     x = _inputs(op, device, dtype)
     _poison(x, name, value)
@@ -261,3 +261,33 @@ def test_adapter_token_gradients_stay_exact_when_the_prompt_term_is_not(layout, 
         assert torch.isfinite(grads_ref[n]).all()
         err = (grads[n].double().cpu() - grads_ref[n].cpu()).norm() / grads_ref[n].norm()
         assert err <= BUDGET[dtype], f"d{n}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if getattr(b, "values", (b,))[0] != "cuda"])
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_nan_in_a_late_key_reaches_only_the_rows_that_see_it(backend, op):
+    """A NaN in the last key (causal, M = N): only the last query row sees it, so only that row of its head goes NaN
+    and every other row matches the formula. SDPA's math kernel adds the mask to the scores and makes every row of
+    the head NaN; the sdpa and torch backends take an exact path off CUDA when an operand is not finite
+    (docs/contract.md, "Non-finite inputs"). (A NaN value of a key a row does not see meets a weight of exactly 0
+    there; whether 0 x NaN reaches the row is left to the implementation, as among SDPA's kernels.)"""
+    if op == "adapter" and backend == "sdpa_concat":
+        pytest.skip("sdpa_concat is the Excitor's")
+    device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
+    g = torch.Generator().manual_seed(2)
+    L, heads = 9, 2
+    x = {n: torch.randn(1, heads, L, 16, generator=g).to(device) for n in ("q", "k", "v")}
+    x["prompt_keys"] = torch.randn(heads, 3, 16, generator=g).to(device)
+    x["prompt_values"] = torch.randn(heads, 3, 16, generator=g).to(device)
+    x["gate"] = torch.rand(heads, generator=g).to(device) + 0.5
+    if op == "excitor":
+        del x["prompt_values"]
+    x["k"][0, 1, L - 1, 3] = float("nan")
+    with excitor_kernels.poisoned_outputs():
+        o = call(op, x, backend, True)
+    o_ref = call(op, {n: t.double().cpu() for n, t in x.items()}, "reference", True)
+    nan_rows = torch.isnan(o.cpu()).any(-1)
+    assert torch.equal(nan_rows, torch.isnan(o_ref).any(-1))
+    assert nan_rows[0, 1, L - 1] and int(nan_rows.sum()) == 1
+    finite = ~nan_rows
+    assert rel_err(o.cpu()[finite], o_ref[finite]) <= BUDGET[torch.float32]

@@ -28,35 +28,32 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
   SDPA's backward gives the token part, one program per query tile the prompt part (``dq`` of the prompt term,
   ``dpk``, ``dpv``, ``dgate``).
 
-Causal masks are bottom-right aligned (docs/contract.md) while SDPA's ``is_causal`` is top-left aligned: equal lengths
-use ``is_causal``; ``M > N`` attends the last ``N`` queries with ``is_causal`` (the first ``M - N`` see no key:
-output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
+Causal masks are bottom-right aligned (docs/contract.md) while SDPA's ``is_causal`` is top-left aligned
+(``_torch.attend``, shared with the torch backend): equal lengths use ``is_causal``; ``M > N`` attends the last ``N``
+queries with ``is_causal`` (the first ``M - N`` see no key: output 0, no gradient); ``M < N`` passes an explicit ``(M, N)`` boolean mask (one per call, not per head; SDPA
 then runs its memory-efficient or cuDNN kernel, FlashAttention takes no mask; SDPA keeps it for its backward).
 Otherwise nothing ``M x N`` is kept, and no float32 ``(B, H, N, d)`` tensor; SDPA keeps its inputs (``k'`` or
 ``[k, ke]``) for its backward. Prompt and gate gradients are summed with float32 atomics, or per tile in a fixed
-order with ``deterministic=True``. Packed (varlen) sequences are not covered (README, "The sdpa backend").
+order with ``deterministic=True``. Packed (varlen) sequences are not covered (README, "The sdpa backend"). Off
+CUDA a call whose operands hold a NaN or Inf takes ``_torch.attend``'s exact path (PyTorch's CPU flash kernel hides
+NaN). The output has ``q``'s layout.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._alloc import new_output
+from .._alloc import in_layout_of, new_output
 from ._triton_common import (LOG2E, GradSums, load_rows, pow2, precision, prompt_attention,
                              prompt_attention_backward, prompt_strides, store_rows)
+from ._torch import attend
 from ._triton_prompt_keys import _tile_and_prompts, prompt_chain_rule, prompt_mixture
 
 BACKENDS = {"sdpa": "expand", "sdpa_concat": "concat"}  # backend name -> GQA form
-# On the CPU the token attention runs on SDPA's math backend: PyTorch's CPU flash kernel gives a finite row where
-# a score is NaN (a NaN query row, or a NaN key a row sees, comes out as numbers; pytorch/pytorch#141128), which
-# would hide a diverging run (docs/contract.md, "Non-finite inputs"). The CPU is not this backend's target.
-_CPU_SDPA = [SDPBackend.MATH]
 
 
 @triton.jit
@@ -451,27 +448,6 @@ _prompts_op.register_autograd(_prompts_backward, setup_context=_prompts_setup)
 # ----------------------------------------------------------------------------------------------
 # The two operators
 # ----------------------------------------------------------------------------------------------
-def attend(q, k, v, causal, scale, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` with docs/contract.md's bottom-right causal alignment (see the module
-    docstring); rows that see no key output 0."""
-    if q.device.type == "cpu":  # PyTorch's CPU flash kernel writes finite rows for NaN scores (see _CPU_SDPA)
-        with sdpa_kernel(_CPU_SDPA):
-            return _attend(q, k, v, causal, scale, enable_gqa)
-    return _attend(q, k, v, causal, scale, enable_gqa)
-
-
-def _attend(q, k, v, causal, scale, enable_gqa):
-    M, N = q.shape[-2], k.shape[-2]
-    gqa = dict(enable_gqa=True) if enable_gqa else {}
-    if not causal or M == N:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
-    if M > N:  # query i sees keys j <= i - (M - N): the first M - N rows see none
-        tail = F.scaled_dot_product_attention(q[..., M - N:, :], k, v, is_causal=True, scale=scale, **gqa)
-        return torch.cat([tail.new_zeros(*tail.shape[:-2], M - N, v.shape[-1]), tail], dim=-2)
-    mask = torch.ones(M, N, dtype=torch.bool, device=q.device).tril(N - M)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
-
-
 def _per_group(t, Hkv):
     """(B, Hkv * G, L, d) -> (B * Hkv, G, L, d): a view when batch and head axes merge, else a copy."""
     return t.unflatten(1, (Hkv, -1)).flatten(0, 1)
@@ -486,14 +462,14 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     if Hq != Hkv and gqa_form == "concat":
         kk = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, True, det)        # [k, ke] (B, Hkv, N, 2d)
         qq = _gated_op(q, gate, det)                                                    # [q, gate[h] q]
-        return attend(qq, kk, v, causal, softmax_scale, enable_gqa=True)
+        return in_layout_of(attend(qq, kk, v, causal, softmax_scale, enable_gqa=True), q)
     kp = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, False, det)            # k' (B, Hq, N, d)
     if Hq == Hkv:
-        return attend(q, kp, v, causal, softmax_scale)
+        return in_layout_of(attend(q, kp, v, causal, softmax_scale), q)
     G = Hq // Hkv
     v_per_head = v.unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)         # stride 0 over G
     o = attend(_per_group(q, Hkv), _per_group(kp, Hkv), v_per_head, causal, softmax_scale)
-    return o.unflatten(0, (B, Hkv)).flatten(1, 2)
+    return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2), q)
 
 
 def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):

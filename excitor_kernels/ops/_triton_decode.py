@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._validate import MAX_DECODE_QUERIES
+from .._validate import MAX_DECODE_QUERIES, check_cache_seqlens
 from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_attention, prompt_strides, store_rows
 from ._triton_prompt_keys import prompt_mixture
 
@@ -177,27 +177,6 @@ def decode_combine_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_d[None, :] < HEAD_DIM))
 
 
-def check_cache_seqlens(cache_seqlens, batch: int, cache_len: int, device) -> None:
-    """``cache_seqlens`` must be an int32 tensor of shape (B,) on q's device with 1 <= L_b <= N.
-
-    The value check reads the tensor on the host (a device sync); it is skipped while a CUDA graph is captured.
-    """
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor of dtype int32; got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must have dtype torch.int32; got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},); got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != torch.device(device):
-        raise ValueError(f"cache_seqlens must be on q's device {device}; got {cache_seqlens.device}")
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if lo < 1 or hi > cache_len:
-        raise ValueError(f"cache_seqlens values must lie in [1, N] = [1, {cache_len}] (N = k.shape[2]); "
-                         f"got values in [{lo}, {hi}]")
-
-
 def _num_splits(q: torch.Tensor, programs: int, N: int, block_n: int) -> int:
     """Splits of the cache: on a GPU enough programs for two waves of SMs, each split >= 4 key tiles;
     interpreted on the CPU, where programs run one after another, at most 4."""
@@ -235,6 +214,8 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
         raise ValueError(f"decode_forward takes at most {MAX_DECODE_QUERIES} queries; got q.shape[2] = {M}")
     if cache_seqlens is not None:
         check_cache_seqlens(cache_seqlens, B, N, q.device)
+        cache_seqlens = cache_seqlens.contiguous()  # the kernel reads L_b at cache_seqlens + b
+    gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     groups = Hq // Hkv
     R = groups * M
     block_n, BLOCK_R, launch = decode_blocks(q.is_cuda, R, N, d)

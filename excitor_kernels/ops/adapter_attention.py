@@ -15,9 +15,14 @@ from torch import Tensor
 from .._dispatch import select_backend, select_path
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import adapter_attention_reference, per_sequence
-from . import _sdpa
-from . import _triton_attention as tri
-from . import _triton_decode as dec
+from . import _torch
+
+try:  # triton installs on Linux only; without it the torch and reference backends run (_dispatch says why not triton)
+    from . import _sdpa
+    from . import _triton_attention as tri
+    from . import _triton_decode as dec
+except ImportError:  # pragma: no cover - exercised by tests/test_layouts.py in a subprocess without triton
+    _sdpa = tri = dec = None
 
 OP = "adapter_attention"
 
@@ -99,11 +104,15 @@ def adapter_attention(
     """
     p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
                      needs_prompt_values=True)
-    softmax_scale, _ = resolve_scales(p, causal, softmax_scale)
+    softmax_scale, _ = resolve_scales(p, causal, softmax_scale, deterministic=deterministic)
     backend, decode = select_path(OP, backend, p, cache_seqlens)
+    gate = gate.contiguous()  # (Hq,): kernels index gate[h] with unit stride; the copy passes its gradient back
     if backend == "reference":
         return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
                                            softmax_scale=softmax_scale, cache_seqlens=cache_seqlens)
+    if backend == "torch":
+        return _torch.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
+                                        cache_seqlens)
     if decode:
         return dec.attention_decode(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, cache_seqlens,
                                     causal, softmax_scale, softmax_scale)
@@ -115,7 +124,7 @@ def adapter_attention(
     if backend == "sdpa":
         return _sdpa.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic)
     return _fwd(q, k, v, prompt_keys, prompt_values, gate, None, None, 0, 0, causal, softmax_scale,
-                bool(deterministic))[0]
+                deterministic)[0]
 
 
 def adapter_attention_varlen(
@@ -139,11 +148,16 @@ def adapter_attention_varlen(
     per sequence) and backends as :func:`excitor_attention_varlen`."""
     p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             prompt_values=prompt_values, softmax_scale=softmax_scale, needs_prompt_values=True)
-    softmax_scale, _ = resolve_scales(p, causal, softmax_scale)
-    if select_backend(OP + "_varlen", backend, p) == "reference":
+    softmax_scale, _ = resolve_scales(p, causal, softmax_scale, deterministic=deterministic)
+    backend = select_backend(OP + "_varlen", backend, p)
+    # tiny operands the kernels read with unit stride: copied when strided (gradients reach the originals)
+    gate, cu_seqlens_q, cu_seqlens_k = gate.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if backend in ("reference", "torch"):
         def attend(qb, kb, vb, prompts, _sim):
+            if backend == "torch":
+                return _torch.adapter_attention(qb, kb, vb, *prompts, gate, causal, softmax_scale)
             return adapter_attention_reference(qb, kb, vb, *prompts, gate, causal=causal, softmax_scale=softmax_scale)
 
         return per_sequence(attend, q, k, v, (prompt_keys, prompt_values), None, cu_seqlens_q, cu_seqlens_k)
     return _fwd(q, k, v, prompt_keys, prompt_values, gate, cu_seqlens_q, cu_seqlens_k, p.q_len, p.kv_len, causal,
-                softmax_scale, bool(deterministic))[0]
+                softmax_scale, deterministic)[0]

@@ -14,9 +14,14 @@ from torch import Tensor
 from .._dispatch import select_backend, select_path
 from .._validate import check_inputs, check_varlen_inputs, resolve_scales
 from ..reference import excitor_attention_reference, per_sequence
-from . import _sdpa
-from . import _triton_attention as tri
-from . import _triton_decode as dec
+from . import _torch
+
+try:  # triton installs on Linux only; without it the torch and reference backends run (_dispatch says why not triton)
+    from . import _sdpa
+    from . import _triton_attention as tri
+    from . import _triton_decode as dec
+except ImportError:  # pragma: no cover - exercised by tests/test_layouts.py in a subprocess without triton
+    _sdpa = tri = dec = None
 
 OP = "excitor_attention"
 
@@ -101,7 +106,8 @@ def excitor_attention(
     Any strides with a contiguous last dimension (``x.view(B, M, H, d).transpose(1, 2)`` is taken
     without a copy). Causal masking is bottom-right aligned: query ``i`` sees keys ``j <= i + N - M``.
 
-    ``backend``: ``"reference"`` (PyTorch), ``"triton"`` (fused kernels), ``"cuda"`` (the compiled
+    ``backend``: ``"reference"`` (PyTorch, the full score matrix: the oracle), ``"torch"`` (PyTorch ops around
+    ``F.scaled_dot_product_attention``, O(N) memory, any device, no Triton), ``"triton"`` (fused kernels), ``"cuda"`` (the compiled
     extension), ``"sdpa"`` (O(N) fused Triton passes around ``F.scaled_dot_product_attention``; GQA with
     values seen per query head), ``"sdpa_concat"`` (the same, GQA through the exact rewrite
     ``<q, k + g ke> = <[q, g q], [k, ke]>``) or ``"auto"`` (see :func:`excitor_kernels.explain_backend`). ``deterministic=True`` makes the fused backward sum the prompt and gate
@@ -112,12 +118,16 @@ def excitor_attention(
     """
     p = check_inputs(q, k, v, prompt_keys, gate, sim_keys=sim_keys, softmax_scale=softmax_scale,
                      prompt_scale=prompt_scale)
-    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale)
+    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale, deterministic=deterministic)
     backend, decode = select_path(OP, backend, p, cache_seqlens)
+    gate = gate.contiguous()  # (Hq,): kernels index gate[h] with unit stride; the copy passes its gradient back
     if backend == "reference":
         return excitor_attention_reference(q, k, v, prompt_keys, gate, sim_keys=sim_keys, causal=causal,
                                            softmax_scale=softmax_scale, prompt_scale=prompt_scale,
                                            cache_seqlens=cache_seqlens)
+    if backend == "torch":
+        return _torch.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
+                                        cache_seqlens)
     if decode:
         return dec.attention_decode(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, cache_seqlens, causal,
                                     softmax_scale, prompt_scale)
@@ -130,7 +140,7 @@ def excitor_attention(
         return _sdpa.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
                                        deterministic, _sdpa.BACKENDS[backend])
     return _fwd(q, k, v, prompt_keys, gate, sim_keys, None, None, 0, 0, causal, softmax_scale, prompt_scale,
-                bool(deterministic))[0]
+                deterministic)[0]
 
 
 def excitor_attention_varlen(
@@ -158,17 +168,23 @@ def excitor_attention_varlen(
     (int32 or int64, ``(S + 1,)``, starting at 0, non-decreasing, ending at ``total``; empty sequences are
     allowed). ``max_seqlen_q/k`` bound the sequence lengths. ``prompt_keys`` is ``(Hkv, P, d)`` shared or
     ``(S, Hkv, P, d)`` per sequence. Each sequence is attended alone, causal bottom-right aligned within it;
-    the result equals :func:`excitor_attention` on each sequence by itself. Backends: reference, triton
-    (``cuda`` has no varlen kernels: it raises, ``auto`` skips it).
+    the result equals :func:`excitor_attention` on each sequence by itself. Backends: reference, triton, torch
+    (the padded operator per sequence); ``cuda`` and the sdpa backends have no varlen path: they raise, ``auto``
+    skips them.
     """
     p = check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             sim_keys=sim_keys, softmax_scale=softmax_scale, prompt_scale=prompt_scale)
-    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale)
-    if select_backend(OP + "_varlen", backend, p) == "reference":
+    softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale, deterministic=deterministic)
+    backend = select_backend(OP + "_varlen", backend, p)
+    # tiny operands the kernels read with unit stride: copied when strided (gradients reach the originals)
+    gate, cu_seqlens_q, cu_seqlens_k = gate.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if backend in ("reference", "torch"):
         def attend(qb, kb, vb, prompts, sb):
+            if backend == "torch":
+                return _torch.excitor_attention(qb, kb, vb, prompts[0], gate, sb, causal, softmax_scale, prompt_scale)
             return excitor_attention_reference(qb, kb, vb, prompts[0], gate, sim_keys=sb, causal=causal,
                                                softmax_scale=softmax_scale, prompt_scale=prompt_scale)
 
         return per_sequence(attend, q, k, v, (prompt_keys,), sim_keys, cu_seqlens_q, cu_seqlens_k)
     return _fwd(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, p.q_len, p.kv_len, causal,
-                softmax_scale, prompt_scale, bool(deterministic))[0]
+                softmax_scale, prompt_scale, deterministic)[0]

@@ -1,0 +1,138 @@
+"""``backend="torch"``: both operators in PyTorch ops around ``F.scaled_dot_product_attention``; nothing but torch.
+
+The path ``backend="auto"`` takes on devices without the fused kernels (the CPU, Apple's MPS, any non-CUDA device
+torch supports). Memory is ``O(N)`` beyond SDPA's own: nothing ``M x N`` is written unless an input holds a
+non-finite value (below). Forward and backward run through autograd (notation of docs/contract.md):
+
+* **Excitor**: ``a = softmax(prompt_scale s pk^T)`` ``(B, Hkv, N, P)`` and the centred reconstruction
+  ``ke = a pk - mean_n pk_n`` ``(B, Hkv, N, d)`` in float32 (float64 for float64 inputs); a constant added to every
+  key of a head shifts each score row by a constant, which the softmax cannot see, and centring keeps ``ke`` small,
+  so that ``k'`` rounds well and ``dgate`` does not add the rounding of a large mean (docs/design.md). Then
+  ``k'[h] = k + gate[h] ke`` in float32, rounded once to the input dtype, ``(B, Hq, N, d)``, and SDPA on
+  ``(q, k', v)``; under GQA the query heads of a key/value head are SDPA's head axis and ``v`` is broadcast over
+  them with stride 0. Autograd takes SDPA's ``dk'`` back to float32 before the sums over the query heads:
+  ``dk = sum_h dk'[h]``, ``dgate[h] = sum_j <dk'[h, j], ke_j>`` and the chain rule through ``ke`` and ``a`` run in
+  float32.
+* **Adapter**: ``SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``, the prompt term ``(B, Hq, M, P)`` in
+  float32.
+
+Masks: bottom-right causal alignment (docs/contract.md) through :func:`attend`; ``cache_seqlens`` runs SDPA per
+sample on its first ``L_b`` keys (``L_b = 0``: rows of no key); packed (varlen) sequences run the padded operator
+per sequence (one SDPA call each, a host loop).
+
+**Non-finite inputs.** PyTorch's CPU flash kernel gives a finite row where a score is NaN (pytorch/pytorch#141128),
+and SDPA's math kernel (its fall-back on every device) adds the causal mask to the scores, so a NaN key makes rows
+that do not see it NaN too. Off CUDA, :func:`attend` therefore looks at its operands first (``isfinite``, an
+``O((M + N) d)`` read and one host sync per call): finite operands take SDPA's fused kernel, a call with a NaN or
+Inf anywhere takes the exact path, the reference's masked softmax over the full score matrix (``O(M N)`` memory,
+only in a run that has already diverged), so that NaN reaches exactly the rows the contract says.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._alloc import in_layout_of
+from ..reference import _softmax_attention
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _exact(q, k, v, causal, scale, enable_gqa, cache_seqlens=None):
+    """The reference's masked softmax on the full score matrix (float32 for half inputs)."""
+    groups = q.shape[1] // k.shape[1]
+    if enable_gqa and groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    ct = _compute_dtype(q.dtype)
+    scores = scale * (q.to(ct) @ k.to(ct).transpose(-1, -2))
+    return _softmax_attention(scores, v.to(ct), causal, cache_seqlens).to(q.dtype)
+
+
+def attend(q, k, v, causal, scale, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` with docs/contract.md's bottom-right causal alignment; rows that see no key
+    output 0. Off CUDA, operands holding a non-finite value take the exact path (module docstring); under
+    ``torch.compile``, which cannot branch on values without a graph break, the fused kernel runs and a non-finite
+    operand makes the whole output NaN (never hidden, more rows than the contract's)."""
+    if k.shape[-2] == 0:
+        return _exact(q, k, v, causal, scale, enable_gqa)
+    if q.device.type != "cuda":
+        if torch.compiler.is_compiling():
+            finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+            return _attend(q, k, v, causal, scale, enable_gqa) + torch.where(finite, 0.0, float("nan")).to(q.dtype)
+        if not _finite(q, k, v):
+            return _exact(q, k, v, causal, scale, enable_gqa)
+    return _attend(q, k, v, causal, scale, enable_gqa)
+
+
+def _attend(q, k, v, causal, scale, enable_gqa):
+    M, N = q.shape[-2], k.shape[-2]
+    gqa = dict(enable_gqa=True) if enable_gqa else {}
+    if not causal or M == N:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
+    if M > N:  # query i sees keys j <= i - (M - N): the first M - N rows see none
+        tail = F.scaled_dot_product_attention(q[..., M - N:, :], k, v, is_causal=True, scale=scale, **gqa)
+        return torch.cat([tail.new_zeros(*tail.shape[:-2], M - N, v.shape[-1]), tail], dim=-2)
+    mask = torch.ones(M, N, dtype=torch.bool, device=q.device).tril(N - M)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+def _per_batch(prompts: torch.Tensor, batch: int) -> torch.Tensor:
+    return prompts.unsqueeze(0).expand(batch, *prompts.shape) if prompts.dim() == 3 else prompts
+
+
+def _per_sample(attention, q, k, v, cache_seqlens):
+    """``attention(q_b, k_b, v_b)`` for each sample on its first ``cache_seqlens[b]`` keys, concatenated."""
+    lengths = cache_seqlens.tolist()
+    return torch.cat([attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lengths)])
+
+
+def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, cache_seqlens=None):
+    """docs/contract.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
+    B, Hq, M, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    ct = _compute_dtype(q.dtype)
+    pk = _per_batch(prompt_keys.to(ct), B)                                          # (B, Hkv, P, d)
+    s = (k if sim_keys is None else sim_keys).to(ct)
+    a = torch.softmax(prompt_scale * (s @ pk.transpose(-1, -2)), -1)                # (B, Hkv, N, P)
+    ke = a @ pk - pk.mean(-2, keepdim=True)                                         # centred, (B, Hkv, N, d)
+    g = gate.to(ct).view(1, Hkv, G, 1, 1)
+    kp = (k.to(ct).unsqueeze(2) + g * ke.unsqueeze(2)).to(q.dtype)                 # (B, Hkv, G, N, d)
+    # SDPA's head axis: the G query heads of one key/value head; batch axis: (b, kv head)
+    qg = q.unflatten(1, (Hkv, G)).flatten(0, 1)                                     # (B Hkv, G, M, d)
+    kg = kp.flatten(0, 1)
+    vg = v.unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)              # stride 0 over G
+
+    def attention(qb, kb, vb):
+        return attend(qb, kb, vb, causal, softmax_scale)
+
+    if cache_seqlens is None:
+        o = attention(qg, kg, vg)
+    else:
+        lengths = cache_seqlens.repeat_interleave(Hkv)                             # per (b, kv head)
+        o = _per_sample(attention, qg, kg, vg, lengths)
+    return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2), q)
+
+
+def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, cache_seqlens=None):
+    """docs/contract.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
+    B, Hq, M, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    ct = _compute_dtype(q.dtype)
+
+    def attention(qb, kb, vb):
+        return attend(qb, kb, vb, causal, softmax_scale, enable_gqa=G > 1)
+
+    o_tokens = attention(q, k, v) if cache_seqlens is None else _per_sample(attention, q, k, v, cache_seqlens)
+    pk = _per_batch(prompt_keys.to(ct), B).repeat_interleave(G, 1)                 # (B, Hq, P, d)
+    pv = _per_batch(prompt_values.to(ct), B).repeat_interleave(G, 1)
+    ap = torch.softmax(softmax_scale * (q.to(ct) @ pk.transpose(-1, -2)), -1)      # (B, Hq, M, P)
+    o = o_tokens.to(ct) + gate.to(ct).view(1, Hq, 1, 1) * (ap @ pv)
+    return in_layout_of(o.to(q.dtype), q)
