@@ -31,7 +31,7 @@ def static(as_json: bool) -> int:
 
     kernels = {"fwd": tri.attention_fwd_kernel, "dkdv": tri.attention_bwd_dkdv_kernel,
                "dq": tri.attention_bwd_dq_kernel}
-    flags = dict(cost.shape_flags(128, "bf16"), CAUSAL=True, VARLEN=False, ACCUMULATE=True)
+    flags = dict(cost.shape_flags(128, "bf16"), CAUSAL=True, VARLEN=False, ACCUMULATE=True, POS_SCALE=True)
     failed = 0
     for name in CANDIDATES:
         for op, bypass in OPS.items():

@@ -6,7 +6,8 @@ the alignment a GPU launch specialises on (16-byte aligned pointers, strides div
 :func:`alignment`), and the CUDA kernels of ``csrc/`` with nvcc (when nvcc is on PATH), then reads the
 machine code. Per kernel:
 
-* registers, spill store/load bytes and warnings (e.g. C7512, wgmma serialised) from ``ptxas -v``;
+* registers, spill store/load bytes and warnings from ``ptxas -v`` (its ``warning`` lines and its "Potential
+  Performance Loss" lines, e.g. wgmma serialised, which ptxas 13.x prints as ``info``);
 * shared memory per CTA (Triton: the compiled kernel's; CUDA: static plus the dynamic size its launch asks
   for, found by running the launch functions against CUDA runtime stand-ins, ``csrc_probe/``);
 * counts over the whole SASS (``cuobjdump -sass``) and over each *main loop*: tensor-core instructions by
@@ -17,7 +18,12 @@ machine code. Per kernel:
 A loop is an address range closed by a backward branch; the main loops of a kernel are the loops holding
 tensor-core instructions that hold no smaller such loop, in address order (the forward has two: key tiles
 without and with the causal mask). Their counts are static counts of one pass through the body, i.e. per
-main-loop iteration, per thread (HMMA per warp, HGMMA per warpgroup).
+main-loop iteration, per thread (HMMA per warp, HGMMA per warpgroup). Code after the function's last
+``EXIT`` (TMA's mbarrier retry stubs) closes no loop, and ``@!PT`` instructions (never executed) are not
+counted. Each main loop also gets warp-instructions per MFLOP of its tile (tensor-core and total) and a
+cycle estimate per iteration for an H100 (sm_90) or A100 (sm_80), max(issue, tensor-core) cycles
+(:func:`loop_costs`; an estimate from data-sheet rates, not a timing); :data:`LOOP_TARGETS` are the
+targets tests/test_static_cost.py holds the attention kernels to.
 
 Outputs ``bench/results/static-<date>.json`` and the "Static cost report" section of BENCHMARKS.md
 (rendered by ``bench.report`` from the newest static file, next to the timed results). Options:
@@ -176,7 +182,7 @@ def triton_jobs(subset: str = "full"):
             excitor = bypass == tri.EXCITOR
             fwd, dkdv, dq = tri.blocks(True, SEQ, SEQ, d, itemsize, bypass=bypass, arch=cc)
             # the Excitor with sim_keys given (the paper's low-rank similarity), so ds is its own output
-            common = dict(shape, CAUSAL=True, BYPASS=bypass, SIM_IS_K=not excitor)
+            common = dict(shape, CAUSAL=True, BYPASS=bypass, SIM_IS_K=not excitor, POS_SCALE=True)
             found = []
             for layout in LAYOUTS:
                 flags = dict(common, VARLEN=layout == "varlen")
@@ -185,9 +191,9 @@ def triton_jobs(subset: str = "full"):
                 found.append((layout, job(tri.attention_fwd_kernel, fwd, flags)))
                 if dtype == "fp32":
                     continue
-                # launched with the dq tiles' BLOCK_M and its own launch options
+                # launched with its own BLOCK_M (at most the dq tiles') and launch options
                 found.append((layout, job(tri.attention_bwd_preprocess_kernel, tri.PREPROCESS_LAUNCH, flags,
-                                          BLOCK_M=dq["BLOCK_M"])))
+                                          BLOCK_M=min(tri.PREPROCESS_BLOCK_M, dq["BLOCK_M"]))))
                 # MHA: one launch (a group's later members ACCUMULATE into float32 dk, dv under GQA); the
                 # Excitor's dk is a float32 sum finished by the post-pass; elsewhere DKE is dk, unused
                 found.append((layout, job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=False,
@@ -221,18 +227,22 @@ def _arch(cc: int) -> str:
 
 # ---------------------------------------------------------------- machine code analysis
 
-_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _HEX = re.compile(r"0x([0-9a-f]+)")
 
 
 def parse_sass(text: str) -> dict:
-    """``cuobjdump -sass`` output -> {function name: [(address, opcode, operands)]}."""
+    """``cuobjdump -sass`` output -> {function name: [(address, opcode, operands, guard)]}; ``guard`` is the
+    predicate (``@P0``, ``@!UP1``) or "". Instructions guarded by ``@!PT`` (never executed: ptxas's padding,
+    e.g. ``@!PT LDS RZ, [RZ]`` on sm_90) are left out."""
     functions, current = {}, None
     for line in text.splitlines():
         if m := re.match(r"\s+Function : (\S+)", line):
             current = functions.setdefault(m.group(1), [])
         elif current is not None and (m := _SASS_LINE.match(line)):
-            current.append((int(m.group(1), 16), m.group(2), m.group(3).strip()))
+            guard = (m.group(2) or "").strip()
+            if guard != "@!PT":
+                current.append((int(m.group(1), 16), m.group(3), m.group(4).strip(), guard))
     return functions
 
 
@@ -259,7 +269,7 @@ def count(instructions: list, num_warps: int) -> dict:
     c = dict(instructions=len(instructions), tc={}, tc_total=0, tf32=0, tc_macs=0, exp2=0, ldg=0, ldgsts=0,
              tma_load=0, global_loads=0, global_load_bytes=0, stg=0, tma_store=0, global_stores=0, atomics=0,
              local_loads=0, local_stores=0, shared_loads=0, shared_stores=0)
-    for _, opcode, _ in instructions:
+    for _, opcode, *_ in instructions:
         base = opcode.split(".")[0]
         if TENSOR_CORE.match(opcode):
             c["tc"][opcode] = c["tc"].get(opcode, 0) + 1
@@ -282,14 +292,18 @@ def count(instructions: list, num_warps: int) -> dict:
 
 def main_loops(instructions: list) -> list[tuple[int, int]]:
     """(first, last) address of each main loop: the ranges closed by backward branches (a loop with several
-    back edges ends at its last) that hold tensor-core instructions and no smaller such range."""
+    back edges ends at its last) that hold tensor-core instructions and no smaller such range. Code after the
+    function's last unconditional ``EXIT`` is out-of-line stubs (TMA code's mbarrier retry: ``TRYWAIT``, branch
+    to itself, branch back into the body), never a loop end: their branches back are left out."""
+    exits = [addr for addr, opcode, _, guard in instructions if opcode == "EXIT" and not guard]
+    end = max(exits) if exits else float("inf")
     heads = {}
-    for addr, opcode, operands in instructions:
-        if opcode.split(".")[0] in ("BRA", "JMP") and (targets := _HEX.findall(operands)):
+    for addr, opcode, operands, _ in instructions:
+        if opcode.split(".")[0] in ("BRA", "JMP") and addr < end and (targets := _HEX.findall(operands)):
             target = int(targets[-1], 16)
             if target < addr:  # the end-of-function `BRA self` is no loop
                 heads[target] = max(heads.get(target, 0), addr)
-    tc_addrs = [a for a, op, _ in instructions if TENSOR_CORE.match(op)]
+    tc_addrs = [a for a, op, *_ in instructions if TENSOR_CORE.match(op)]
     loops = [(lo, hi) for lo, hi in heads.items() if any(lo <= a <= hi for a in tc_addrs)]
     inner = [(lo, hi) for lo, hi in loops
              if not any((lo2, hi2) != (lo, hi) and lo <= lo2 and hi2 <= hi for lo2, hi2 in loops)]
@@ -302,6 +316,108 @@ def analyse_sass(instructions: list, num_warps: int) -> dict:
         body = [i for i in instructions if lo <= i[0] <= hi]
         loops.append(dict(first=hex(lo), last=hex(hi), **count(body, num_warps)))
     return dict(kernel=count(instructions, num_warps), main_loops=loops)
+
+
+# ---------------------------------------------------------------- per-FLOP figures and the cycle estimate
+
+# Products per main-loop iteration of the attention kernels' tile (BLOCK_M x BLOCK_N x HEAD_DIM each): the
+# work plain attention needs; an operator's extra products (the Excitor's hi + lo ds in dk/dv) are overhead.
+TILE_PRODUCTS = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3}
+# Loops of a causal attention kernel in address order (source order): masked (diagonal) or not.
+LOOP_MASKS = {"attention_fwd_kernel": (False, True), "attention_bwd_dq_kernel": (False, True),
+              "attention_bwd_dkdv_kernel": (True, False)}
+# The cycle estimate's machine (an estimate from data-sheet rates, not a measurement): warp-instructions an SM
+# issues per cycle (4 schedulers, one each) and dense half-precision tensor-core FLOPs per SM per cycle
+# (H100 SXM: 989 TFLOP/s / (132 SMs x 1.83 GHz); A100: 312 TFLOP/s / (108 SMs x 1.41 GHz)). HMMA (mma.sync)
+# on an H100 is counted at the wgmma rate, which flatters it.
+MACHINES = {90: dict(name="H100", issue_per_cycle=4, tc_flops_per_cycle=4096),
+            80: dict(name="A100", issue_per_cycle=4, tc_flops_per_cycle=2048)}
+
+
+# Targets of the Triton attention kernels' main loops in half precision (issue 24), warp-instructions per MFLOP
+# (see loop_costs): (cc, kernel) -> (unmasked loop, masked loop) limits, None where no limit applies; RATIO: an
+# operator's loop at most this many times plain attention's (same target, dtype, d, layout, loop). Figures
+# proven out of reach with triton 3.9 are in KNOWN_MISSES, with the measured best as the limit held instead.
+LOOP_TARGETS = {
+    (90, "attention_fwd_kernel"): (600, 800),
+    (90, "attention_bwd_dkdv_kernel"): (760, None),
+    (90, "attention_bwd_dq_kernel"): (614, None),
+    (80, "attention_fwd_kernel"): (1100, None),
+}
+RATIO = {"attention_fwd_kernel": 1.1, "attention_bwd_dkdv_kernel": 1.15, "attention_bwd_dq_kernel": 1.15}
+# (cc, kernel, d, op or "*") -> (unmasked, masked, ratio) limits held instead of the targets above, and why
+KNOWN_MISSES = {
+    (90, "attention_fwd_kernel", 64, "*"): (
+        (900, 1220, None), "d = 64: a score costs at least 4.5 warp-instructions of softmax whatever the tile (FFMA "
+        "scale and shift, MUFU.EX2, FMNMX row max, FADD row sum, half an F2FP pack) against 4 d = 256 FLOPs, and "
+        "the rescale of the 128 x 64 accumulator one FMUL per element and key tile: at least (64 x 4.5 + 32) x 8 "
+        "warps / 4.19 MFLOP = 611 per MFLOP for a 128 x 128 tile, over 600 before any address or wgmma set-up"),
+    (80, "attention_fwd_kernel", 64, "*"): (
+        (1290, None, None), "d = 64: the per-score softmax floor of sm_90's d = 64 row (611 per MFLOP), plus "
+        "mma.sync's operand traffic (LDSM per product), which halves with d"),
+    (80, "attention_fwd_kernel", 128, "adapter"): (
+        (1120, None, None), "the Adapter's prompt tile after the key loop leaves registers for 128 x 32 key tiles "
+        "only (128 x 64 spills on sm_80): 1114 per MFLOP"),
+    (90, "attention_bwd_dkdv_kernel", "*", "excitor"): (
+        (770, None, 1.25), "the Excitor's dk'[h] += ds^T q is two products (ds as a hi + lo pair, for the gate "
+        "gradient's accuracy, docs/design.md): one more wgmma and about 3 instructions per ds element to split it; "
+        "1.22 x plain at d = 128"),
+}
+
+
+def loop_limits(config: dict) -> tuple | None:
+    """(unmasked, masked, ratio) limits of a Triton attention kernel's half-precision main loops (None: no
+    target) and the reason where a target is out of reach (KNOWN_MISSES), or None."""
+    kernel, cc, d, op = config.get("kernel"), config.get("cc"), config.get("d"), config.get("op")
+    if (cc, kernel) not in LOOP_TARGETS or config.get("dtype") not in ("fp16", "bf16"):
+        return None
+    unmasked, masked = LOOP_TARGETS[(cc, kernel)]
+    limits, why = (unmasked, masked, RATIO.get(kernel)), None
+    for key in ((cc, kernel, d, op), (cc, kernel, d, "*"), (cc, kernel, "*", op)):
+        if key in KNOWN_MISSES:
+            held, why = KNOWN_MISSES[key]
+            limits = tuple(h if h is not None else t for h, t in zip(held, limits))
+            break
+    return limits + (why,)
+
+
+def tile_flops(config: dict) -> int | None:
+    """FLOPs of one main-loop iteration of an attention kernel's tile (what plain attention needs), else None."""
+    products, cx = TILE_PRODUCTS.get(config.get("kernel")), config.get("constexprs", {})
+    if products is None or not {"BLOCK_M", "BLOCK_N", "HEAD_DIM"} <= set(cx):
+        return None
+    return 2 * products * cx["BLOCK_M"] * cx["BLOCK_N"] * cx["HEAD_DIM"]
+
+
+def loop_costs(record: dict) -> None:
+    """Adds to each main loop of ``record``: ``masked`` (attention kernels: the causal diagonal's loop, None
+    where unknown), ``flops`` (the tile's FLOPs for attention kernels, else the tensor-core work 2 x MACs;
+    ``flops_basis`` says which), warp-instructions per MFLOP, total (``warp_instr_per_mflop``) and tensor-core
+    (``tc_warp_instr_per_mflop``): per-thread counts x warps (HGMMA too: every warp issues it) / MFLOP; and
+    ``estimate``: cycles per iteration on the target's machine (:data:`MACHINES`), issue = warp-instructions /
+    issue rate, tensor = tensor-core FLOPs actually run (2 x MACs, duplicated or extra products included) /
+    tensor rate, cycles = max of the two (perfect overlap, one CTA per SM: a lower bound, not a timing)."""
+    config, loops = record["config"], record["main_loops"]
+    warps = config.get("num_warps") or 4
+    flops = tile_flops(config)
+    masks = LOOP_MASKS.get(config.get("kernel"), ()) if config.get("backend") == "triton" else ()
+    cx = config.get("constexprs", {})
+    if cx.get("WARP_SPEC") or not cx.get("CAUSAL", True):
+        masks = (bool(cx.get("CAUSAL")),) * len(loops)
+    machine = MACHINES.get(config.get("cc"))
+    for i, loop in enumerate(loops):
+        f = flops or 2 * loop["tc_macs"]
+        loop.update(masked=masks[i] if len(masks) == len(loops) else None, flops=f,
+                    flops_basis="tile" if flops else "tensor")
+        if not f:
+            continue
+        loop["warp_instr_per_mflop"] = round(loop["instructions"] * warps / f * 1e6, 1)
+        loop["tc_warp_instr_per_mflop"] = round(loop["tc_total"] * warps / f * 1e6, 1)
+        if machine:
+            issue = loop["instructions"] * warps / machine["issue_per_cycle"]
+            tensor = 2 * loop["tc_macs"] / machine["tc_flops_per_cycle"]
+            loop["estimate"] = dict(machine=machine["name"], issue_cycles=round(issue), tc_cycles=round(tensor),
+                                    cycles=round(max(issue, tensor)), bound="issue" if issue > tensor else "tensor")
 
 
 def parse_ptxas(log: str) -> dict:
@@ -327,7 +443,9 @@ def parse_ptxas(log: str) -> dict:
             e["registers"] = int(m.group(1))
             if s := re.search(r"(\d+) bytes smem", line):
                 e["static_shared"] = int(s.group(1))
-        elif "warning" in line:  # e.g. C7512; it may name its function, or come before any
+        elif "warning" in line or "Performance Loss" in line:
+            # e.g. C7512; ptxas 13.x reports wgmma serialisation (C75xx) as an info line; a line may name its
+            # function, or come before any
             named = re.search(r"function '([^']+)'", line)
             entry(named.group(1) if named else current or "")["warnings"].append(line.split(":", 1)[-1].strip())
     return out
@@ -398,11 +516,13 @@ def _sass(cubin: Path) -> str:
 
 def _record(key: str, config: dict, ptxas: dict, registers, shared: int, instructions: list, num_warps: int,
             seconds: float, **extra) -> dict:
-    return dict(key=key, config=config, registers=registers if registers is not None else ptxas.get("registers"),
-                ptxas_registers=ptxas.get("registers"), spill_stores=ptxas.get("spill_stores"),
-                spill_loads=ptxas.get("spill_loads"), stack=ptxas.get("stack"), warnings=ptxas.get("warnings", []),
-                shared=shared, shared_limit=SHARED_LIMIT[config["cc"]], **extra,
-                **analyse_sass(instructions, num_warps), seconds=seconds)
+    record = dict(key=key, config=config, registers=registers if registers is not None else ptxas.get("registers"),
+                  ptxas_registers=ptxas.get("registers"), spill_stores=ptxas.get("spill_stores"),
+                  spill_loads=ptxas.get("spill_loads"), stack=ptxas.get("stack"), warnings=ptxas.get("warnings", []),
+                  shared=shared, shared_limit=SHARED_LIMIT[config["cc"]], **extra,
+                  **analyse_sass(instructions, num_warps), seconds=seconds)
+    loop_costs(record)
+    return record
 
 
 def compile_triton(j: dict, use_cache: bool = True) -> dict:
@@ -599,6 +719,16 @@ def _loops(r: dict, field: str) -> str:
     return " / ".join(str(loop[field]) for loop in r["main_loops"]) or "-"
 
 
+def _per_mflop(r: dict) -> str:
+    return " / ".join(("m " if loop.get("masked") else "") + f"{loop.get('tc_warp_instr_per_mflop', '-')}, "
+                      f"{loop.get('warp_instr_per_mflop', '-')}" for loop in r["main_loops"]) or "-"
+
+
+def _estimates(r: dict) -> str:
+    return " / ".join(f"{e['cycles']} ({e['issue_cycles']}\\|{e['tc_cycles']})" if (e := loop.get("estimate")) else "-"
+                      for loop in r["main_loops"]) or "-"
+
+
 def _tc_kinds(r: dict) -> str:
     kinds = {}
     for loop in r["main_loops"]:
@@ -623,7 +753,15 @@ def markdown(path: Path, doc: dict) -> list[str]:
              "the mask), `a / b` per loop. tc: tensor-core instructions (tf32: how many are TF32), MACs: their "
              "multiply-adds per CTA in thousands, exp2: MUFU.EX2, ld: global loads (LDG + LDGSTS + TMA), spill: "
              "bytes stored / loaded per thread, smem: shared memory per CTA in bytes. The plain rows (BYPASS = 0) "
-             "are the baseline the operators add to."]
+             "are the baseline the operators add to.", "",
+             "*warp-instr / MFLOP* (per main loop, `a / b`; the masked loop marked `m`): tensor-core and total "
+             "warp-instructions of one iteration (count per thread x warps) per MFLOP of the tile's work "
+             "(attention kernels: the products plain attention needs, forward 2, dk/dv 4, dq 3 of BLOCK_M x "
+             "BLOCK_N x d; other kernels: their tensor-core work). *est. cycles / iter* is a **static estimate, "
+             "not a measurement** (no GPU ran): per iteration of one CTA on an SM, max(issue cycles = "
+             "warp-instructions / 4, tensor-core cycles = tensor FLOPs run / (4096 per cycle on an H100 for "
+             "sm_90, 2048 on an A100 for sm_80)), shown as `issue|tensor`; which of the two bounds it "
+             "(bench/static.py, `MACHINES`). Never-executed `@!PT` padding is not counted."]
     earlier = [f"`{f.relative_to(ROOT)}`" for f in sorted(RESULTS_DIR.glob("static-*.json")) if f != path]
     if earlier:
         lines += ["", "Earlier static reports (same format): " + ", ".join(earlier) + "."]
@@ -637,9 +775,10 @@ def markdown(path: Path, doc: dict) -> list[str]:
             c = r["config"]
             groups.setdefault((c["backend"], c["target"], c["dtype"], c["d"]), []).append(r)
     order = {op: i for i, op in enumerate(OPERATORS)}
-    header = ["kernel", "op", "layout", "warps/stages", "regs", "spill", "smem", "main-loop tc (tf32)",
-              "main-loop MACs (k)", "main-loop exp2", "main-loop ld", "tc kinds (main loops together)",
-              "kernel tc / exp2 / ld", "warnings"]
+    header = ["kernel", "op", "layout", "tile", "warps/stages", "regs", "spill", "smem", "main-loop tc (tf32)",
+              "main-loop MACs (k)", "main-loop exp2", "main-loop ld", "warp-instr / MFLOP tc, total",
+              "est. cycles / iter issue\\|tensor", "tc kinds (main loops together)", "kernel tc / exp2 / ld",
+              "warnings"]
     for (backend, target, dtype, d), rows in sorted(groups.items(), key=lambda g: tuple(map(str, g[0]))):
         lines += ["", f"### {backend}, {target}, {dtype}, d = {d}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
@@ -647,12 +786,17 @@ def markdown(path: Path, doc: dict) -> list[str]:
         for r in rows:
             c, k, loops = r["config"], r["kernel"], r["main_loops"]
             tf32 = sum(loop["tf32"] for loop in loops)
-            cells = [c["kernel"], c["op"], c["layout"], f"{c.get('num_warps', '-')}/{c.get('num_stages') or '-'}",
+            cx = c.get("constexprs", {})
+            tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}" if "BLOCK_M" in cx and "BLOCK_N" in cx else "-"
+            if cx.get("DESC"):
+                tile += " desc"
+            cells = [c["kernel"], c["op"], c["layout"], tile,
+                     f"{c.get('num_warps', '-')}/{c.get('num_stages') or '-'}",
                      r["registers"], f"{r['spill_stores']} / {r['spill_loads']}",
                      f"{r['shared']}" + (f" **> {r['shared_limit']}**" if r["shared"] > r["shared_limit"] else ""),
                      _loops(r, "tc_total") + (f" ({tf32})" if tf32 else ""),
                      " / ".join(str(loop["tc_macs"] // 1000) for loop in loops) or "-",
-                     _loops(r, "exp2"), _loops(r, "global_loads"), _tc_kinds(r),
+                     _loops(r, "exp2"), _loops(r, "global_loads"), _per_mflop(r), _estimates(r), _tc_kinds(r),
                      f"{k['tc_total']} / {k['exp2']} / {k['global_loads']}",
                      "; ".join(sorted({w[:80] for w in r["warnings"]})) or "-"]
             lines.append("| " + " | ".join(map(str, cells)) + " |")

@@ -7,10 +7,15 @@ head ``g``):
 * ``BYPASS == 0``: plain attention (the baseline of the static cost report, ``python -m bench.static``).
 * ``BYPASS == 1`` (Excitor): the queries of head ``h`` meet ``k'_j = k_j + gate[h] ke_j``, where ``ke`` is the
   centred prompt reconstruction written once per key/value head by the pre-pass of ``_triton_prompt_keys``.
-  A key tile costs one more tile load and an elementwise multiply-add; the main loops keep the tensor-core
-  and exp2 work of plain attention, and neither ``k'`` nor any ``M x N`` tensor is written.
+  ``gated_keys`` writes ``k'`` per query head before the forward and again before the backward (not saved), and
+  the kernels read it where plain attention reads ``k``: their main loops are plain attention's. The dk/dv
+  kernel adds the gate's share (``dke``, ``dgate``) after its loop.
 * ``BYPASS == 2`` (Adapter): each query tile also attends to the prompts with its own softmax,
       o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n.
+
+Tiles (``blocks``): on sm_90 every product is a wgmma of at least 64 rows per warpgroup (forward 128 x 128 and
+dq 128 x 64 query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with descriptor (TMA) loads; on sm_80
+each warp owns 16 query rows, so no warp repeats another's mma.sync.
 
 Scores are kept in base 2: ``qk_scale = softmax_scale * log2(e)`` and the saved row statistic is
 ``lse_i = max_j + log2(sum_j exp2(...))`` in those units; a row that sees no key stores ``lse = +inf``
@@ -37,24 +42,13 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, load_tile, pow2,
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, add_dot_hi_lo, dot, load_rows, load_tile, pow2,
                              precision, prompt_attention, prompt_attention_backward, prompt_strides, row_source,
                              sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
 
 __all__ = ["ADAPTER", "EXCITOR", "RowLayout", "stats_shape", "attention_forward", "attention_backward", "blocks"]
-
-
-@triton.jit
-def _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED: tl.constexpr,
-              BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
-    """The key tile the queries of head h meet: k, or for the Excitor k' = k + gate[h] ke (rounded once)."""
-    kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-    if BYPASS == 1:
-        ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-        kt = (kt.to(tl.float32) + gate_h * ke.to(tl.float32)).to(kt.dtype)
-    return kt
 
 
 @triton.jit
@@ -67,21 +61,34 @@ def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn, start_n, N,
-              shift, gate_h, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
-    """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED applies the causal and the j < N masks."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
-                   HEAD_DIM, DESC)
-    qk = dot(q, tl.trans(kt), PREC) * qk_scale
+def _last_key(offs_m, N, shift, CAUSAL: tl.constexpr):
+    """Per row, the last key it sees: min(i + shift, N - 1) when causal, else N - 1 (row i sees keys
+    j <= _last_key(i): one comparison per score, the same keys as _visible)."""
+    last = tl.zeros_like(offs_m) + (N - 1)
+    if CAUSAL:
+        last = tl.minimum(offs_m + shift, last)
+    return last
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
+              MASKED: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PREC: tl.constexpr, DESC: tl.constexpr):
+    """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED keeps keys j <= last[i] (the causal
+    and the j < N masks). POS_SCALE (qk_scale > 0): rowmax(qk_scale s) = qk_scale rowmax(s), so the scale is
+    applied once, inside exp2's argument (one FFMA per score); otherwise the scores are scaled first."""
+    kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
+    qk = dot(q, tl.trans(kt), PREC)
+    scale = qk_scale
+    if not POS_SCALE:
+        qk = qk * qk_scale
+        scale = 1.0
     if MASKED:
-        qk = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= last[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     if MASKED:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
@@ -90,23 +97,20 @@ def _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn,
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-              full, hi, N, shift, gate_h, qk_scale,
-              CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+def _fwd_keys(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale,
+              POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+              DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Online softmax over key tiles [0, hi): [0, full) need no mask, [full, hi) do (_causal_key_bounds).
     Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                                      stride_vn, start_n, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N,
-                                      HEAD_DIM, PREC, DESC)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n,
+                                      N, qk_scale, False, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC)
         lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                                  stride_vn, start_n, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N,
-                                  HEAD_DIM, PREC, DESC)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
+                                  qk_scale, True, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC)
     return acc, l_i, m_i
 
 
@@ -126,29 +130,27 @@ def _causal_key_bounds(start_m, M, N, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb, stride_keh, stride_ken,
-                 stride_vb, stride_vh, stride_vn, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
-    """``row_source`` of k, ke (Excitor only; else k again) and v of key/value head g in batch entry b."""
+def _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DESC: tl.constexpr):
+    """``row_source`` of the keys (k, or one group member's k', gated_keys) and values of key/value head g."""
     k_src = row_source(K + b * stride_kb + k0 * stride_kn + g * stride_kh, N, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM,
                        DESC)
-    ke_src = k_src
-    if BYPASS == 1:
-        ke_src = row_source(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, N, stride_ken, BLOCK_N, BLOCK_D,
-                            HEAD_DIM, DESC)
     v_src = row_source(V + b * stride_vb + k0 * stride_vn + g * stride_vh, N, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM,
                        DESC)
-    return k_src, ke_src, v_src
+    return k_src, v_src
 
 
 @triton.jit
-def _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
+def _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS, member,
                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(b, h, g, q0, k0, M, N, start_m) of this program's query tile (grid: query tiles x batch * query heads)."""
+    """(b, h, g, q0, k0, M, N, start_m) of this program's query tile. Grid: query tiles x batch * query heads
+    (member < 0), or x batch * key/value heads for the query heads h = g * GROUPS + member of one group member
+    (the Excitor's launches, one per member)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    heads = tl.where(member < 0, Hq, Hq // GROUPS)
+    b = (bh // heads).to(tl.int64)
+    h = tl.where(member < 0, bh % heads, bh % heads * GROUPS + member)
     q0, M = sequence(CU_Q, b, M, VARLEN)
     k0, N = sequence(CU_K, b, N, VARLEN)
     return b, h, h // GROUPS, q0, k0, M, N, start_m
@@ -156,24 +158,24 @@ def _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, KE, PK, PV, GATE, O, LSE, CU_Q, CU_K,
+    Q, K, V, PK, PV, GATE, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_keb, stride_keh, stride_ken,
     stride_pkb, stride_pkh, stride_pkp,
     stride_pvb, stride_pvh, stride_pvp,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-    Hq, M, N, P, GROUPS, qk_scale,
-    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr,
+    Hq, M, N, P, GROUPS, member, qk_scale,
+    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, POS_SCALE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """One program per (query tile, batch or sequence * query head); M, N are the longest lengths.
-    DESC: q, k, ke, v tiles through tensor descriptors (TMA on sm_90); WARP_SPEC: warp-specialised key loops
+    """One program per (query tile, batch or sequence * query head; _query_tile); M, N are the longest lengths.
+    K is k, or for the Excitor group member ``member``'s k' (gated_keys), so the key loop is plain attention's.
+    DESC: q, k, v tiles through tensor descriptors (TMA on sm_90); WARP_SPEC: warp-specialised key loops
     (loads, tensor-core products and softmax in separate warp groups; sm_90 and later)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
-                                                 VARLEN, BLOCK_M)
+                                                 member, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M  # bottom-right causal alignment: row i sees keys j <= i + shift
@@ -181,18 +183,16 @@ def attention_fwd_kernel(
     q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
                        DESC)
     q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
-    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
-                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
-                                        BLOCK_D, HEAD_DIM, DESC)
-    gate_h = tl.load(GATE + h).to(tl.float32)
+    k_src, v_src = _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                              stride_vn, full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC,
-                              DESC, WARP_SPEC)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn,
+                              stride_vn, offs_d, full, hi, N, qk_scale, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC,
+                              WARP_SPEC)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -203,8 +203,8 @@ def attention_fwd_kernel(
     if BYPASS == 2:
         _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                        stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
-                                        PREC)
-        o += gate_h * op
+                                       PREC)
+        o += tl.load(GATE + h).to(tl.float32) * op
     store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
@@ -234,7 +234,7 @@ def attention_bwd_preprocess_kernel(
     common path), so that a non-finite prompt reaches no key's gradient.
     """
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
-                                                 VARLEN, BLOCK_M)
+                                                 -1, VARLEN, BLOCK_M)
     if start_m >= M:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -288,7 +288,7 @@ def _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, s
     dpT = dot(vt, tl.trans(do), PREC)
     dsT = pT * (dpT - delta[None, :])
     if SPLIT_DS:
-        dk += dot_hi_lo(dsT, q, PREC)
+        dk = add_dot_hi_lo(dk, dsT, q, PREC)
     else:
         dk += dot(dsT.to(q.dtype), q, PREC)
     return dk, dv
@@ -316,6 +316,18 @@ def _dkdv_queries(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm
 
 
 @triton.jit
+def _write_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, ADD: tl.constexpr):
+    """store_rows, or (ADD, float32 sums) add the tile into what is there with one atomic add per element: an
+    address gets one add per launch, from the one program that owns its rows, so the sum is that of a load, add
+    and store, in the same order, and no loaded tile is held in registers."""
+    if ADD:
+        ptrs = base + rows[:, None] * stride_row + cols[None, :]
+        tl.atomic_add(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+    else:
+        store_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM)
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, KE, KE_LO, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -328,10 +340,10 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """dk'[h], dv[h] of one key tile for query head h = g * GROUPS + member of key/value head g, over every
-    query tile; one launch per group member, so a program holds one head's two accumulators, as in
+    """dk'[h], dv[h] of one key tile for query head h = g * GROUPS + member of key/value head g (K: k, or the
+    Excitor's k' of this member, gated_keys), over every query tile; one launch per group member, so a program holds one head's two accumulators, as in
     FlashAttention-2. Their sums over the group go into DK, DV (float32 under GQA: ACCUMULATE adds to what
-    the earlier members' launches wrote; this program owns those rows, so the order is fixed). Excitor
+    the earlier members' launches wrote; this program owns those rows, so the order is fixed, _write_rows). Excitor
     (BYPASS == 1): also DKE += gate[h] dk'[h] and DGATE[tile, b, h] = sum_j <dk'[h, j], ke_j> (one slot per
     program); the post-pass turns (DK, DKE) into dk, dprompt and dsim."""
     tile = tl.program_id(0)
@@ -358,13 +370,9 @@ def attention_bwd_dkdv_kernel(
     lo = tl.where(start_n < N, lo, M)
     full = tl.where(start_n < N, full, M)
 
-    gate_h = tl.load(GATE + h).to(tl.float32)
-    ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
-    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
-                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
-                                        BLOCK_D, HEAD_DIM, DESC)
-    kh = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, True, BYPASS, BLOCK_N, HEAD_DIM,
-                   DESC)                                                                # k'[h] (k unless Excitor)
+    k_src, v_src = _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
+    kh = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC)  # k'[h] (k unless Excitor)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC)
     q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
                        DESC)
@@ -378,84 +386,73 @@ def attention_bwd_dkdv_kernel(
                            DESC, WARP_SPEC)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
-    # one tile at a time, each read (ACCUMULATE) just before it is written, to keep few tiles live
-    dv_base = DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh
-    if ACCUMULATE:
-        dv += load_rows(dv_base, offs_n, stride_dvn, offs_d, N, HEAD_DIM, True).to(tl.float32)
-    store_rows(dv_base, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM)
+    _write_rows(DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM,
+                ACCUMULATE)
     if BYPASS == 1:
         # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error,
         # which float32 keys do not have); ke is centred (docs/design.md), so the sum does not cancel
-        ke = load_tile(ke_src, start_n, stride_ken, offs_d, N, BLOCK_N, HEAD_DIM, True, DESC).to(tl.float32)
+        ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
+        ke = load_rows(KE + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         if KE.dtype.element_ty != tl.float32:
             ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
         tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
-        dke = gate_h * dk
-        dke_base = DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh
-        if ACCUMULATE:
-            dke += load_rows(dke_base, offs_n, stride_dken, offs_d, N, HEAD_DIM, True)
-        store_rows(dke_base, dke, offs_n, stride_dken, offs_d, N, HEAD_DIM)
-    dk_base = DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh
-    if ACCUMULATE:
-        dk += load_rows(dk_base, offs_n, stride_dkn, offs_d, N, HEAD_DIM, True).to(tl.float32)
-    store_rows(dk_base, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM)
+        _write_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, tl.load(GATE + h).to(tl.float32) * dk,
+                    offs_n, stride_dken, offs_d, N, HEAD_DIM, ACCUMULATE)
+    _write_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM,
+                ACCUMULATE)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn, start_n,
-             N, shift, gate_h, qk_scale,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
-    """dq += ds k' over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED
-    applies the causal and the j < N masks."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kt = _key_tile(k_src, ke_src, start_n, stride_kn, stride_ken, offs_d, N, gate_h, MASKED, BYPASS, BLOCK_N,
-                   HEAD_DIM, DESC)
+def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+             DESC: tl.constexpr):
+    """dq += ds k over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED keeps
+    keys j <= last[i] (the causal and the j < N masks)."""
+    kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     p = tl.exp2(dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
     if MASKED:
-        p = tl.where(_visible(offs_m, offs_n, N, shift, CAUSAL), p, 0.0)
+        p = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= last[:, None], p, 0.0)
     dp = dot(do, tl.trans(vt), PREC)
     ds = p * (dp - delta[:, None])
     return dq + dot(ds.to(kt.dtype), kt, PREC)
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-             full, hi, N, shift, gate_h, qk_scale,
-             CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+def _dq_keys(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
+             WARP_SPEC: tl.constexpr):
     """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked; WARP_SPEC: one
     loop over [0, hi), every tile masked."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken,
-                          stride_vn, start_n, N, shift, gate_h, qk_scale, False, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
-                          PREC, DESC)
+            dq = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
+                          qk_scale, False, BLOCK_N, HEAD_DIM, PREC, DESC)
         lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        dq = _dq_tile(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-                      start_n, N, shift, gate_h, qk_scale, True, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC, DESC)
+        dq = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
+                      True, BLOCK_N, HEAD_DIM, PREC, DESC)
     return dq
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, KE, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
+    Q, K, V, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_keb, stride_keh, stride_ken,
+    stride_vb, stride_vh, stride_vn,
     stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_r, stride_dpk_p, stride_dg_t, stride_dg_b,
-    stride_lb, stride_lh, Hq, M, N, P, GROUPS, qk_scale, softmax_scale,
+    stride_lb, stride_lh, Hq, M, N, P, GROUPS, member, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient)."""
+    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient). K and the
+    grid as in the forward."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
-                                                 VARLEN, BLOCK_M)
+                                                 member, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M
@@ -469,10 +466,8 @@ def attention_bwd_dq_kernel(
     row_stats = b * stride_lb + h * stride_lh + q0
     lse = tl.load(LSE + row_stats + offs_m, mask=offs_m < M, other=float("inf"))
     delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < M, other=0.0)
-    gate_h = tl.load(GATE + h).to(tl.float32)
-    k_src, ke_src, v_src = _key_sources(K, KE, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_keb,
-                                        stride_keh, stride_ken, stride_vb, stride_vh, stride_vn, BYPASS, BLOCK_N,
-                                        BLOCK_D, HEAD_DIM, DESC)
+    k_src, v_src = _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
 
     # Adapter prompts first, so that their tiles are dead before the key loop:
     # o_i += gate[h] op_i with op = ap pv and ap = softmax(softmax_scale q pk^T)
@@ -482,8 +477,8 @@ def attention_bwd_dq_kernel(
         ap, op, pk, pv = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
                                           stride_pkp, stride_pvp, offs_p, offs_d, P, qk_scale, HEAD_DIM, PREC)
         tile = tl.program_id(0)
-        dgate, dq, dpk, dpv = prompt_attention_backward(q, do, offs_m[:, None] < M, ap, op, pk, pv, gate_h,
-                                                        softmax_scale, PREC)   # dq times softmax_scale below
+        dgate, dq, dpk, dpv = prompt_attention_backward(q, do, offs_m[:, None] < M, ap, op, pk, pv,
+                                                        tl.load(GATE + h).to(tl.float32), softmax_scale, PREC)
         tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, dgate)
         # slice (tile, b, g, h - g * GROUPS); the atomic layout sets the tile, group-member (and, for
         # shared prompts, batch) strides to 0 so that those programs add into one (P, d) block
@@ -493,8 +488,8 @@ def attention_bwd_dq_kernel(
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_keys(dq, q, do, lse, delta, offs_m, offs_d, k_src, ke_src, v_src, stride_kn, stride_ken, stride_vn,
-                  full, hi, N, shift, gate_h, qk_scale, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM, PREC, DESC, WARP_SPEC)
+    dq = _dq_keys(dq, q, do, lse, delta, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn, stride_vn,
+                  offs_d, full, hi, N, qk_scale, BLOCK_N, HEAD_DIM, PREC, DESC, WARP_SPEC)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
@@ -504,8 +499,10 @@ def attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# the delta pre-pass: 8 warps (with 4 the Adapter's prompt tile spills at d = 64 on sm_90, bench.static)
+# the delta pre-pass: 8 warps (with 4 the Adapter's prompt tile spills at d = 64 on sm_90, bench.static), query
+# tiles of at most PREPROCESS_BLOCK_M rows (the dq kernel's, if smaller)
 PREPROCESS_LAUNCH = dict(num_warps=8)
+PREPROCESS_BLOCK_M = 32
 
 
 def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
@@ -531,10 +528,15 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     if itemsize > 2:
         return _tiles(64, 32, 4), _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
-        return _tiles(128, 32, 8), _tiles(64, 32, 8), _tiles(32, 64, 8)
-    fwd = _tiles(32, 32, 4) if bypass == ADAPTER else _tiles(64, 32, 8)
-    dq = _tiles(32, 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
-    return fwd, _tiles(64, 32, 8), dq
+        # every product wgmma-shaped (its M side 64 rows per warpgroup: the forward and dq query tiles, the
+        # dk/dv key tile), descriptor (TMA) loads; _configs falls back to pointer loads where descriptors cannot
+        # read the inputs
+        return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(32, 128, 8), DESC=True),
+                dict(_tiles(128, 64, 8), DESC=True))
+    # 16 query rows per warp (no duplicated mma.sync); at d = 128 one stage (two spill), and the Adapter's
+    # prompt tile after the loop needs the narrower key tile
+    fwd = _tiles(128, 32 if bypass == ADAPTER and d > 64 else 64, 8, 1 if d > 64 else 2)
+    return fwd, _tiles(64, 32, 8), _tiles(32, 64, 8)
 
 
 def _arch(t: torch.Tensor) -> int:
@@ -551,7 +553,20 @@ def _configs(kernel, default, rows, causal, bypass, tensors, prepare, determinis
     desc_ok = descriptors_ok(*tensors)
     if desc_ok:
         prepare_descriptors()
+    elif default.get("DESC"):
+        default = dict(default, DESC=False)
     return pick(kernel, bypass, key, default, autotune_enabled(t) and not deterministic, desc_ok, prepare)
+
+
+def gated_keys(k, ke, gate, member, rows):
+    """The Excitor's keys for group member ``member``: k'[g] = k[g] + gate[h] ke[g] for the query heads
+    h = g * groups + member (float32 arithmetic, rounded once to k's dtype), laid out as k. Built before each
+    member's launches, forward and backward (not saved), so that the kernels' key loops are plain attention's;
+    one k of memory while they run."""
+    g = gate.float().view(rows.Hkv, -1)[:, member]
+    view = [1] * k.dim()
+    view[1] = rows.Hkv  # the head axis: (B, Hkv, N, d) or (total, Hkv, d)
+    return torch.addcmul(k.float(), ke.float(), g.view(view)).to(k.dtype)
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
@@ -563,21 +578,27 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     ke = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else None
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
-    kx = k if ke is None else ke[0]
+    # the Excitor launches once per group member (member m: the query heads g * groups + m, keys k' of m)
+    members = range(Hq // rows.Hkv) if ke is not None else (-1,)
 
-    def launch(config, o, lse):
-        attention_fwd_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
-            q, k, v, kx, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
+    def launch(config, o, lse, member=members[0], keys=k):
+        heads = Hq if member < 0 else rows.Hkv
+        attention_fwd_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * heads)](
+            q, keys, v, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(keys), *rows.strides(v),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
-            Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E,
-            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d,
+            Hq, M, N, P, Hq // rows.Hkv, member, softmax_scale * LOG2E,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, POS_SCALE=softmax_scale > 0, HEAD_DIM=d,
             BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), **config,
         )
 
-    fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))[0]
-    fwd = _configs("fwd", fixed, rows, causal, bypass, (q, k, v, kx), lambda config: lambda: launch(config, o, lse))
-    launch(fwd, o, lse)
+    for member in members:
+        keys = k if member < 0 else gated_keys(k, ke[0], gate, member, rows)
+        if member == members[0]:
+            fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))[0]
+            fwd = _configs("fwd", fixed, rows, causal, bypass, (q, keys, v),
+                           lambda config: lambda: launch(config, o, lse, member, keys))
+        launch(fwd, o, lse, member, keys)
     return o, lse, ke
 
 
@@ -598,7 +619,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     excitor = bypass == EXCITOR
 
     delta = new_output(rows.stats_shape, dtype=torch.float32, device=dev)
-    pre_bm = q_default["BLOCK_M"]
+    pre_bm = min(PREPROCESS_BLOCK_M, q_default["BLOCK_M"])
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
         o, do, q, k, v, pk, pk if pv is None else pv, gate, lse, delta, rows.cu_q, rows.cu_k,
         *rows.strides(o), *rows.strides(do), *rows.strides(q), *rows.strides(k), *rows.strides(v),
@@ -615,6 +636,10 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
     dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
     kx, kx_lo = (k, k) if ke is None else (ke[0], ke[-1])
+
+    def keys(member):
+        """The keys of the dk/dv and dq kernels: k, or the Excitor's k' of one group member."""
+        return k if ke is None else gated_keys(k, ke[0], gate, max(member, 0), rows)
 
     def grad_sums(kv_config, q_config):
         """GradSums of the gate (and the Adapter's prompt) gradients: the Excitor's gate sums have one slot per
@@ -634,50 +659,58 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         t, b, h, p = sums.prompt_strides
         return sums.prompt, sums.value, (t, b, h * groups, h, p) if deterministic else (t, b, h, 0, p)
 
-    def launch_dkdv(config, members, dg):
+    def launch_dkdv(config, member, dg, kk):
         dg_buf, dg_strides = dg
-        for member in members:
-            attention_bwd_dkdv_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * Hkv)](
-                q, k, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
-                *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
-                *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
-                Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
-                CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d,
-                BLOCK_D=BLOCK_D, PREC=prec, **config,
-            )
+        attention_bwd_dkdv_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * Hkv)](
+            q, kk, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(kk), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
+            *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
+            Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d,
+            BLOCK_D=BLOCK_D, PREC=prec, **config,
+        )
 
-    def launch_dq(config, sums):
+    def launch_dq(config, sums, member, kk):
+        """member < 0: every query head in one launch; else the query heads of one group member (Excitor)."""
         dg_buf, dg_strides = sums.gate, sums.gate_strides
         dpk_buf, dpv_buf, dpk_strides = prompt_args(sums)
-        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
-            q, k, v, kx, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
+        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * (Hq if member < 0 else Hkv))](
+            q, kk, v, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
             rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(kx),
+            *rows.strides(q), *rows.strides(kk), *rows.strides(v),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
             *dpk_strides, *dg_strides, *rows.stats_strides(lse),
-            Hq, M, N, P, groups, softmax_scale * LOG2E, softmax_scale,
+            Hq, M, N, P, groups, member, softmax_scale * LOG2E, softmax_scale,
             CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
             PREC=prec, **config,
         )
 
-    # tuning launches write fresh sums (the real ones are added into) and only the first group member's dk,
-    # dv (which the first real launch overwrites)
-    loads = (q, k, v, kx, do)
+    # the Excitor runs both kernels per group member, each member's k' built once; tuning launches write fresh
+    # sums (the real ones are added into) and only the first group member's dk, dv (which the first real launch
+    # overwrites)
+    dq_member = 0 if excitor else -1
+    first = keys(0)
+    loads = (q, first, v, do)
 
     def tune_dkdv(config):
         sums = grad_sums(config, q_default)
-        return lambda: launch_dkdv(config, (0,), (sums.gate, sums.gate_strides))
+        return lambda: launch_dkdv(config, 0, (sums.gate, sums.gate_strides), first)
 
     def tune_dq(config):
         sums = grad_sums(kv_default, config)
-        return lambda: launch_dq(config, sums)
+        return lambda: launch_dq(config, sums, dq_member, first)
 
     kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv, deterministic)
     q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq, deterministic)
     sums = grad_sums(kv_config, q_config)
-    launch_dkdv(kv_config, range(groups), (sums.gate, sums.gate_strides))
+    for member in range(groups):
+        kk = first if member == 0 else keys(member)
+        launch_dkdv(kv_config, member, (sums.gate, sums.gate_strides), kk)
+        if excitor:
+            launch_dq(q_config, sums, member, kk)
+    if not excitor:
+        launch_dq(q_config, sums, -1, k)
     dv = dv.to(v.dtype)
-    launch_dq(q_config, sums)
 
     dgate = sums.gate_grad(gate)
     if excitor:
