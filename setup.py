@@ -21,8 +21,8 @@ INSTALL_REQUIRES = [
 HF = ["transformers>=5.0", "safetensors>=0.4"]  # the floor is tested in CI (.ci/run), as is the newest release
 EXTRAS = {
     "hf": HF,
-    "test": HF + ["peft>=0.13", "pytest>=8", "hypothesis>=6.100"],
-    "bench": HF + ["peft>=0.13", "pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+    "test": HF + ["peft>=0.21", "trl", "pytest>=8", "hypothesis>=6.100"],
+    "bench": HF + ["peft>=0.21", "pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
 }
 
 

@@ -12,6 +12,18 @@ from .patch import (apply_excitor, from_pretrained, load_excitor, prompt_context
                     set_prompt_context)
 from .peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
 from .llama_adapter import export_llama_adapter, load_llama_adapter
+from .peft_method import register as _register_peft_method
+
+_register_peft_method()  # ExcitorConfig for get_peft_model when peft is installed (optional)
+
+
+def __getattr__(name):
+    """``ExcitorConfig`` (the PEFT method's config) when peft is installed."""
+    if name == "ExcitorConfig":
+        from .peft_method import __getattr__ as peft_method_attribute
+
+        return peft_method_attribute(name)
+    raise AttributeError(f"module 'excitor_kernels' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -29,6 +41,7 @@ __all__ = [
     "save_excitor",
     "load_excitor",
     "from_pretrained",
+    "ExcitorConfig",
     "set_backend",
     "set_prompt_context",
     "prompt_context",
