@@ -4,7 +4,7 @@ A provider is called as ``fn(x, causal, scale)`` with ``x`` the inputs of :func:
 returns ``o (B, Hq, M, d)``. Plain-attention providers (``sdpa``, ``sdpa_flash``, ``sdpa_cudnn``,
 ``sdpa_efficient``, ``flash_attn``, ``flash_attn4``) ignore the prompts: they are the speed of light for the same q, k, v. On a GPU
 plain SDPA is timed once per SDPA kernel, pinned (``SDPA_PINNED``); the report's "SDPA-best" is the fastest of
-them on each case. Our backends are named by their ``backend=``, except
+them on each case. Our backends are named by their ``backend=`` (``torch``: PyTorch ops around SDPA, the CPU smoke set), except
 ``ours_sdpa`` / ``ours_sdpa_concat`` (``backend="sdpa"`` / ``"sdpa_concat"``: the prompt passes around SDPA,
 GQA with values per query head / through the ``[q, g q], [k, ke]`` rewrite), since ``sdpa`` is the plain baseline.
 """
@@ -67,6 +67,7 @@ PROVIDERS = {
     "eager_official": _merge(_excitor_only(baselines.excitor_eager), _adapter_only(baselines.adapter_eager_official)),
     "eager_peft": _adapter_only(baselines.adapter_eager_peft),
     "reference": _ours("reference"),
+    "torch": _ours("torch"),
     "triton": _ours("triton"),
     "cuda": _ours("cuda"),
     "ours_sdpa": _ours("sdpa"),
@@ -78,7 +79,7 @@ SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
 PLAIN_SDPA = ("sdpa", *SDPA_PINNED)
 GPU_PROVIDERS = (*SDPA_PINNED, "flash_attn", "flash_attn4", "composition", "eager_official", "eager_peft", "triton", "cuda", "ours_sdpa",
                  "ours_sdpa_concat")
-SMOKE_PROVIDERS = ("reference", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda",
+SMOKE_PROVIDERS = ("reference", "torch", "sdpa", "flash_attn", "composition", "eager_official", "eager_peft", "triton", "cuda",
                    "ours_sdpa", "ours_sdpa_concat")
 
 

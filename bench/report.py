@@ -14,7 +14,7 @@ import itertools
 import json
 from pathlib import Path
 
-from . import static
+from . import cpu_torch, static
 from .providers import PLAIN_SDPA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,8 @@ def write_run(records: list[dict], env: dict, options: dict) -> Path:
 def load_all() -> list[tuple[Path, dict]]:
     """Every timed results file, GPU runs first, newest first within each kind (static-*.json, the static
     cost report of ``bench.static``, has its own section)."""
-    files = [(p, json.loads(p.read_text())) for p in RESULTS_DIR.glob("*.json") if not p.name.startswith("static-")]
+    files = [(p, json.loads(p.read_text())) for p in RESULTS_DIR.glob("*.json")
+             if not p.name.startswith(("static-", "cpu-torch-"))]  # those two have their own sections
     files.sort(key=lambda f: f[1]["environment"]["date"], reverse=True)
     files.sort(key=lambda f: f[1]["environment"]["run_type"] != "gpu")
     return files
@@ -306,6 +307,8 @@ def render(files: list[tuple[Path, dict]], plots: dict) -> str:
         lines.append(f"| {target} | {where} | {status} |")
     for path, data in files:
         lines += _file_section(path, data, plots.get(path))
+    if torch_run := cpu_torch.latest():
+        lines += cpu_torch.markdown(torch_run)
     if static_report := static.latest():
         lines += static.markdown(*static_report)
     return "\n".join(lines) + "\n"

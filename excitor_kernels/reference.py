@@ -2,7 +2,9 @@
 
 These are the readable form of ``docs/contract.md``: any device, any float dtype, autograd for the backward,
 memory O(M * N) per head. Half-precision inputs are computed in float32 and the result cast back;
-float64 inputs stay float64, which is how the tests evaluate the formulas exactly.
+float64 inputs stay float64, which is how the tests evaluate the formulas exactly. ``compute_dtype`` evaluates the
+formulas in another dtype: the input dtype itself gives the comparison of the half-precision standard
+(docs/contract.md, "Accuracy": the same formula evaluated by PyTorch in the input dtype).
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from ._alloc import in_layout_of
 ERROR_BUDGET = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype, compute_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -84,6 +88,7 @@ def excitor_attention_reference(
     softmax_scale: float,
     prompt_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LLaMA-Excitor attention, exactly as docs/contract.md writes it.
 
@@ -92,7 +97,7 @@ def excitor_attention_reference(
     k'[h, j] = k_j + gate[h] ke[j]
     o_i      = sum_j softmax_j(softmax_scale <q_i, k'[h, j]>) v_j
     """
-    ct = _compute_dtype(q.dtype)
+    ct = _compute_dtype(q.dtype, compute_dtype)
     B, Hq, M, _ = q.shape
     groups = Hq // k.shape[1]
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
@@ -118,12 +123,13 @@ def adapter_attention_reference(
     causal: bool = True,
     softmax_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter zero-init attention, exactly as docs/contract.md writes it.
 
     o_i = sum_j softmax_j(s_ij) v_j + gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n
     """
-    ct = _compute_dtype(q.dtype)
+    ct = _compute_dtype(q.dtype, compute_dtype)
     B, Hq, M, _ = q.shape
     groups = Hq // k.shape[1]
     qc = q.to(ct)

@@ -5,10 +5,11 @@ torch supports). Memory is ``O(N)`` beyond SDPA's own: nothing ``M x N`` is writ
 non-finite value (below). Forward and backward run through autograd (notation of docs/contract.md):
 
 * **Excitor**: ``a = softmax(prompt_scale s pk^T)`` ``(B, Hkv, N, P)`` and the centred reconstruction
-  ``ke = a pk - mean_n pk_n`` ``(B, Hkv, N, d)`` in float32 (float64 for float64 inputs); a constant added to every
-  key of a head shifts each score row by a constant, which the softmax cannot see, and centring keeps ``ke`` small,
-  so that ``k'`` rounds well and ``dgate`` does not add the rounding of a large mean (docs/design.md). Then
-  ``k'[h] = k + gate[h] ke`` in float32, rounded once to the input dtype, ``(B, Hq, N, d)``, and SDPA on
+  ``ke = a pk - mean_n pk_n`` ``(B, Hkv, N, d)`` in float32; a constant added to every key of a head shifts each
+  score row by a constant, which the softmax cannot see, and centring keeps ``ke`` small, so that ``k'`` rounds well
+  and ``dgate`` does not add the rounding of a large mean (docs/design.md). Then ``k'[h] = k + gate[h] ke`` in
+  float32, rounded once to the dtype SDPA runs in (the input dtype; float32 for half inputs on the CPU, where half
+  precision buys no speed and float32 gives the gate gradient float32 accuracy), ``(B, Hq, N, d)``, and SDPA on
   ``(q, k', v)``; under GQA the query heads of a key/value head are SDPA's head axis and ``v`` is broadcast over
   them with stride 0. Autograd takes SDPA's ``dk'`` back to float32 before the sums over the query heads:
   ``dk = sum_h dk'[h]``, ``dgate[h] = sum_j <dk'[h, j], ke_j>`` and the chain rule through ``ke`` and ``a`` run in
@@ -38,6 +39,13 @@ from ..reference import _softmax_attention
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sdpa_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA runs in: float32 for half-precision inputs on the CPU (PyTorch's CPU kernels are no faster in
+    half precision without AMX, and float32 keeps k' and SDPA's gradients unrounded: the gate gradient, a sum that
+    cancels, then has float32 accuracy), else the input dtype (the fused kernels of CUDA, MPS, ...)."""
+    return torch.float32 if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 def _finite(*tensors) -> bool:
@@ -102,12 +110,13 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     s = (k if sim_keys is None else sim_keys).to(ct)
     a = torch.softmax(prompt_scale * (s @ pk.transpose(-1, -2)), -1)                # (B, Hkv, N, P)
     ke = a @ pk - pk.mean(-2, keepdim=True)                                         # centred, (B, Hkv, N, d)
+    sd = _sdpa_dtype(q)
     g = gate.to(ct).view(1, Hkv, G, 1, 1)
-    kp = (k.to(ct).unsqueeze(2) + g * ke.unsqueeze(2)).to(q.dtype)                 # (B, Hkv, G, N, d)
+    kp = (k.to(ct).unsqueeze(2) + g * ke.unsqueeze(2)).to(sd)                      # (B, Hkv, G, N, d)
     # SDPA's head axis: the G query heads of one key/value head; batch axis: (b, kv head)
-    qg = q.unflatten(1, (Hkv, G)).flatten(0, 1)                                     # (B Hkv, G, M, d)
+    qg = q.to(sd).unflatten(1, (Hkv, G)).flatten(0, 1)                              # (B Hkv, G, M, d)
     kg = kp.flatten(0, 1)
-    vg = v.unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)              # stride 0 over G
+    vg = v.to(sd).unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)       # stride 0 over G
 
     def attention(qb, kb, vb):
         return attend(qb, kb, vb, causal, softmax_scale)
@@ -117,7 +126,7 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     else:
         lengths = cache_seqlens.repeat_interleave(Hkv)                             # per (b, kv head)
         o = _per_sample(attention, qg, kg, vg, lengths)
-    return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2), q)
+    return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2).to(q.dtype), q)
 
 
 def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, cache_seqlens=None):
@@ -130,7 +139,9 @@ def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax
     def attention(qb, kb, vb):
         return attend(qb, kb, vb, causal, softmax_scale, enable_gqa=G > 1)
 
-    o_tokens = attention(q, k, v) if cache_seqlens is None else _per_sample(attention, q, k, v, cache_seqlens)
+    sd = _sdpa_dtype(q)
+    qs, ks, vs = q.to(sd), k.to(sd), v.to(sd)
+    o_tokens = attention(qs, ks, vs) if cache_seqlens is None else _per_sample(attention, qs, ks, vs, cache_seqlens)
     pk = _per_batch(prompt_keys.to(ct), B).repeat_interleave(G, 1)                 # (B, Hq, P, d)
     pv = _per_batch(prompt_values.to(ct), B).repeat_interleave(G, 1)
     ap = torch.softmax(softmax_scale * (q.to(ct) @ pk.transpose(-1, -2)), -1)      # (B, Hq, M, P)
