@@ -34,7 +34,7 @@ from .reference import ERROR_BUDGET, adapter_attention_reference, excitor_attent
 
 CASE = dict(B=1, Hq=2, Hkv=1, M=20, N=20, d=64, P=4)  # GQA, small: seconds when interpreted
 BACKENDS = tuple(b for b in _dispatch.BACKENDS if b != "auto")
-ON_TRITON = tuple(b for b in BACKENDS if b not in ("reference", "cuda"))  # Triton kernels (sdpa: its prompt passes)
+ON_TRITON = tuple(b for b in BACKENDS if b not in ("reference", "cuda", "torch"))  # Triton kernels (sdpa: its prompt passes)
 
 
 def _version(package: str) -> str:
@@ -204,7 +204,8 @@ def report() -> int:
         results += child_results
     results.sort(key=lambda r: BACKENDS.index(r["backend"]))
 
-    print("backends (backend='auto' chooses among the fused ones per call; the reference when none runs)")
+    print("backends (backend='auto' chooses among the O(N) ones per call: torch where no fused one runs; the reference "
+          "for float64)")
     for name, why in reasons.items():
         note = "available" if why is None else f"unavailable: {why}"
         if why is None and name in in_child:

@@ -42,7 +42,7 @@ def new_output(shape, *, dtype: torch.dtype, device, like: torch.Tensor | None =
 def in_layout_of(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``o`` with ``like``'s memory layout (``torch.empty_like``'s: its strides when ``like`` is dense, else the
     dense layout of its dimension order); a differentiable copy when the layouts differ."""
-    out = torch.empty_like(like, dtype=o.dtype)
-    if out.stride() == o.stride():
+    if o.stride() == like.stride():
         return o
-    return out.copy_(o)
+    out = torch.empty_like(like, dtype=o.dtype)
+    return o if out.stride() == o.stride() else out.copy_(o)

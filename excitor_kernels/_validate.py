@@ -121,6 +121,8 @@ def check_inputs(
         raise ValueError(f"sim_keys must have k's shape {_shape(k)}; got {_shape(sim_keys)}")
     if d < 1:
         raise ValueError(f"q must have a head dimension d >= 1; got shape {_shape(q)}")
+    if packed and M < 1:  # a pack may hold no key at all (every row then sees none), not no query
+        raise ValueError(f"q must hold at least one packed row (total_q >= 1); got q {_shape(q[0].transpose(0, 1))}")
     if M < 1 or N < (0 if packed else 1) or B < 1:
         raise ValueError(
             f"q and k need B >= 1, M >= 1 and N >= 1; got q {_shape(q)} and k {_shape(k)}"

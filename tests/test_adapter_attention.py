@@ -70,7 +70,7 @@ def test_deterministic_backward_is_bitwise_repeatable(device, backend, determini
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend, M", [("triton", 16), ("sdpa", 16), ("sdpa", 7), ("sdpa", 23)])
+@pytest.mark.parametrize("backend, M", [("triton", 16), ("sdpa", 16), ("sdpa", 7), ("sdpa", 23), ("torch", 16), ("torch", 7)])
 def test_torch_compile_traces_without_graph_break(device, backend, M):
     x = make_inputs(Case(M=M, N=16, P=4), OP, torch.float32, device)
 

@@ -110,7 +110,8 @@ def test_poisoning_marks_unwritten_outputs():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend, M", [("triton", 20), ("sdpa", 20), ("sdpa", 9), ("sdpa_concat", 31)])
+@pytest.mark.parametrize("backend, M", [("triton", 20), ("sdpa", 20), ("sdpa", 9), ("sdpa_concat", 31), ("torch", 20),
+                                        ("torch", 9)])
 def test_torch_compile_traces_without_graph_break(device, backend, M):
     """fullgraph=True: no graph break (for sdpa also with M < N and M > N, which mask differently)."""
     case = Case(B=1, Hq=2, Hkv=1, M=M, N=20, P=4, sim=True)

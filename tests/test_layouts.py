@@ -122,27 +122,25 @@ def test_strided_operand_padded(op, backend, operand, layout):
     _check(op, _inputs(op, PADDED, operand, layout, device), backend)
 
 
+def _operand_params(extra=()):
+    return [pytest.param(op, name, id=f"{op}-{name}") for op, names in OPERANDS.items() for name in (*names, *extra)]
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("layout", ["sliced", "expanded"])
-@pytest.mark.parametrize("operand", ["q", "k", "v", "sim_keys", "prompt_keys", "prompt_values", "gate"])
-@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("op,operand", _operand_params())
 def test_strided_operand_decode(op, operand, layout, backend):
     """No-grad call with at most 16 queries (triton: the split-KV decode kernel) and strided cache_seqlens with
     a 0 (a sample without keys): one operand strided at a time."""
-    if operand not in OPERANDS[op]:
-        pytest.skip(f"{op} takes no {operand}")
     device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
     lengths = torch.tensor([5, -1, 0, -1], dtype=torch.int32, device=device)[::2]  # stride 2
     _check(op, _inputs(op, PADDED, operand, layout, device), backend, grads=False, cache_seqlens=lengths)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
-@pytest.mark.parametrize("operand", ["q", "k", "v", "sim_keys", "prompt_keys", "prompt_values", "gate", "cu_seqlens"])
-@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("op,operand", _operand_params(("cu_seqlens",)))
 def test_strided_operand_varlen(op, operand, backend):
     """Packed sequences (one without keys) with one operand sliced; ``cu_seqlens``: both offsets strided."""
-    if operand not in OPERANDS[op] and operand != "cu_seqlens":
-        pytest.skip(f"{op} takes no {operand}")
     device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
     x = _inputs(op, PACKED, operand, "sliced", device)
     _check(op, x, backend, varlen=True, strided_offsets=operand == "cu_seqlens")
@@ -181,14 +179,13 @@ def test_varlen_pack_without_keys(op, backend):
         assert rel_err(g.cpu(), w) <= BUDGET[torch.float32]
 
 
-@pytest.mark.parametrize("op", ["excitor", "adapter"])
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "sdpa", "sdpa_concat"])
+@pytest.mark.parametrize("op,backend", [(op, b) for op in OPERANDS for b in ("reference", "torch", "triton", "sdpa",
+                                                                              "sdpa_concat")
+                                        if not (op == "adapter" and b == "sdpa_concat")])
 @pytest.mark.parametrize("grad", [True, False])
 def test_output_keeps_q_layout(op, backend, grad):
     """q = x.view(B, M, H, d).transpose(1, 2): o has q's strides, so o.transpose(1, 2).reshape(B, M, H * d) is a
-    view (README); the same with q a slice of a wider buffer (o then dense in q's dimension order)."""
-    if backend == "sdpa_concat" and op == "adapter":
-        pytest.skip("sdpa_concat is the Excitor's")
+    view (README)."""
     device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
     x = _inputs(op, PADDED, "q", "transposed", device)
     with torch.set_grad_enabled(grad):

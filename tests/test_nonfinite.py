@@ -291,3 +291,18 @@ def test_nan_in_a_late_key_reaches_only_the_rows_that_see_it(backend, op):
     assert nan_rows[0, 1, L - 1] and int(nan_rows.sum()) == 1
     finite = ~nan_rows
     assert rel_err(o.cpu()[finite], o_ref[finite]) <= BUDGET[torch.float32]
+
+
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_torch_backend_under_compile_shows_a_nan(op):
+    """Under torch.compile the torch backend cannot branch on values (the exact path): a NaN operand then makes the
+    whole output NaN instead of the contract's rows, never a finite output (docs/contract.md, "Non-finite inputs")."""
+    x = _inputs(op, "cpu")
+    x["k"][1, 0, 2, 5] = float("nan")
+
+    def step(t):
+        return call(op, t, "torch", True)
+
+    o = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    assert torch.isnan(o).all()
+    assert torch.isnan(step(x)).any() and not torch.isnan(step(x)).all()  # eager: the rows that see it

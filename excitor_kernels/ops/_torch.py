@@ -8,11 +8,12 @@ non-finite value (below). Forward and backward run through autograd (notation of
   ``ke = a pk - mean_n pk_n`` ``(B, Hkv, N, d)`` in float32; a constant added to every key of a head shifts each
   score row by a constant, which the softmax cannot see, and centring keeps ``ke`` small, so that ``k'`` rounds well
   and ``dgate`` does not add the rounding of a large mean (docs/design.md). Then ``k'[h] = k + gate[h] ke`` in
-  float32, rounded once to the dtype SDPA runs in (the input dtype; float32 for half inputs on the CPU, where half
+  float32 (as ``a (gate[h] (pk - mean pk))``: the gate scales the prompts, so no ``(B, Hkv, N, d)`` ``ke`` is kept),
+  rounded once to the dtype SDPA runs in (the input dtype; float32 for half inputs on the CPU, where half
   precision buys no speed and float32 gives the gate gradient float32 accuracy), ``(B, Hq, N, d)``, and SDPA on
   ``(q, k', v)``; under GQA the query heads of a key/value head are SDPA's head axis and ``v`` is broadcast over
   them with stride 0. Autograd takes SDPA's ``dk'`` back to float32 before the sums over the query heads:
-  ``dk = sum_h dk'[h]``, ``dgate[h] = sum_j <dk'[h, j], ke_j>`` and the chain rule through ``ke`` and ``a`` run in
+  ``dk = sum_h dk'[h]``, ``dgate[h]`` (as ``<a^T dk'[h], pk - mean pk>``) and the chain rule through ``a`` run in
   float32.
 * **Adapter**: ``SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``, the prompt term ``(B, Hq, M, P)`` in
   float32.
@@ -49,7 +50,10 @@ def _sdpa_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _finite(*tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Whether every element is finite: a float32 sum per tensor (NaN and Inf reach it; no bool tensor of the operand's
+    size is allocated). A finite tensor whose sum overflows float32 (values near 1e38) counts as not finite: it
+    then takes the exact path, which is correct, only slower."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)
 
 
 def _exact(q, k, v, causal, scale, enable_gqa, cache_seqlens=None):
@@ -109,10 +113,11 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     pk = _per_batch(prompt_keys.to(ct), B)                                          # (B, Hkv, P, d)
     s = (k if sim_keys is None else sim_keys).to(ct)
     a = torch.softmax(prompt_scale * (s @ pk.transpose(-1, -2)), -1)                # (B, Hkv, N, P)
-    ke = a @ pk - pk.mean(-2, keepdim=True)                                         # centred, (B, Hkv, N, d)
+    # gate[h] ke = a (gate[h] (pk - mean_n pk_n)) (sum_n a[j, n] = 1): the gate goes on the P prompts, not on the N
+    # keys, and k' is one matrix product added to k, no (B, Hkv, N, d) ke kept
+    pk_gated = gate.to(ct).view(1, Hkv, G, 1, 1) * (pk - pk.mean(-2, keepdim=True)).unsqueeze(2)  # (B, Hkv, G, P, d)
     sd = _sdpa_dtype(q)
-    g = gate.to(ct).view(1, Hkv, G, 1, 1)
-    kp = (k.to(ct).unsqueeze(2) + g * ke.unsqueeze(2)).to(sd)                      # (B, Hkv, G, N, d)
+    kp = (a.unsqueeze(2) @ pk_gated).add_(k.to(ct).unsqueeze(2)).to(sd)           # (B, Hkv, G, N, d)
     # SDPA's head axis: the G query heads of one key/value head; batch axis: (b, kv head)
     qg = q.to(sd).unflatten(1, (Hkv, G)).flatten(0, 1)                              # (B Hkv, G, M, d)
     kg = kp.flatten(0, 1)
@@ -145,5 +150,10 @@ def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax
     pk = _per_batch(prompt_keys.to(ct), B).repeat_interleave(G, 1)                 # (B, Hq, P, d)
     pv = _per_batch(prompt_values.to(ct), B).repeat_interleave(G, 1)
     ap = torch.softmax(softmax_scale * (q.to(ct) @ pk.transpose(-1, -2)), -1)      # (B, Hq, M, P)
-    o = o_tokens.to(ct) + gate.to(ct).view(1, Hq, 1, 1) * (ap @ pv)
+    # the gate multiplies the prompt term (an infinite gate makes each element +-inf, as the formula does)
+    g, prompt = gate.to(ct).view(1, Hq, 1, 1), ap @ pv
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (o_tokens, g, prompt)):
+        o = torch.addcmul(o_tokens.to(ct), g, prompt)
+    else:  # inference: in place on the prompt term, one (B, Hq, M, d) buffer less
+        o = prompt.mul_(g).add_(o_tokens)
     return in_layout_of(o.to(q.dtype), q)
