@@ -13,9 +13,9 @@ head ``g``):
 * ``BYPASS == 2`` (Adapter): each query tile also attends to the prompts with its own softmax,
       o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n.
 
-Tiles (``blocks``): on sm_90 every product is a wgmma of at least 64 rows per warpgroup (forward 128 x 128 and
-dq 128 x 64 query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with descriptor (TMA) loads; on sm_80
-each warp owns 16 query rows, so no warp repeats another's mma.sync.
+Tiles (``blocks``): on sm_90 every product is a wgmma of at least 64 rows per warpgroup (at d = 128: forward
+128 x 128 and dq 128 x 64 query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with descriptor (TMA)
+loads; on sm_80 each warp owns 16 query rows, so no warp repeats another's mma.sync.
 
 Scores are kept in base 2: ``qk_scale = softmax_scale * log2(e)`` and the saved row statistic is
 ``lse_i = max_j + log2(sum_j exp2(...))`` in those units; a row that sees no key stores ``lse = +inf``
@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .._alloc import new_output
 from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, add_dot_hi_lo, dot, load_rows, load_tile, pow2,
-                             precision, prompt_attention, prompt_attention_backward, prompt_strides, row_source,
+                             precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights, row_source,
                              sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
@@ -71,14 +71,34 @@ def _last_key(offs_m, N, shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
-              MASKED: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              PREC: tl.constexpr, DESC: tl.constexpr):
+def _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, N, MASKED: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
+            Q_CHUNK: tl.constexpr):
+    """q k^T for key tile [start_n, start_n + BLOCK_N). Q_CHUNK > 0 (float32): summed over head-dim chunks of
+    Q_CHUNK columns, q's chunk re-read per key tile, so that no whole (rows, d) float32 operand is held in
+    registers (triton's float32 dot holds its operands' rows over the whole reduction and spills at d = 128)."""
+    if Q_CHUNK > 0:
+        qk = tl.zeros([offs_m.shape[0], BLOCK_N], tl.float32)
+        for c in tl.static_range(0, HEAD_DIM, Q_CHUNK):
+            cols = c + tl.arange(0, Q_CHUNK)
+            qc = load_rows(q_base, offs_m, stride_qm, cols, M, HEAD_DIM, True)
+            kc = load_rows(k_src, start_n + tl.arange(0, BLOCK_N), stride_kn, cols, N, HEAD_DIM, MASKED)
+            qk += dot(qc, tl.trans(kc), PREC)
+    else:
+        kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
+        qk = dot(q, tl.trans(kt), PREC)
+    return qk
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn, stride_vn, offs_d,
+              start_n, N, qk_scale, MASKED: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, Q_CHUNK: tl.constexpr):
     """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED keeps keys j <= last[i] (the causal
     and the j < N masks). POS_SCALE (qk_scale > 0): rowmax(qk_scale s) = qk_scale rowmax(s), so the scale is
     applied once, inside exp2's argument (one FFMA per score); otherwise the scores are scaled first."""
-    kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-    qk = dot(q, tl.trans(kt), PREC)
+    qk = _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, N, MASKED, BLOCK_N, HEAD_DIM,
+                 PREC, DESC, Q_CHUNK)
     scale = qk_scale
     if not POS_SCALE:
         qk = qk * qk_scale
@@ -97,20 +117,22 @@ def _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale,
-              POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-              DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn, stride_vn, offs_d, full,
+              hi, N, qk_scale, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr, Q_CHUNK: tl.constexpr):
     """Online softmax over key tiles [0, hi): [0, full) need no mask, [full, hi) do (_causal_key_bounds).
     Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n,
-                                      N, qk_scale, False, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn,
+                                      stride_vn, offs_d, start_n, N, qk_scale, False, POS_SCALE, BLOCK_N, HEAD_DIM,
+                                      PREC, DESC, Q_CHUNK)
         lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
-                                  qk_scale, True, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn,
+                                  stride_vn, offs_d, start_n, N, qk_scale, True, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
+                                  DESC, Q_CHUNK)
     return acc, l_i, m_i
 
 
@@ -168,7 +190,7 @@ def attention_fwd_kernel(
     Hq, M, N, P, GROUPS, member, qk_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, POS_SCALE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr, Q_CHUNK: tl.constexpr,
 ):
     """One program per (query tile, batch or sequence * query head; _query_tile); M, N are the longest lengths.
     K is k, or for the Excitor group member ``member``'s k' (gated_keys), so the key loop is plain attention's.
@@ -180,8 +202,8 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     shift = N - M  # bottom-right causal alignment: row i sees keys j <= i + shift
 
-    q_src = row_source(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM,
-                       DESC)
+    q_base = Q + b * stride_qb + q0 * stride_qm + h * stride_qh
+    q_src = row_source(q_base, M, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM, DESC)
     q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
     k_src, v_src = _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                 BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
@@ -190,9 +212,9 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn,
-                              stride_vn, offs_d, full, hi, N, qk_scale, POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC,
-                              WARP_SPEC)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, _last_key(offs_m, N, shift, CAUSAL),
+                              k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale, POS_SCALE, BLOCK_N,
+                              HEAD_DIM, PREC, DESC, WARP_SPEC, Q_CHUNK)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -201,10 +223,14 @@ def attention_fwd_kernel(
         empty = empty | (offs_m + shift < 0)
     o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     if BYPASS == 2:
-        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale, HEAD_DIM,
-                                       PREC)
-        o += tl.load(GATE + h).to(tl.float32) * op
+        # the prompt term, its scores q pk^T as the key tiles' (_scores: chunked for float32)
+        offs_p = tl.arange(0, BLOCK_P)
+        pk_base = PK + b * stride_pkb + g * stride_pkh
+        z = _scores(q, q_base, stride_qm, offs_m, M, pk_base, stride_pkp, offs_d, 0, P, True, BLOCK_P, HEAD_DIM,
+                    PREC, False, Q_CHUNK)
+        ap = prompt_weights(z, offs_p, P, qk_scale)
+        pv = load_rows(PV + b * stride_pvb + g * stride_pvh, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
+        o += tl.load(GATE + h).to(tl.float32) * dot(ap.to(pv.dtype), pv, PREC)
     store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
@@ -505,6 +531,11 @@ PREPROCESS_LAUNCH = dict(num_warps=8)
 PREPROCESS_BLOCK_M = 32
 
 
+def q_chunk(itemsize: int) -> int:
+    """The forward's Q_CHUNK: float32 scores summed over head-dim chunks of 32 columns (_scores), else 0."""
+    return 32 if itemsize > 2 else 0
+
+
 def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
     # pointer loads, no warp specialisation: every GPU, every triton (see _triton_tuning for the others)
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, DESC=False,
@@ -512,30 +543,34 @@ def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
 
 
 def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int = EXCITOR,
-           arch: int = 90) -> tuple[dict, dict, dict]:
+           arch: int = 90, varlen: bool = False) -> tuple[dict, dict, dict]:
     """(forward, backward key-tile, backward query-tile) tiles and launch options.
 
     On a GPU (``arch`` = compute capability as 80, 90, ...): for half types, the tiles with which every
-    kernel compiles without register spills for d <= 128 and P <= 64 on that architecture (the static cost
-    report, ``python -m bench.static``, checks it); sm_80 needs smaller tiles for the Adapter forward and the
-    Excitor dq, whose extra tiles do not fit beside mma.sync's accumulators. float32: tiles that fit an
-    sm_80 block's shared memory. Interpreted: tiles no larger than the problem. On sm_90+ the launchers may
-    run a faster configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
+    kernel compiles without register spills for d <= 128 and P <= 64 on that architecture, padded or packed
+    (``varlen``; the static cost report, ``python -m bench.static``, checks it). sm_90: every product a wgmma
+    of at least 64 rows per warpgroup (the forward and dq query tiles, the dk/dv key tile), descriptor (TMA)
+    loads (_configs falls back to pointer loads where descriptors cannot read the inputs); at d <= 64 the
+    backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
+    at d = 128 one stage; the widest key tile that leaves registers (the Adapter's prompt tile and the packed
+    layout's offsets take some). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
+    larger than the problem. On sm_90+ the launchers may run a faster configuration of
+    ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
     if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
         return (dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False),) * 3
-    if itemsize > 2:
-        return _tiles(64, 32, 4), _tiles(32, 64, 4), _tiles(64, 32, 4)
+    if itemsize > 2:  # the Adapter's prompt term after the loop leaves registers for 16-row tiles only
+        fwd = _tiles(16, 32, 8) if bypass == ADAPTER else _tiles(32, 32, 4)
+        return fwd, _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
-        # every product wgmma-shaped (its M side 64 rows per warpgroup: the forward and dq query tiles, the
-        # dk/dv key tile), descriptor (TMA) loads; _configs falls back to pointer loads where descriptors cannot
-        # read the inputs
-        return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(32, 128, 8), DESC=True),
-                dict(_tiles(128, 64, 8), DESC=True))
-    # 16 query rows per warp (no duplicated mma.sync); at d = 128 one stage (two spill), and the Adapter's
-    # prompt tile after the loop needs the narrower key tile
-    fwd = _tiles(128, 32 if bypass == ADAPTER and d > 64 else 64, 8, 1 if d > 64 else 2)
+        wide = d <= 64
+        return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
+                dict(_tiles(128, 128 if wide else 64, 8), DESC=True))
+    if d <= 64:
+        fwd = _tiles(128, 64 if varlen else 128, 8)
+    else:
+        fwd = _tiles(128, 32 if bypass == ADAPTER or varlen else 64, 8, 1)
     return fwd, _tiles(64, 32, 8), _tiles(32, 64, 8)
 
 
@@ -589,13 +624,13 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
             Hq, M, N, P, Hq // rows.Hkv, member, softmax_scale * LOG2E,
             CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, POS_SCALE=softmax_scale > 0, HEAD_DIM=d,
-            BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), **config,
+            BLOCK_D=pow2(d), BLOCK_P=pow2(P), PREC=precision(q), Q_CHUNK=q_chunk(q.element_size()), **config,
         )
 
     for member in members:
         keys = k if member < 0 else gated_keys(k, ke[0], gate, member, rows)
         if member == members[0]:
-            fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))[0]
+            fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen)[0]
             fwd = _configs("fwd", fixed, rows, causal, bypass, (q, keys, v),
                            lambda config: lambda: launch(config, o, lse, member, keys))
         launch(fwd, o, lse, member, keys)
@@ -613,7 +648,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q))
+    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen)
     prec = precision(q)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     excitor = bypass == EXCITOR

@@ -87,12 +87,17 @@ def store_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def prompt_softmax(x, pk, offs_p, P, scale_log2, PREC: tl.constexpr):
-    """a[r, n] = softmax_n(scale * <x_r, pk_n>) over the P real prompts (padded ones get 0), float32."""
-    z = dot(x, tl.trans(pk), PREC) * scale_log2
-    z = tl.where(offs_p[None, :] < P, z, float("-inf"))
+def prompt_weights(z, offs_p, P, scale_log2):
+    """a[r, n] = softmax_n(scale * z[r, n]) over the P real prompts (padded ones get 0), float32."""
+    z = tl.where(offs_p[None, :] < P, z * scale_log2, float("-inf"))
     a = tl.exp2(z - tl.max(z, 1)[:, None])
     return a / tl.sum(a, 1)[:, None]
+
+
+@triton.jit
+def prompt_softmax(x, pk, offs_p, P, scale_log2, PREC: tl.constexpr):
+    """a[r, n] = softmax_n(scale * <x_r, pk_n>) over the P real prompts (padded ones get 0), float32."""
+    return prompt_weights(dot(x, tl.trans(pk), PREC), offs_p, P, scale_log2)
 
 
 @triton.jit

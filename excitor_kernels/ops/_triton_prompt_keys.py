@@ -143,10 +143,10 @@ def prompt_keys_bwd_kernel(
     tl.atomic_add(ptrs, dpk, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM))
 
 
-def prompt_blocks(on_gpu: bool, N: int) -> dict:
-    """Tile and launch options of both passes."""
+def prompt_blocks(on_gpu: bool, N: int, itemsize: int = 2) -> dict:
+    """Tile and launch options of both passes (float32: 16 keys, with 32 the packed pre-pass spills at d = 128)."""
     if on_gpu:
-        return dict(BLOCK_N=32, num_warps=8)
+        return dict(BLOCK_N=16 if itemsize > 2 else 32, num_warps=8)
     return dict(BLOCK_N=min(64, pow2(N)))
 
 
@@ -155,7 +155,7 @@ def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, 
     ``(1, *s.shape)``, ``ke[-1]`` is ``ke[0]``: no rounding error), for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
     ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry."""
     ke = new_output((1 if s.dtype == torch.float32 else 2, *s.shape), dtype=s.dtype, device=s.device)
-    launch = prompt_blocks(s.is_cuda, rows.N)
+    launch = prompt_blocks(s.is_cuda, rows.N, s.element_size())
     grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
     prompt_keys_fwd_kernel[grid](
         s, pk, ke[0], ke[-1], rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke[0]),
@@ -172,7 +172,7 @@ def prompt_keys_backward(dke: torch.Tensor, s: torch.Tensor, pk: torch.Tensor, p
     the gradient to s, or, given ``dk`` (the s = k case: the attention's part of dk, any float dtype, s's
     shape), ``dk`` plus that gradient. ``deterministic`` sums the per-tile prompt gradients in a fixed order
     instead of with atomics."""
-    launch = prompt_blocks(s.is_cuda, rows.N)
+    launch = prompt_blocks(s.is_cuda, rows.N, s.element_size())
     tiles = triton.cdiv(rows.N, launch["BLOCK_N"])
     P, d = pk.shape[-2], rows.d
     sums = GradSums(tiles, rows.B, rows.Hkv, 0, P, d, pk.dim() == 4, deterministic, s.device)
