@@ -7,8 +7,9 @@ head ``g``):
 * ``BYPASS == 0``: plain attention (the baseline of the static cost report, ``python -m bench.static``).
 * ``BYPASS == 1`` (Excitor): the queries of head ``h`` meet ``k'_j = k_j + gate[h] ke_j``, where ``ke`` is the
   centred prompt reconstruction written once per key/value head by the pre-pass of ``_triton_prompt_keys``.
-  ``gated_keys`` writes ``k'`` per query head before the forward and again before the backward (not saved), and
-  the kernels read it where plain attention reads ``k``: their main loops are plain attention's. The dk/dv
+  ``gated_keys`` writes ``k'`` for one group member's query heads at a time (``k``'s shape) before its forward
+  and again before its backward launches (not saved), and the kernels read it where plain attention reads
+  ``k``: their main loops are plain attention's. The dk/dv
   kernel adds the gate's share (``dke``, ``dgate``) after its loop.
 * ``BYPASS == 2`` (Adapter): each query tile also attends to the prompts with its own softmax,
       o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n.
