@@ -444,3 +444,40 @@ def test_deepcopy_and_pickle_keep_the_adapted_layers(tmp_path):
         for other in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
             assert len(excitor_layers(other)) == 2
             assert torch.equal(other(input_ids=x).logits, expected)
+
+
+def test_fsdp2_fully_sharded_model_gives_the_same_loss_and_gradients():
+    """torch.distributed.fsdp.fully_shard (FSDP2) over each decoder layer and the model (one gloo rank, in a
+    subprocess): the adapted layers shard and run, logits and every trainable gradient as unsharded."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = f"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from torch.distributed.fsdp import fully_shard
+from tiny_models import adapted, tokens, rel
+x = tokens("cpu")
+ref = adapted("cpu", "excitor", 4).train()
+expected = ref(input_ids=x, labels=x)
+expected.loss.backward()
+model = adapted("cpu", "excitor", 4).train()
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+out = model(input_ids=x, labels=x)
+out.loss.backward()
+assert rel(out.logits, expected.logits) <= 1e-6
+grads = {{n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}}
+want = {{n: p.grad for n, p in ref.named_parameters() if p.requires_grad}}
+assert sorted(grads) == sorted(want) and len(want) == 8
+assert all(rel(grads[n], want[n]) <= 1e-6 for n in want)
+dist.destroy_process_group()
+print("fsdp2 ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "fsdp2 ok" in out.stdout, out.stderr[-3000:]
