@@ -177,6 +177,7 @@ def triton_jobs(subset: str = "full"):
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops import _triton_decode as dec
     from excitor_kernels.ops import _triton_prompt_keys as pkeys
+    from excitor_kernels.ops._triton_common import pow2
 
     for cc, dtype, d in itertools.product(TARGETS, DTYPES, HEAD_DIMS):
         itemsize = 4 if dtype == "fp32" else 2
@@ -192,7 +193,7 @@ def triton_jobs(subset: str = "full"):
                                            varlen=layout == "varlen")
                 flags = dict(common, VARLEN=layout == "varlen")
                 if excitor:
-                    found.append((layout, job(pkeys.prompt_keys_fwd_kernel, prompt, flags)))
+                    found.append((layout, job(pkeys.prompt_keys_fwd_kernel, prompt, flags, BLOCK_A=pow2(PROMPTS + 1))))
                 found.append((layout, job(tri.attention_fwd_kernel, fwd, flags)))
                 if dtype == "fp32":
                     continue
@@ -206,7 +207,9 @@ def triton_jobs(subset: str = "full"):
                 if layout == "padded":  # GQA: the later members' launches add into float32 dk, dv
                     found.append(("gqa", job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=True,
                                              types={"DK": "*fp32", "DV": "*fp32", "DKE": "*fp32"})))
-                found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
+                # the Excitor's dq reads the centred weights with their ones column: pow2(P + 1) columns
+                found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags,
+                                          **(dict(BLOCK_P=pow2(PROMPTS + 1)) if excitor else {}))))
                 if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))

@@ -50,6 +50,7 @@ from torch import Tensor
 from .._alloc import in_layout_of, new_output
 from ._triton_common import (LOG2E, GradSums, load_rows, pow2, precision, prompt_attention,
                              prompt_attention_backward, prompt_strides, store_rows)
+from . import _triton_attention as tri
 from ._torch import attend
 from ._triton_prompt_keys import _tile_and_prompts, prompt_chain_rule, prompt_mixture
 
@@ -445,6 +446,35 @@ def _prompts_backward(ctx, do):
 _prompts_op.register_autograd(_prompts_backward, setup_context=_prompts_setup)
 
 
+@torch.library.custom_op("excitor_kernels::sdpa_excitor_gate_grad", mutates_args=())
+def _gate_grad_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor,
+                  sim_keys: Optional[Tensor], causal: bool, softmax_scale: float, prompt_scale: float) -> Tensor:
+    return tri.excitor_gate_gradient(do, q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale)
+
+
+@_gate_grad_op.register_fake
+def _(do, q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale):
+    return torch.empty_like(gate)
+
+
+class _GateTap(torch.autograd.Function):
+    """o unchanged; its backward passes ``do`` on and gives the gate its gradient (``_gate_grad_op``: SDPA's
+    half-precision backward rounds what the gate gradient's cancelling sum is made of; the key and query ops
+    take the gate detached)."""
+
+    @staticmethod
+    def forward(ctx, o, q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale):
+        ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys)
+        ctx.args = (causal, softmax_scale, prompt_scale)
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, prompt_keys, gate, sim_keys = ctx.saved_tensors
+        dgate = _gate_grad_op(do, q, k, v, prompt_keys, gate, sim_keys, *ctx.args) if ctx.needs_input_grad[5] else None
+        return do, None, None, None, None, dgate, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # The two operators
 # ----------------------------------------------------------------------------------------------
@@ -459,17 +489,24 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     B, Hq, M, d = q.shape
     Hkv = k.shape[1]
     det = bool(deterministic)
+    g = gate.detach()  # the gate's gradient comes from _GateTap
     if Hq != Hkv and gqa_form == "concat":
-        kk = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, True, det)        # [k, ke] (B, Hkv, N, 2d)
-        qq = _gated_op(q, gate, det)                                                    # [q, gate[h] q]
-        return in_layout_of(attend(qq, kk, v, causal, softmax_scale, enable_gqa=True), q)
-    kp = _keys_op(k, prompt_keys, gate, sim_keys, prompt_scale, False, det)            # k' (B, Hq, N, d)
-    if Hq == Hkv:
-        return in_layout_of(attend(q, kp, v, causal, softmax_scale), q)
-    G = Hq // Hkv
-    v_per_head = v.unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)         # stride 0 over G
-    o = attend(_per_group(q, Hkv), _per_group(kp, Hkv), v_per_head, causal, softmax_scale)
-    return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2), q)
+        kk = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, True, det)           # [k, ke] (B, Hkv, N, 2d)
+        qq = _gated_op(q, g, det)                                                       # [q, gate[h] q]
+        o = attend(qq, kk, v, causal, softmax_scale, enable_gqa=True)
+    else:
+        kp = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, False, det)           # k' (B, Hq, N, d)
+        if Hq == Hkv:
+            o = attend(q, kp, v, causal, softmax_scale)
+        else:
+            G = Hq // Hkv
+            v_per_head = v.unsqueeze(2).expand(B, Hkv, G, *v.shape[2:]).flatten(0, 1)  # stride 0 over G
+            o = attend(_per_group(q, Hkv), _per_group(kp, Hkv), v_per_head, causal, softmax_scale)
+            o = o.unflatten(0, (B, Hkv)).flatten(1, 2)
+    o = in_layout_of(o, q)
+    if not gate.requires_grad:
+        return o
+    return _GateTap.apply(o, q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale)
 
 
 def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, deterministic):

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, add_dot_hi_lo, dot, load_rows, load_tile, pow2,
+from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, load_rows, load_tile, pow2,
                              precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights, row_source,
                              sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
@@ -296,12 +296,11 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d, start_m,
                M, shift, qk_scale,
-               MASKED: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PREC: tl.constexpr, DESC: tl.constexpr):
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+               DESC: tl.constexpr):
     """For one key tile and one query head, query tile [start_m, start_m + BLOCK_M): dv += p^T do and
     dk += ds^T q (the softmax_scale factor of dk is applied by the caller); MASKED applies the causal mask (rows
-    i >= M have lse = +inf, so p = 0). SPLIT_DS: ds enters as a hi + lo pair of the input dtype (two half-rate
-    products, about float32 accuracy), for the Excitor's gate gradient."""
+    i >= M have lse = +inf, so p = 0)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_tile(q_src, start_m, stride_qm, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
     do = load_tile(do_src, start_m, stride_dom, offs_d, M, BLOCK_M, HEAD_DIM, True, DESC)
@@ -314,18 +313,15 @@ def _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, s
     dv += dot(pT.to(do.dtype), do, PREC)
     dpT = dot(vt, tl.trans(do), PREC)
     dsT = pT * (dpT - delta[None, :])
-    if SPLIT_DS:
-        dk = add_dot_hi_lo(dk, dsT, q, PREC)
-    else:
-        dk += dot(dsT.to(q.dtype), q, PREC)
+    dk += dot(dsT.to(q.dtype), q, PREC)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_queries(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d,
                   lo, full, M, shift, qk_scale,
-                  CAUSAL: tl.constexpr, SPLIT_DS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+                  DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """dk, dv of one key tile and one query head over query tiles [lo, M): [lo, full) straddle the key tile's
     causal diagonal and are masked (empty unless CAUSAL), [full, M) see all of it. Warp specialisation takes a
     kernel's single loop: WARP_SPEC runs one loop over [lo, M), masked when CAUSAL."""
@@ -334,11 +330,11 @@ def _dkdv_queries(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm
         hi = M
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         dk, dv = _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n, offs_d,
-                            start_m, M, shift, qk_scale, CAUSAL, SPLIT_DS, BLOCK_M, HEAD_DIM, PREC, DESC)
+                            start_m, M, shift, qk_scale, CAUSAL, BLOCK_M, HEAD_DIM, PREC, DESC)
     if not WARP_SPEC:
         for start_m in tl.range(full, M, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, kt, vt, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom, offs_n,
-                                offs_d, start_m, M, shift, qk_scale, False, SPLIT_DS, BLOCK_M, HEAD_DIM, PREC, DESC)
+                                offs_d, start_m, M, shift, qk_scale, False, BLOCK_M, HEAD_DIM, PREC, DESC)
     return dk, dv
 
 
@@ -356,12 +352,12 @@ def _write_rows(base, tile, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constex
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, KE, KE_LO, GATE, DO, LSE, DELTA, DK, DV, DKE, DGATE, CU_Q, CU_K,
+    Q, K, V, GATE, DO, LSE, DELTA, DK, DV, DKE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_keb, stride_keh, stride_ken,
+    stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_dkeb, stride_dkeh, stride_dken,
-    stride_dg_t, stride_dg_b, stride_lb, stride_lh,
+    stride_lb, stride_lh,
     Hkv, M, N, GROUPS, member, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -371,8 +367,8 @@ def attention_bwd_dkdv_kernel(
     Excitor's k' of this member, gated_keys), over every query tile; one launch per group member, so a program holds one head's two accumulators, as in
     FlashAttention-2. Their sums over the group go into DK, DV (float32 under GQA: ACCUMULATE adds to what
     the earlier members' launches wrote; this program owns those rows, so the order is fixed, _write_rows). Excitor
-    (BYPASS == 1): also DKE += gate[h] dk'[h] and DGATE[tile, b, h] = sum_j <dk'[h, j], ke_j> (one slot per
-    program); the post-pass turns (DK, DKE) into dk, dprompt and dsim."""
+    (BYPASS == 1): also DKE += gate[h] dk'[h]; the post-pass turns (DK, DKE) into dk, dprompt and dsim. The loop is
+    plain attention's for every operator (the gate gradient is the dq kernel's)."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -409,20 +405,13 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk, dv = _dkdv_queries(dk, dv, kh, vt, q_src, do_src, LSE + row_stats, DELTA + row_stats, stride_qm, stride_dom,
-                           offs_n, offs_d, lo, full, M, shift, qk_scale, CAUSAL, BYPASS == 1, BLOCK_M, HEAD_DIM, PREC,
-                           DESC, WARP_SPEC)
+                           offs_n, offs_d, lo, full, M, shift, qk_scale, CAUSAL, BLOCK_M, HEAD_DIM, PREC, DESC,
+                           WARP_SPEC)
     dk = tl.where(offs_n[:, None] < N, dk * softmax_scale, 0.0)                      # dk'[h]
 
     _write_rows(DV + b * stride_dvb + k0 * stride_dvn + g * stride_dvh, dv, offs_n, stride_dvn, offs_d, N, HEAD_DIM,
                 ACCUMULATE)
     if BYPASS == 1:
-        # dgate[h] = sum_j <dk'[h, j], ke_j> with ke to about float32 (the rounded ke plus its rounding error,
-        # which float32 keys do not have); ke is centred (docs/design.md), so the sum does not cancel
-        ke_rows = b * stride_keb + k0 * stride_ken + g * stride_keh
-        ke = load_rows(KE + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
-        if KE.dtype.element_ty != tl.float32:
-            ke += load_rows(KE_LO + ke_rows, offs_n, stride_ken, offs_d, N, HEAD_DIM, True).to(tl.float32)
-        tl.store(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dk * ke, 1), 0))
         _write_rows(DKE + b * stride_dkeb + k0 * stride_dken + g * stride_dkeh, tl.load(GATE + h).to(tl.float32) * dk,
                     offs_n, stride_dken, offs_d, N, HEAD_DIM, ACCUMULATE)
     _write_rows(DK + b * stride_dkb + k0 * stride_dkn + g * stride_dkh, dk, offs_n, stride_dkn, offs_d, N, HEAD_DIM,
@@ -431,43 +420,70 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
-             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-             DESC: tl.constexpr):
+             qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa,
+             MASKED: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
     """dq += ds k over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED keeps
-    keys j <= last[i] (the causal and the j < N masks)."""
+    keys j <= last[i] (the causal and the j < N masks).
+
+    Excitor (BYPASS == 1): the scores are q k^T + gate[h] x, x_ij = <q_i, ke_j> = sum_n qp_in at_jn (qp = q pk^T,
+    at the centred weights a - 1/P, whose column P holds ones), added on the tensor cores from hi + lo pairs
+    of gate[h] qp and at: about float32 accuracy. ``dqa += ds at`` (ds and at as hi + lo pairs: about float32) and
+    ``pa += p at`` (rounded p) carry what attention_bwd_dq_kernel needs after the loop: dq's bypass part, the gate
+    gradient, and in column P the row sums of ds and p."""
     kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-    p = tl.exp2(dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
+    qk = dot(q, tl.trans(kt), PREC)
+    if BYPASS == 1:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
+        qk += dot(qpg_hi, tl.trans(at), PREC)
+        if at.dtype != tl.float32:
+            at_lo = load_rows(at_lo_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
+            qk += dot(qpg_hi, tl.trans(at_lo), PREC)
+            qk += dot(qpg_lo, tl.trans(at), PREC)
+    p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= last[:, None], p, 0.0)
     dp = dot(do, tl.trans(vt), PREC)
     ds = p * (dp - delta[:, None])
-    return dq + dot(ds.to(kt.dtype), kt, PREC)
+    ds_hi = ds.to(kt.dtype)
+    dq += dot(ds_hi, kt, PREC)
+    if BYPASS == 1:
+        dqa += dot(ds_hi, at, PREC)
+        if at.dtype != tl.float32:
+            dqa += dot((ds - ds_hi.to(tl.float32)).to(at.dtype), at, PREC)
+            dqa += dot(ds_hi, at_lo, PREC)
+        pa += dot(p.to(at.dtype), at, PREC)
+    return dq, dqa, pa
 
 
 @triton.jit
 def _dq_keys(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
-             WARP_SPEC: tl.constexpr):
+             qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa,
+             BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+             PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked; WARP_SPEC: one
     loop over [0, hi), every tile masked."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
-                          qk_scale, False, BLOCK_N, HEAD_DIM, PREC, DESC)
+            dq, dqa, pa = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n,
+                                   N, qk_scale, qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa, False,
+                                   BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
         lo = full
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        dq = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
-                      True, BLOCK_N, HEAD_DIM, PREC, DESC)
-    return dq
+        dq, dqa, pa = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
+                               qk_scale, qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa, True, BYPASS,
+                               BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
+    return dq, dqa, pa
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
+    Q, K, V, PK, PV, AT, AT_LO, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_vb, stride_vh, stride_vn, stride_atb, stride_ath, stride_atn,
     stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_r, stride_dpk_p, stride_dg_t, stride_dg_b,
@@ -476,8 +492,15 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient). K and the
-    grid as in the forward."""
+    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient); K is k for
+    every operator, the grid that of the forward over every query head (member < 0).
+
+    Excitor (BYPASS == 1): the scores are formed from k and the centred weights AT (hi, lo) to about float32
+    accuracy (_dq_tile), and the program adds its rows' share of the gate gradient to DGATE[tile, b, h]:
+        dgate[h] = softmax_scale sum_i sum_j ds_ij x_ij = softmax_scale sum_i (su_i / sl_i - sa_i sc_i / sl_i^2),
+    the covariance of dp and x under row i's softmax (sl_i = sum_j p_ij is 1 up to the forward's rounding of k').
+    It needs no delta, so the output's rounding (delta) and the forward's rounding of k' (lse) do not enter:
+    the sum cancels (sum_j ds_ij = 0), and what it cancels to is computed from float32 terms."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  member, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -514,11 +537,110 @@ def attention_bwd_dq_kernel(
                + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
+    # Excitor: qp = q pk^T (exact products, float32 sums); gate[h] qp as a hi + lo pair for the scores
+    offs_p = tl.arange(0, BLOCK_P)
+    qpg = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    gate_h = 0.0
+    if BYPASS == 1:
+        gate_h = tl.load(GATE + h).to(tl.float32)
+        pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+        qpg = gate_h * dot(q, tl.trans(pk), PREC)                # column P is 0 (pk's padded rows)
+    qpg_hi = qpg.to(q.dtype)
+    qpg_lo = (qpg - qpg_hi.to(tl.float32)).to(q.dtype)
+    at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
+    dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_keys(dq, q, do, lse, delta, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn, stride_vn,
-                  offs_d, full, hi, N, qk_scale, BLOCK_N, HEAD_DIM, PREC, DESC, WARP_SPEC)
+    dq, dqa, pa = _dq_keys(dq, q, do, lse, delta, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn,
+                           stride_vn, offs_d, full, hi, N, qk_scale, qpg_hi, qpg_lo, AT + at_rows, AT_LO + at_rows,
+                           stride_atn, offs_p, dqa, pa, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC, WARP_SPEC)
+    if BYPASS == 1:
+        # sl_i = sum_j p_ij is 1 up to the forward's rounding of k' (its lse); r_i = sum_j ds_ij is 0 up to the
+        # rounding of delta. With p* = p / sl, delta* = sum_j p*_ij dp_ij the exact ds* = (ds - p r / sl) / sl, so
+        #   dgate[h] = softmax_scale sum_ij ds*_ij x_ij = softmax_scale sum_i (G_i - r_i c_i / sl_i) / sl_i,
+        # G_i = sum_j ds_ij x_ij = <qp_i, dqa_i>, c_i = sum_j p_ij x_ij = <qp_i, pa_i>: the sum that cancels is
+        # formed from float32 terms, and neither delta's nor lse's rounding enters it.
+        ones = offs_p[None, :] == P
+        r = tl.sum(tl.where(ones, dqa, 0.0), 1)
+        # rows that see a key, chosen by the mask (a NaN that reaches a row reaches dgate)
+        seen = (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0)
+        sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
+        qp = dot(q, tl.trans(pk), PREC)                          # again: not held through the loop
+        G = tl.sum(qp * dqa, 1)
+        c = tl.sum(qp * pa, 1)
+        rows_dgate = tl.where(seen, (G - r * c / sl) / sl, 0.0)
+        tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
+        dq = (dq + gate_h * dot(dqa.to(pk.dtype), pk, PREC)) / sl[:, None]  # sum_j ds*_ij (k_j + gate[h] ke_j)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
+
+
+@triton.jit
+def excitor_gate_grad_kernel(
+    Q, K, V, PK, AT, AT_LO, GATE, DO, DGATE,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_atb, stride_ath, stride_atn, stride_pkb, stride_pkh, stride_pkp, stride_dob, stride_doh, stride_dom,
+    stride_dg_t, stride_dg_b, Hq, M, N, P, GROUPS, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    """The Excitor's gate gradient alone, for backends whose attention runs elsewhere (the sdpa backends): one
+    program per (query tile, batch * query head) adds its rows' share to DGATE[tile, b, h], as the dq kernel
+    does (attention_bwd_dq_kernel: the same float32-grade scores and sums), with an online row maximum in place
+    of the saved lse and without delta (the sums are invariant to a per-row scale of p, and ds = p dp is ds up to
+    a row constant, which the correction removes; r and c are then not small, so p, too, enters as a hi + lo
+    pair)."""
+    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, Q, Q, Hq, M, N, GROUPS, -1,
+                                                 False, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    shift = N - M
+    last = _last_key(offs_m, N, shift, CAUSAL)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
+    pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
+    gate_h = tl.load(GATE + h).to(tl.float32)
+    qp = dot(q, tl.trans(pk), PREC)
+    qpg_hi = (gate_h * qp).to(q.dtype)
+    qpg_lo = (gate_h * qp - qpg_hi.to(tl.float32)).to(q.dtype)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    at_rows = b * stride_atb + g * stride_ath
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    _, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
+        vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
+        at = load_rows(AT + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
+        qk = dot(q, tl.trans(kt), PREC) + dot(qpg_hi, tl.trans(at), PREC)
+        if at.dtype != tl.float32:
+            at_lo = load_rows(AT_LO + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
+            qk += dot(qpg_hi, tl.trans(at_lo), PREC) + dot(qpg_lo, tl.trans(at), PREC)
+        qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        ds = p * dot(do, tl.trans(vt), PREC)
+        ds_hi = ds.to(q.dtype)
+        p_hi = p.to(q.dtype)
+        dqa = dqa * alpha[:, None] + dot(ds_hi, at, PREC)
+        pa = pa * alpha[:, None] + dot(p_hi, at, PREC)
+        if at.dtype != tl.float32:  # without delta, r and c are not small: p too as a hi + lo pair
+            dqa += dot((ds - ds_hi.to(tl.float32)).to(q.dtype), at, PREC) + dot(ds_hi, at_lo, PREC)
+            pa += dot((p - p_hi.to(tl.float32)).to(q.dtype), at, PREC) + dot(p_hi, at_lo, PREC)
+        m_i = m_new
+    ones = offs_p[None, :] == P
+    r = tl.sum(tl.where(ones, dqa, 0.0), 1)
+    seen = (offs_m < M) & (last >= 0)
+    sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
+    rows_dgate = tl.where(seen, (tl.sum(qp * dqa, 1) - r * tl.sum(qp * pa, 1) / sl) / sl, 0.0)
+    tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,12 +728,12 @@ def gated_keys(k, ke, gate, member, rows):
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
-    """Launch the forward; returns (o, lse, ke): lse float32 (``rows.stats_shape``) in base-2 units, ke the
-    Excitor's reconstructed keys and their rounding error, ``(2, *s.shape)`` (saved for the backward; None for
-    the Adapter)."""
+    """Launch the forward; returns (o, lse, ke, at): lse float32 (``rows.stats_shape``) in base-2 units; for the
+    Excitor (None for the Adapter) the pre-pass's reconstructed keys ``ke`` and centred weights ``at``
+    (``prompt_keys_forward``), saved for the backward."""
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
-    ke = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else None
+    ke, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else (None, None)
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
     # the Excitor launches once per group member (member m: the query heads g * groups + m, keys k' of m)
@@ -629,16 +751,16 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
         )
 
     for member in members:
-        keys = k if member < 0 else gated_keys(k, ke[0], gate, member, rows)
+        keys = k if member < 0 else gated_keys(k, ke, gate, member, rows)
         if member == members[0]:
             fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen)[0]
             fwd = _configs("fwd", fixed, rows, causal, bypass, (q, keys, v),
                            lambda config: lambda: launch(config, o, lse, member, keys))
         launch(fwd, o, lse, member, keys)
-    return o, lse, ke
+    return o, lse, ke, at
 
 
-def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causal, softmax_scale, prompt_scale,
+def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, causal, softmax_scale, prompt_scale,
                        deterministic, rows):
     """Launch the backward; returns (dq, dk, dv, dpk, dpv, dgate, dsim) in the inputs' dtypes
     (dpv and dsim are None where the operator has no such input)."""
@@ -670,19 +792,19 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
     # and always for the Excitor's dk, which the post-pass finishes with dke
     dv = new_output(v.shape, dtype=v.dtype if groups == 1 else torch.float32, device=dev, like=v)
     dk = new_output(k.shape, dtype=k.dtype if groups == 1 and not excitor else torch.float32, device=dev, like=k)
-    dke = new_output(ke.shape[1:], dtype=torch.float32, device=dev) if excitor else dk
-    kx, kx_lo = (k, k) if ke is None else (ke[0], ke[-1])
+    dke = new_output(ke.shape, dtype=torch.float32, device=dev) if excitor else dk
+    at = (k, k) if at is None else at  # stand-ins for the Adapter
 
     def keys(member):
-        """The keys of the dk/dv and dq kernels: k, or the Excitor's k' of one group member."""
-        return k if ke is None else gated_keys(k, ke[0], gate, max(member, 0), rows)
+        """The keys of the dk/dv kernel: k, or the Excitor's k' of one group member."""
+        return k if ke is None else gated_keys(k, ke, gate, member, rows)
 
     def grad_sums(kv_config, q_config):
-        """GradSums of the gate (and the Adapter's prompt) gradients: the Excitor's gate sums have one slot per
-        key-tile program (tiles past a shorter packed sequence leave 0); the Adapter's are made by query-tile
-        programs, atomics into one slot unless deterministic."""
+        """GradSums of the gate (and the Adapter's prompt) gradients, made by the query-tile programs: the
+        Excitor's gate sums have one slot per program (tiles past a shorter packed sequence leave 0); the
+        Adapter's are atomics into one slot unless deterministic."""
         if excitor:
-            return GradSums(triton.cdiv(N, kv_config["BLOCK_N"]), B, 0, Hq, 0, d, per_sample, True, dev)
+            return GradSums(triton.cdiv(M, q_config["BLOCK_M"]), B, 0, Hq, 0, d, per_sample, True, dev)
         return GradSums(triton.cdiv(M, q_config["BLOCK_M"]), B, Hq if deterministic else Hkv, Hq, P, d, per_sample,
                         deterministic, dev, values=True)
 
@@ -695,57 +817,48 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         t, b, h, p = sums.prompt_strides
         return sums.prompt, sums.value, (t, b, h * groups, h, p) if deterministic else (t, b, h, 0, p)
 
-    def launch_dkdv(config, member, dg, kk):
-        dg_buf, dg_strides = dg
+    def launch_dkdv(config, member, kk):
         attention_bwd_dkdv_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * Hkv)](
-            q, kk, v, kx, kx_lo, gate, do, lse, delta, dk, dv, dke, dg_buf, rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(kk), *rows.strides(v), *rows.strides(kx), *rows.strides(do),
-            *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *dg_strides, *rows.stats_strides(lse),
+            q, kk, v, gate, do, lse, delta, dk, dv, dke, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(kk), *rows.strides(v), *rows.strides(do),
+            *rows.strides(dk), *rows.strides(dv), *rows.strides(dke), *rows.stats_strides(lse),
             Hkv, M, N, groups, member, softmax_scale * LOG2E, softmax_scale,
             CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, ACCUMULATE=member > 0, HEAD_DIM=d,
             BLOCK_D=BLOCK_D, PREC=prec, **config,
         )
 
-    def launch_dq(config, sums, member, kk):
-        """member < 0: every query head in one launch; else the query heads of one group member (Excitor)."""
+    def launch_dq(config, sums):
+        """Every query head in one launch, reading k (the Excitor's scores from k and the centred weights)."""
         dg_buf, dg_strides = sums.gate, sums.gate_strides
         dpk_buf, dpv_buf, dpk_strides = prompt_args(sums)
-        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * (Hq if member < 0 else Hkv))](
-            q, kk, v, pk, pk if pv is None else pv, gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
+        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
+            q, k, v, pk, pk if pv is None else pv, at[0], at[-1], gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
             rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(kk), *rows.strides(v),
+            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(at[0]),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
             *dpk_strides, *dg_strides, *rows.stats_strides(lse),
-            Hq, M, N, P, groups, member, softmax_scale * LOG2E, softmax_scale,
-            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P,
-            PREC=prec, **config,
+            Hq, M, N, P, groups, -1, softmax_scale * LOG2E, softmax_scale,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+            BLOCK_P=at.shape[-1] if excitor else BLOCK_P, PREC=prec, **config,
         )
 
-    # the Excitor runs both kernels per group member, each member's k' built once; tuning launches write fresh
+    # the Excitor's dk/dv kernel runs per group member, each member's k' built once; tuning launches write fresh
     # sums (the real ones are added into) and only the first group member's dk, dv (which the first real launch
     # overwrites)
-    dq_member = 0 if excitor else -1
     first = keys(0)
-    loads = (q, first, v, do)
 
     def tune_dkdv(config):
-        sums = grad_sums(config, q_default)
-        return lambda: launch_dkdv(config, 0, (sums.gate, sums.gate_strides), first)
+        return lambda: launch_dkdv(config, 0, first)
 
     def tune_dq(config):
-        sums = grad_sums(kv_default, config)
-        return lambda: launch_dq(config, sums, dq_member, first)
+        return lambda: launch_dq(config, grad_sums(kv_default, config))
 
-    kv_config = _configs("dkdv", kv_default, rows, causal, bypass, loads, tune_dkdv, deterministic)
-    q_config = _configs("dq", q_default, rows, causal, bypass, loads, tune_dq, deterministic)
-    sums = grad_sums(kv_config, q_config)
+    kv_config = _configs("dkdv", kv_default, rows, causal, bypass, (q, first, v, do), tune_dkdv, deterministic)
+    q_config = _configs("dq", q_default, rows, causal, bypass, (q, k, v, do), tune_dq, deterministic)
     for member in range(groups):
-        kk = first if member == 0 else keys(member)
-        launch_dkdv(kv_config, member, (sums.gate, sums.gate_strides), kk)
-        if excitor:
-            launch_dq(q_config, sums, member, kk)
-    if not excitor:
-        launch_dq(q_config, sums, -1, k)
+        launch_dkdv(kv_config, member, first if member == 0 else keys(member))
+    sums = grad_sums(kv_config, q_config)
+    launch_dq(q_config, sums)
     dv = dv.to(v.dtype)
 
     dgate = sums.gate_grad(gate)
@@ -757,3 +870,24 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, o, lse, causa
         return dq, dk.to(k.dtype), dv, dpk, None, dgate, ds
     return (dq, dk.to(k.dtype), dv, sums.prompt_grad(sums.prompt, Hkv, pk), sums.prompt_grad(sums.value, Hkv, pv),
             dgate, None)
+
+
+def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale):
+    """dgate of the Excitor (padded operands), in gate's dtype: excitor_gate_grad_kernel after the pre-pass's centred
+    weights; for backends whose attention and other gradients come from elsewhere (the sdpa backends)."""
+    rows = RowLayout(q, k)
+    B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
+    _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
+    BLOCK_M, BLOCK_N = (64, 32) if q.is_cuda else (min(32, pow2(M)), min(32, pow2(N)))
+    tiles = triton.cdiv(M, BLOCK_M)
+    sums = GradSums(tiles, B, 0, Hq, 0, d, pk.dim() == 4, True, q.device)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    excitor_gate_grad_kernel[(tiles, B * Hq)](
+        q, k, v, pk, at[0], at[-1], gate.contiguous(), do, sums.gate,
+        *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(at[0]), *prompt_strides(pk),
+        *rows.strides(do), *sums.gate_strides, Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E, softmax_scale,
+        CAUSAL=causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pow2(d), BLOCK_P=at.shape[-1],
+        PREC=precision(q), **(dict(num_warps=4) if q.is_cuda else {}),
+    )
+    return sums.gate_grad(gate)

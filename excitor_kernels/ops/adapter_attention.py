@@ -33,7 +33,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Te
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          causal: bool, softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    o, lse, _ = tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
+    o, lse, _, _ = tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
                                       softmax_scale, softmax_scale, rows)
     return o, lse
 
@@ -51,7 +51,7 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, promp
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, dpv, dgate, _ = tri.attention_backward(
-        tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, None, o, lse, causal, softmax_scale,
+        tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, None, None, o, lse, causal, softmax_scale,
         softmax_scale, deterministic, rows)
     return dq, dk, dv, dpk, dpv, dgate
 

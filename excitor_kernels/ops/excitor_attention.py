@@ -31,9 +31,9 @@ OP = "excitor_attention"
 def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
-         ) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, lse, ke): ke are the reconstructed keys of the pre-pass and (half precision) their rounding error, saved
-    for the backward (docs/design.md)."""
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, lse, ke, at): the pre-pass's reconstructed keys and centred prompt weights (hi, lo), saved for the
+    backward (docs/design.md)."""
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
                                  prompt_scale, rows)
@@ -43,24 +43,25 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim
 def _(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       softmax_scale, prompt_scale, deterministic):
     s = k if sim_keys is None else sim_keys
+    at = (1 if s.dtype == torch.float32 else 2, *s.shape[:-1], tri.pow2(prompt_keys.shape[-2] + 1))
     return (torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32),
-            torch.empty((1 if s.dtype == torch.float32 else 2, *s.shape), dtype=s.dtype, device=s.device))
+            torch.empty_like(s), torch.empty(at, dtype=s.dtype, device=s.device))
 
 
 @torch.library.custom_op("excitor_kernels::excitor_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
-         ke: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+         ke: Tensor, at: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
          max_seqlen_k: int, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, _, dgate, dsim = tri.attention_backward(
-        tri.EXCITOR, do, q, k, v, prompt_keys, None, gate, sim_keys, ke, o, lse, causal, softmax_scale, prompt_scale,
+        tri.EXCITOR, do, q, k, v, prompt_keys, None, gate, sim_keys, ke, at, o, lse, causal, softmax_scale, prompt_scale,
         deterministic, rows)
     return dq, dk, dv, dpk, dgate, (q.new_empty(0) if dsim is None else dsim)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, prompt_keys, gate, sim_keys, ke, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+def _(do, q, k, v, prompt_keys, gate, sim_keys, ke, at, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       causal, softmax_scale, prompt_scale, deterministic):
     dsim = q.new_empty(0) if sim_keys is None else torch.empty_like(sim_keys)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
@@ -69,14 +70,14 @@ def _(do, q, k, v, prompt_keys, gate, sim_keys, ke, o, lse, cu_seqlens_q, cu_seq
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prompt_keys, gate, sim_keys, cu_q, cu_k, *args = inputs
-    o, lse, ke = output
-    ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys, ke, o, lse, cu_q, cu_k)
+    o, lse, ke, at = output
+    ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys, ke, at, o, lse, cu_q, cu_k)
     ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, softmax_scale, prompt_scale, deterministic
 
 
-def _backward(ctx, do, _dlse, _dke):
-    q, k, v, prompt_keys, gate, sim_keys, ke, o, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv, dpk, dgate, dsim = _bwd(do, q, k, v, prompt_keys, gate, sim_keys, ke, o, lse, cu_q, cu_k,
+def _backward(ctx, do, _dlse, _dke, _dat):
+    q, k, v, prompt_keys, gate, sim_keys, ke, at, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv, dpk, dgate, dsim = _bwd(do, q, k, v, prompt_keys, gate, sim_keys, ke, at, o, lse, cu_q, cu_k,
                                         *ctx.args)
     return (dq, dk, dv, dpk, dgate, (dsim if sim_keys is not None else None)) + (None,) * 8
 
