@@ -207,9 +207,16 @@ def triton_jobs(subset: str = "full"):
                 if layout == "padded":  # GQA: the later members' launches add into float32 dk, dv
                     found.append(("gqa", job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=True,
                                              types={"DK": "*fp32", "DV": "*fp32", "DKE": "*fp32"})))
-                # the Excitor's dq reads the centred weights with their ones column: pow2(P + 1) columns
+                # the Excitor's dq reads the centred weights with their ones column (pow2(P + 1) columns) and
+                # makes the gate gradient on sm_90; on sm_80 it is plain attention's dq over k' and the gate
+                # gradient has its own kernel (_triton_attention.fused_gate)
+                fused = not excitor or cc >= 90
                 found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags,
-                                          **(dict(BLOCK_P=pow2(PROMPTS + 1)) if excitor else {}))))
+                                          **(dict(BLOCK_P=pow2(PROMPTS + 1)) if excitor else {}),
+                                          **({} if fused else dict(BYPASS=0)))))
+                if excitor:
+                    found.append((layout, job(tri.excitor_gate_grad_kernel, tri.GATE_BLOCKS, flags,
+                                              BLOCK_P=pow2(PROMPTS + 1))))
                 if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))
@@ -329,7 +336,7 @@ def analyse_sass(instructions: list, num_warps: int) -> dict:
 # ---------------------------------------------------------------- per-FLOP figures and the cycle estimate
 
 # Products per main-loop iteration of the attention kernels' tile (BLOCK_M x BLOCK_N x HEAD_DIM each): the
-# work plain attention needs; an operator's extra products (the Excitor's hi + lo ds in dk/dv) are overhead.
+# work plain attention needs; an operator's extra products (the Excitor's gate sums in dq on sm_90) are overhead.
 TILE_PRODUCTS = {"attention_fwd_kernel": 2, "attention_bwd_dkdv_kernel": 4, "attention_bwd_dq_kernel": 3}
 # Loops of a causal attention kernel in address order (source order): masked (diagonal) or not.
 LOOP_MASKS = {"attention_fwd_kernel": (False, True), "attention_bwd_dq_kernel": (False, True),
@@ -373,15 +380,11 @@ KNOWN_MISSES = {
     (80, "attention_fwd_kernel", 128, "*", "varlen"): (
         (1150, None, None), "packed sequences: 128 x 64 spills 4 bytes on sm_80 (the sequence offsets), so 128 x 32 "
         "key tiles"),
-    (90, "attention_bwd_dkdv_kernel", 64, "excitor", "*"): (
-        (960, None, 1.35), "the Excitor's dk'[h] += ds^T q is two products (ds as a hi + lo pair, for the gate "
-        "gradient's accuracy, docs/design.md): one more wgmma and about 3 instructions per ds element to split "
-        "it, which at d = 64 weigh twice what they do at d = 128 (1.33 x plain)"),
-    (90, "attention_bwd_dkdv_kernel", "*", "excitor", "*"): (
-        (None, None, 1.25), "the Excitor's dk'[h] += ds^T q is two products (ds as a hi + lo pair, for the gate "
-        "gradient's accuracy, docs/design.md): one more wgmma and about 3 instructions per ds element to split "
-        "it: 1.22 x plain at d = 128 (1.16 x with a truncated hi, a change of the gate gradient's numerics left "
-        "to their owner)"),
+    (90, "attention_bwd_dq_kernel", "*", "excitor", "*"): (
+        (1000, 1120, 2.6), "the Excitor's dq loop also makes the gate gradient from float32-grade terms (issue 25, "
+        "docs/design.md): seven products of P + 1 columns (the scores' bypass part and the gate sums, hi + lo pairs) "
+        "beside plain attention's three, and two more (rows, P + 1) accumulators, which leave registers for 128 x 32 "
+        "tiles only (128 x 64: 44 bytes of spills, 744 per MFLOP): 974 at d = 128, 2.5 x plain's 390"),
 }
 
 

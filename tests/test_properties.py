@@ -53,11 +53,9 @@ def _gate(Hq, layout, dtype, device, gen):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op,backend", [(op, b) for op, bs in BACKENDS.items() for b in bs])
-# derandomize: a fixed sequence of examples per parametrisation, so that CI does not fail at random on the known tail
-# of the triton and sdpa backends (gate gradients of one-query-head half-precision draws whose |dgate| is near 0:
-# about 2% of such draws miss the standard; README "Accuracy", docs/contract.md). The inputs of each example are
-# still drawn afresh from its seed; `python -m bench.gate_accuracy --standard` measures the tail.
-@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# Random examples each run (hypothesis's own seed): every backend meets the standard on every draw, the one-query-head
+# gate gradients included (docs/design.md, "The gate gradient's precision").
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
        hkv_groups=st.sampled_from([(1, 1), (2, 1), (1, 2), (1, 3), (2, 2), (1, 4), (4, 1), (2, 3), (1, 6), (2, 4),
                                    (8, 1), (1, 8)]),

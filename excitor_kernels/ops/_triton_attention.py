@@ -577,37 +577,38 @@ def attention_bwd_dq_kernel(
 
 @triton.jit
 def excitor_gate_grad_kernel(
-    Q, K, V, PK, AT, AT_LO, GATE, DO, DGATE,
+    Q, K, V, PK, AT, AT_LO, GATE, DO, DGATE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_atb, stride_ath, stride_atn, stride_pkb, stride_pkh, stride_pkp, stride_dob, stride_doh, stride_dom,
     stride_dg_t, stride_dg_b, Hq, M, N, P, GROUPS, qk_scale, softmax_scale,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The Excitor's gate gradient alone, for backends whose attention runs elsewhere (the sdpa backends): one
+    """The Excitor's gate gradient alone, where the dq kernel does not make it (the sdpa backends; sm_80): one
     program per (query tile, batch * query head) adds its rows' share to DGATE[tile, b, h], as the dq kernel
     does (attention_bwd_dq_kernel: the same float32-grade scores and sums), with an online row maximum in place
     of the saved lse and without delta (the sums are invariant to a per-row scale of p, and ds = p dp is ds up to
     a row constant, which the correction removes; r and c are then not small, so p, too, enters as a hi + lo
     pair)."""
-    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, Q, Q, Hq, M, N, GROUPS, -1,
-                                                 False, BLOCK_M)
+    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
+                                                 -1, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
     shift = N - M
     last = _last_key(offs_m, N, shift, CAUSAL)
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM, True)
+    q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
+    do = load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
+                   True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     gate_h = tl.load(GATE + h).to(tl.float32)
     qp = dot(q, tl.trans(pk), PREC)
     qpg_hi = (gate_h * qp).to(q.dtype)
     qpg_lo = (gate_h * qp - qpg_hi.to(tl.float32)).to(q.dtype)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    at_rows = b * stride_atb + g * stride_ath
+    k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
+    v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
+    at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
@@ -688,8 +689,10 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
         return fwd, _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
         wide = d <= 64
+        # the Excitor's dq loop also holds the gate gradient's sums (dqa, pa) and gate[h] qp: 128 x 64 spills
+        dq_n = 32 if bypass == EXCITOR else 128 if wide else 64
         return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
-                dict(_tiles(128, 128 if wide else 64, 8), DESC=True))
+                dict(_tiles(128, dq_n, 8), DESC=True))
     if d <= 64:
         fwd = _tiles(128, 64 if varlen else 128, 8)
     else:
@@ -700,6 +703,14 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
 def _arch(t: torch.Tensor) -> int:
     major, minor = torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
     return 10 * major + minor
+
+
+def fused_gate(q: torch.Tensor) -> bool:
+    """Whether the Excitor's dq kernel also makes the gate gradient (attention_bwd_dq_kernel, BYPASS == 1): on
+    sm_90 and later, and interpreted. On sm_80 that loop spills at every tile tried (bench.static: 196 bytes at
+    64 x 32, 4 warps), so there the dq kernel is plain attention's over each group member's k' and
+    excitor_gate_grad_kernel makes the gate gradient in a pass of its own (the same sums, no spill)."""
+    return not q.is_cuda or _arch(q) >= 90
 
 
 def _configs(kernel, default, rows, causal, bypass, tensors, prepare, deterministic=False):
@@ -827,18 +838,20 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
             BLOCK_D=BLOCK_D, PREC=prec, **config,
         )
 
-    def launch_dq(config, sums):
-        """Every query head in one launch, reading k (the Excitor's scores from k and the centred weights)."""
+    def launch_dq(config, sums, member=-1, kk=k):
+        """Every query head in one launch, reading k (the Excitor's scores from k and the centred weights); or, where
+        the dq kernel does not make the gate gradient (fused_gate), plain attention's dq over group member
+        ``member``'s k' ``kk``."""
         dg_buf, dg_strides = sums.gate, sums.gate_strides
         dpk_buf, dpv_buf, dpk_strides = prompt_args(sums)
-        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * Hq)](
-            q, k, v, pk, pk if pv is None else pv, at[0], at[-1], gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
+        attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * (Hq if member < 0 else Hkv))](
+            q, kk, v, pk, pk if pv is None else pv, at[0], at[-1], gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
             rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(at[0]),
+            *rows.strides(q), *rows.strides(kk), *rows.strides(v), *rows.strides(at[0]),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
             *dpk_strides, *dg_strides, *rows.stats_strides(lse),
-            Hq, M, N, P, groups, -1, softmax_scale * LOG2E, softmax_scale,
-            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+            Hq, M, N, P, groups, member, softmax_scale * LOG2E, softmax_scale,
+            CAUSAL=causal, BYPASS=bypass if member < 0 else 0, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
             BLOCK_P=at.shape[-1] if excitor else BLOCK_P, PREC=prec, **config,
         )
 
@@ -854,14 +867,23 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
         return lambda: launch_dq(config, grad_sums(kv_default, config))
 
     kv_config = _configs("dkdv", kv_default, rows, causal, bypass, (q, first, v, do), tune_dkdv, deterministic)
-    q_config = _configs("dq", q_default, rows, causal, bypass, (q, k, v, do), tune_dq, deterministic)
-    for member in range(groups):
-        launch_dkdv(kv_config, member, first if member == 0 else keys(member))
+    split = excitor and not fused_gate(q)
+    if split:  # sm_80: plain attention's dq per group member over its k'; the gate gradient in its own pass
+        q_config = q_default
+    else:
+        q_config = _configs("dq", q_default, rows, causal, bypass, (q, k, v, do), tune_dq, deterministic)
     sums = grad_sums(kv_config, q_config)
-    launch_dq(q_config, sums)
+    for member in range(groups):
+        kk = first if member == 0 else keys(member)
+        launch_dkdv(kv_config, member, kk)
+        if split:
+            launch_dq(q_config, sums, member, kk)
+    if split:
+        dgate = excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale, rows, at)
+    else:
+        launch_dq(q_config, sums)
+        dgate = sums.gate_grad(gate)
     dv = dv.to(v.dtype)
-
-    dgate = sums.gate_grad(gate)
     if excitor:
         s = k if sim is None else sim
         dpk, ds = prompt_keys_backward(dke, s, pk, prompt_scale, rows, deterministic, dk=dk if sim is None else None)
@@ -872,22 +894,27 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
             dgate, None)
 
 
-def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale):
-    """dgate of the Excitor (padded operands), in gate's dtype: excitor_gate_grad_kernel after the pre-pass's centred
-    weights; for backends whose attention and other gradients come from elsewhere (the sdpa backends)."""
-    rows = RowLayout(q, k)
+# excitor_gate_grad_kernel's tiles on a GPU: no spills on sm_80 or sm_90 at d <= 128, P <= 64 (bench.static)
+GATE_BLOCKS = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
+
+
+def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale, rows=None, at=None):
+    """dgate of the Excitor in gate's dtype (excitor_gate_grad_kernel), for padded operands or ``rows``' packed
+    ones; ``at``: the pre-pass's centred weights if the caller has them (else made here)."""
+    rows = RowLayout(q, k) if rows is None else rows
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
-    _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
-    BLOCK_M, BLOCK_N = (64, 32) if q.is_cuda else (min(32, pow2(M)), min(32, pow2(N)))
-    tiles = triton.cdiv(M, BLOCK_M)
+    if at is None:
+        _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
+    tile = GATE_BLOCKS if q.is_cuda else dict(BLOCK_M=min(32, pow2(M)), BLOCK_N=min(32, pow2(N)))
+    tiles = triton.cdiv(M, tile["BLOCK_M"])
     sums = GradSums(tiles, B, 0, Hq, 0, d, pk.dim() == 4, True, q.device)
     if do.stride(-1) != 1:
         do = do.contiguous()
     excitor_gate_grad_kernel[(tiles, B * Hq)](
-        q, k, v, pk, at[0], at[-1], gate.contiguous(), do, sums.gate,
+        q, k, v, pk, at[0], at[-1], gate.contiguous(), do, sums.gate, rows.cu_q, rows.cu_k,
         *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(at[0]), *prompt_strides(pk),
         *rows.strides(do), *sums.gate_strides, Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pow2(d), BLOCK_P=at.shape[-1],
-        PREC=precision(q), **(dict(num_warps=4) if q.is_cuda else {}),
+        CAUSAL=causal, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=at.shape[-1], PREC=precision(q),
+        **tile,
     )
     return sums.gate_grad(gate)
