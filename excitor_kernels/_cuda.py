@@ -118,6 +118,12 @@ def _register():  # pragma: no cover - needs the built extension
         q, k, v, pk, pv, gate, sim, o, lse, ke = ctx.saved_tensors
         dq, dk, dv, dpk, dpv, dgate, dsim = torch.ops.excitor_kernels_cuda.bwd(
             _aligned(do), q, k, v, pk, pv, gate, sim, o, lse, ke, *ctx.args)
+        if ctx.args[3] == EXCITOR:
+            # the gate gradient from float32-grade terms (docs/design.md, "The gate gradient's precision"): the
+            # CUDA kernels' sum over dk' has the rounding tail the Triton pass does not
+            from .ops import _triton_attention as tri
+
+            dgate = tri.excitor_gate_gradient(do, q, k, v, pk, gate, sim, *ctx.args[:3])
         return (dq, dk, dv, dpk, dpv if pv is not None else None, dgate, dsim if sim is not None else None,
                 None, None, None, None, None, None)
 

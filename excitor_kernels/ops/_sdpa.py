@@ -466,7 +466,7 @@ class _GateTap(torch.autograd.Function):
     def forward(ctx, o, q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale):
         ctx.save_for_backward(q, k, v, prompt_keys, gate, sim_keys)
         ctx.args = (causal, softmax_scale, prompt_scale)
-        return o.as_strided(o.shape, o.stride(), o.storage_offset())  # a view with o's strides (view_as drops them)
+        return o.as_strided(o.shape, o.stride())  # a view with o's strides (view_as drops them)
 
     @staticmethod
     def backward(ctx, do):

@@ -428,9 +428,9 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, of
 
     Excitor (BYPASS == 1): the scores are q k^T + gate[h] x, x_ij = <q_i, ke_j> = sum_n qp_in at_jn (qp = q pk^T,
     at the centred weights a - 1/P, whose column P holds ones), added on the tensor cores from hi + lo pairs
-    of gate[h] qp and at: about float32 accuracy. ``dqa += ds at`` (ds and at as hi + lo pairs: about float32) and
-    ``pa += p at`` (rounded p) carry what attention_bwd_dq_kernel needs after the loop: dq's bypass part, the gate
-    gradient, and in column P the row sums of ds and p."""
+    of gate[h] qp and at: about float32 accuracy. ``dqa += ds at`` and ``pa += p at`` (hi + lo pairs again) carry
+    what attention_bwd_dq_kernel needs after the loop: dq's bypass part, the gate gradient, and in column P the row
+    sums of ds and p."""
     kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     qk = dot(q, tl.trans(kt), PREC)
@@ -450,11 +450,14 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, of
     ds_hi = ds.to(kt.dtype)
     dq += dot(ds_hi, kt, PREC)
     if BYPASS == 1:
+        p_hi = p.to(at.dtype)
         dqa += dot(ds_hi, at, PREC)
+        pa += dot(p_hi, at, PREC)
         if at.dtype != tl.float32:
             dqa += dot((ds - ds_hi.to(tl.float32)).to(at.dtype), at, PREC)
             dqa += dot(ds_hi, at_lo, PREC)
-        pa += dot(p.to(at.dtype), at, PREC)
+            pa += dot((p - p_hi.to(tl.float32)).to(at.dtype), at, PREC)
+            pa += dot(p_hi, at_lo, PREC)
     return dq, dqa, pa
 
 
@@ -565,7 +568,10 @@ def attention_bwd_dq_kernel(
         # rows that see a key, chosen by the mask (a NaN that reaches a row reaches dgate)
         seen = (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0)
         sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
-        qp = dot(q, tl.trans(pk), PREC)                          # again: not held through the loop
+        # pk and qp again: not held through the loop (a volatile load is not merged with the first)
+        pk_ptrs = PK + b * stride_pkb + g * stride_pkh + offs_p[:, None] * stride_pkp + offs_d[None, :]
+        pk = tl.load(pk_ptrs, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM), other=0.0, volatile=True)
+        qp = dot(q, tl.trans(pk), PREC)
         G = tl.sum(qp * dqa, 1)
         c = tl.sum(qp * pa, 1)
         rows_dgate = tl.where(seen, (G - r * c / sl) / sl, 0.0)
