@@ -47,7 +47,7 @@ from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, 
                              precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights, row_source,
                              sequence, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
-from ._triton_tuning import autotune_enabled, descriptors_ok, length_bucket, pick, prepare_descriptors
+from ._triton_tuning import autotune_enabled, candidates, descriptors_ok, length_bucket, pick, prepare_descriptors
 
 __all__ = ["ADAPTER", "EXCITOR", "RowLayout", "stats_shape", "attention_forward", "attention_backward", "blocks"]
 
@@ -181,7 +181,7 @@ def _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, PK, PV, GATE, O, LSE, CU_Q, CU_K,
+    Q, K, V, PK, PV, GATE, O, OT, LSE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -223,7 +223,11 @@ def attention_fwd_kernel(
     if CAUSAL:
         empty = empty | (offs_m + shift < 0)
     o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
+    o_rows = b * stride_ob + q0 * stride_om + h * stride_oh
     if BYPASS == 2:
+        # the token attention's output alone (OT, o's layout), saved for the backward's delta: o minus the prompt
+        # term, rounded, would lose it where the prompt term dominates (or is not finite)
+        store_rows(OT + o_rows, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
         # the prompt term, its scores q pk^T as the key tiles' (_scores: chunked for float32)
         offs_p = tl.arange(0, BLOCK_P)
         pk_base = PK + b * stride_pkb + g * stride_pkh
@@ -232,64 +236,28 @@ def attention_fwd_kernel(
         ap = prompt_weights(z, offs_p, P, qk_scale)
         pv = load_rows(PV + b * stride_pvb + g * stride_pvh, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
         o += tl.load(GATE + h).to(tl.float32) * dot(ap.to(pv.dtype), pv, PREC)
-    store_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
+    store_rows(O + o_rows, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
 
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    O, DO, Q, K, V, PK, PV, GATE, LSE, DELTA, CU_Q, CU_K,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_pkb, stride_pkh, stride_pkp,
-    stride_pvb, stride_pvh, stride_pvp, stride_lb, stride_lh,
-    Hq, M, N, P, GROUPS, qk_scale,
-    CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh,
+    Hq, M, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta_i = <do_i, ot_i>, ot the token attention's output: the D of its softmax backward,
-    ds = p * (do v^T - delta).
-
-    Excitor: ot = o. Adapter: ot = o - gate[h] op, op the prompt term recomputed here. Where gate[h] op_i is not
-    finite (a NaN or Inf in the prompts or the gate) that difference cannot give ot_i back, while the formula's
-    dk stays finite; such a tile recomputes ot_i = sum_j exp2(s_ij - lse_i) v_j from q, k, v and the saved lse,
-    one key at a time in float32 (a branch no finite input takes; it keeps the pass's registers those of the
-    common path), so that a non-finite prompt reaches no key's gradient.
-    """
-    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
-                                                 -1, VARLEN, BLOCK_M)
+    """delta_i = <do_i, ot_i>, ot the token attention's output (the Excitor's o; the Adapter's forward saves it
+    apart from the prompt term): the D of its softmax backward, ds = p * (do v^T - delta)."""
+    b, h, _, q0, _, M, _, start_m = _query_tile(O, stride_ob, stride_oh, stride_om, CU_Q, CU_Q, Hq, M, M, 1, -1,
+                                                VARLEN, BLOCK_M)
     if start_m >= M:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, offs_m, stride_om, offs_d, M, HEAD_DIM,
-                  True).to(tl.float32)
+    o = load_rows(O + b * stride_ob + q0 * stride_om + h * stride_oh, offs_m, stride_om, offs_d, M, HEAD_DIM, True)
     do = load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
                    True)
-    if BYPASS == 2:
-        q = load_rows(Q + b * stride_qb + q0 * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
-        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
-                                        HEAD_DIM, PREC)
-        gated = tl.load(GATE + h).to(tl.float32) * op
-        o -= gated
-        if tl.max(tl.max(tl.where(gated - gated == 0.0, 0, 1), 1), 0) > 0:  # x - x is NaN for NaN and +-inf
-            lse = tl.load(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, mask=offs_m < M, other=float("inf"))
-            full, hi = _causal_key_bounds(start_m, M, N, N - M, CAUSAL, BLOCK_M, BLOCK_M)
-            cols = offs_d < HEAD_DIM
-            q32 = q.to(tl.float32)
-            o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for j in range(0, hi):
-                kj = tl.load(K + b * stride_kb + (k0 + j) * stride_kn + g * stride_kh + offs_d, mask=cols, other=0.0)
-                vj = tl.load(V + b * stride_vb + (k0 + j) * stride_vn + g * stride_vh + offs_d, mask=cols, other=0.0)
-                p = tl.exp2(tl.sum(q32 * kj.to(tl.float32)[None, :], 1) * qk_scale - lse)
-                sees = _visible(offs_m, j + tl.zeros([1], tl.int32), N, N - M, CAUSAL)     # (BLOCK_M, 1)
-                o += tl.where(sees, p[:, None] * vj.to(tl.float32)[None, :], 0.0)
-    delta = tl.sum(o * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < M)
 
 
@@ -655,8 +623,7 @@ def excitor_gate_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# the delta pre-pass: 8 warps (with 4 the Adapter's prompt tile spills at d = 64 on sm_90, bench.static), query
-# tiles of at most PREPROCESS_BLOCK_M rows (the dq kernel's, if smaller)
+# the delta pre-pass: 8 warps, query tiles of at most PREPROCESS_BLOCK_M rows (the dq kernel's, if smaller)
 PREPROCESS_LAUNCH = dict(num_warps=8)
 PREPROCESS_BLOCK_M = 32
 
@@ -728,8 +695,9 @@ def _configs(kernel, default, rows, causal, bypass, tensors, prepare, determinis
     desc_ok = descriptors_ok(*tensors)
     if desc_ok:
         prepare_descriptors()
-    elif default.get("DESC"):
-        default = dict(default, DESC=False)
+    elif default.get("DESC"):  # the fixed configuration's pointer-load fallback (_triton_tuning.CANDIDATES: d = 128)
+        fixed, fallback = candidates(kernel, bypass)[:2]
+        default = fallback if default == fixed else dict(default, DESC=False)
     return pick(kernel, bypass, key, default, autotune_enabled(t) and not deterministic, desc_ok, prepare)
 
 
@@ -745,21 +713,23 @@ def gated_keys(k, ke, gate, member, rows):
 
 
 def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale, prompt_scale, rows):
-    """Launch the forward; returns (o, lse, ke, at): lse float32 (``rows.stats_shape``) in base-2 units; for the
-    Excitor (None for the Adapter) the pre-pass's reconstructed keys ``ke`` and centred weights ``at``
-    (``prompt_keys_forward``), saved for the backward."""
+    """Launch the forward; returns (o, lse, ke, at, ot): lse float32 (``rows.stats_shape``) in base-2 units; for the
+    Excitor (else None) the pre-pass's reconstructed keys ``ke`` and centred weights ``at``
+    (``prompt_keys_forward``); for the Adapter (else None) the token attention's output ``ot`` (o without the
+    prompt term); saved for the backward, which takes ``ot`` as its ``o``."""
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     ke, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else (None, None)
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
+    ot = new_output(q.shape, dtype=q.dtype, device=q.device, like=q) if bypass == ADAPTER else None
     # the Excitor launches once per group member (member m: the query heads g * groups + m, keys k' of m)
     members = range(Hq // rows.Hkv) if ke is not None else (-1,)
 
     def launch(config, o, lse, member=members[0], keys=k):
         heads = Hq if member < 0 else rows.Hkv
         attention_fwd_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * heads)](
-            q, keys, v, pk, pk if pv is None else pv, gate, o, lse, rows.cu_q, rows.cu_k,
+            q, keys, v, pk, pk if pv is None else pv, gate, o, o if ot is None else ot, lse, rows.cu_q, rows.cu_k,
             *rows.strides(q), *rows.strides(keys), *rows.strides(v),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(o), *rows.stats_strides(lse),
             Hq, M, N, P, Hq // rows.Hkv, member, softmax_scale * LOG2E,
@@ -774,7 +744,7 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
             fwd = _configs("fwd", fixed, rows, causal, bypass, (q, keys, v),
                            lambda config: lambda: launch(config, o, lse, member, keys))
         launch(fwd, o, lse, member, keys)
-    return o, lse, ke, at
+    return o, lse, ke, at, ot
 
 
 def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, causal, softmax_scale, prompt_scale,
@@ -796,12 +766,8 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
     delta = new_output(rows.stats_shape, dtype=torch.float32, device=dev)
     pre_bm = min(PREPROCESS_BLOCK_M, q_default["BLOCK_M"])
     attention_bwd_preprocess_kernel[(triton.cdiv(M, pre_bm), B * Hq)](
-        o, do, q, k, v, pk, pk if pv is None else pv, gate, lse, delta, rows.cu_q, rows.cu_k,
-        *rows.strides(o), *rows.strides(do), *rows.strides(q), *rows.strides(k), *rows.strides(v),
-        *prompt_strides(pk), *prompt_strides(pv), *rows.stats_strides(delta), Hq, M, N, P, groups,
-        softmax_scale * LOG2E,
-        CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D,
-        BLOCK_P=BLOCK_P, PREC=prec, **(PREPROCESS_LAUNCH if q.is_cuda else {}),
+        o, do, delta, rows.cu_q, *rows.strides(o), *rows.strides(do), *rows.stats_strides(delta), Hq, M,
+        VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D, **(PREPROCESS_LAUNCH if q.is_cuda else {}),
     )
 
     dq = new_output(q.shape, dtype=q.dtype, device=dev, like=q)

@@ -31,33 +31,35 @@ OP = "adapter_attention"
 @torch.library.custom_op("excitor_kernels::adapter_attention_fwd", mutates_args=())
 def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-         causal: bool, softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+         causal: bool, softmax_scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, ot): ot is the token attention's output without the prompt term, saved for the backward's delta."""
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    o, lse, _, _ = tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
-                                      softmax_scale, softmax_scale, rows)
-    return o, lse
+    o, lse, _, _, ot = tri.attention_forward(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, causal,
+                                             softmax_scale, softmax_scale, rows)
+    return o, lse, ot
 
 
 @_fwd.register_fake
 def _(q, k, v, prompt_keys, prompt_values, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       softmax_scale, deterministic):
-    return torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return (torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32),
+            torch.empty_like(q))
 
 
 @torch.library.custom_op("excitor_kernels::adapter_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, prompt_values: Tensor, gate: Tensor,
-         o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+         ot: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
          max_seqlen_k: int, causal: bool, softmax_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, dpv, dgate, _ = tri.attention_backward(
-        tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, None, None, o, lse, causal, softmax_scale,
+        tri.ADAPTER, do, q, k, v, prompt_keys, prompt_values, gate, None, None, None, ot, lse, causal, softmax_scale,
         softmax_scale, deterministic, rows)
     return dq, dk, dv, dpk, dpv, dgate
 
 
 @_bwd.register_fake
-def _(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def _(do, q, k, v, prompt_keys, prompt_values, gate, ot, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
       max_seqlen_k, causal, softmax_scale, deterministic):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prompt_keys),
             torch.empty_like(prompt_values), torch.empty_like(gate))
@@ -65,14 +67,14 @@ def _(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_seqlens_q, cu_se
 
 def _setup_context(ctx, inputs, output):
     q, k, v, prompt_keys, prompt_values, gate, cu_q, cu_k, *args = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k)
+    _, lse, ot = output
+    ctx.save_for_backward(q, k, v, prompt_keys, prompt_values, gate, ot, lse, cu_q, cu_k)
     ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k = ctx.saved_tensors
-    grads = _bwd(do, q, k, v, prompt_keys, prompt_values, gate, o, lse, cu_q, cu_k, *ctx.args)
+def _backward(ctx, do, _dlse, _dot):
+    q, k, v, prompt_keys, prompt_values, gate, ot, lse, cu_q, cu_k = ctx.saved_tensors
+    grads = _bwd(do, q, k, v, prompt_keys, prompt_values, gate, ot, lse, cu_q, cu_k, *ctx.args)
     return (*grads,) + (None,) * 7
 
 

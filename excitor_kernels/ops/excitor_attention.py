@@ -36,7 +36,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim
     backward (docs/design.md)."""
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return tri.attention_forward(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, causal, softmax_scale,
-                                 prompt_scale, rows)
+                                 prompt_scale, rows)[:4]
 
 
 @_fwd.register_fake
