@@ -8,15 +8,17 @@ head ``g``):
 * ``BYPASS == 1`` (Excitor): the queries of head ``h`` meet ``k'_j = k_j + gate[h] ke_j``, where ``ke`` is the
   centred prompt reconstruction written once per key/value head by the pre-pass of ``_triton_prompt_keys``.
   ``gated_keys`` writes ``k'`` for one group member's query heads at a time (``k``'s shape) before its forward
-  and again before its backward launches (not saved), and the kernels read it where plain attention reads
-  ``k``: their main loops are plain attention's. The dk/dv
-  kernel adds the gate's share (``dke``, ``dgate``) after its loop.
+  and again before its dk/dv launches (not saved), and those kernels read it where plain attention reads ``k``:
+  their main loops are plain attention's; the dk/dv kernel adds ``dke`` after its loop. The dq kernel forms the
+  scores from ``k`` and the centred prompt weights instead, to make the gate gradient from float32-grade terms
+  (``attention_bwd_dq_kernel``; on sm_80 ``excitor_gate_grad_kernel``, ``fused_gate``).
 * ``BYPASS == 2`` (Adapter): each query tile also attends to the prompts with its own softmax,
-      o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n.
+      o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n,
+  and the forward also writes the token attention's output alone (``ot``), which the backward's delta reads.
 
 Tiles (``blocks``): on sm_90 every product is a wgmma of at least 64 rows per warpgroup (at d = 128: forward
-128 x 128 and dq 128 x 64 query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with descriptor (TMA)
-loads; on sm_80 each warp owns 16 query rows, so no warp repeats another's mma.sync.
+128 x 128 and dq 128 x 64 (the Excitor's 128 x 32) query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with
+descriptor (TMA) loads; on sm_80 each warp owns 16 query rows, so no warp repeats another's mma.sync.
 
 Scores are kept in base 2: ``qk_scale = softmax_scale * log2(e)`` and the saved row statistic is
 ``lse_i = max_j + log2(sum_j exp2(...))`` in those units; a row that sees no key stores ``lse = +inf``
@@ -24,7 +26,7 @@ so that ``exp2(score - lse) = 0`` in the backward and the row passes no gradient
 
 Backward: ``delta`` pre-pass, then two launches as in FlashAttention-2: key-tile programs (one per key tile
 and key/value head, looping over its query heads) for dk, dv and, for the Excitor, ``dke = sum_h gate[h]
-dk'[h]`` and ``dgate``; query-tile programs for dq and the Adapter's prompt gradients. The Excitor's prompt
+dk'[h]``; query-tile programs for dq, the Excitor's gate and the Adapter's prompt gradients. The Excitor's prompt
 chain rule then runs once per key tile in the post-pass of ``_triton_prompt_keys``.
 
 The constexpr ``VARLEN`` switches from padded ``(B, H, L, d)`` batches to packed sequences (flash-attention's
@@ -719,7 +721,8 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     prompt term); saved for the backward, which takes ``ot`` as its ``o``."""
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
-    ke, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR else (None, None)
+    ke, at = (prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows) if bypass == EXCITOR
+              else (None, None))
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     lse = new_output(rows.stats_shape, dtype=torch.float32, device=q.device)
     ot = new_output(q.shape, dtype=q.dtype, device=q.device, like=q) if bypass == ADAPTER else None

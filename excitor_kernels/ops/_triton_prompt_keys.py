@@ -9,12 +9,13 @@ Notation of docs/design.md, per batch entry (or packed sequence) ``b`` and key/v
 Every query head ``h`` of the group then meets ``k'[h, j] = k_j + gate[h] ke_j``. The centring moves every key
 of head ``h`` by the same vector ``gate[h] c``, which adds ``gate[h] <q_i, c>`` to every score of row ``i``
 and so leaves each softmax, the output and every gradient unchanged; it keeps ``ke`` small where the mixture
-is nearly uniform, so that ``k'`` rounds well and ``dgate[h] = sum_j <dk'[h, j], ke_j>`` does not cancel.
+is nearly uniform, so that ``k'`` rounds well.
 
-The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and, beside it for half-precision inputs,
-its rounding error (the same size), which only the gate gradient reads: that sum is the most sensitive to ``ke``'s precision. The
+The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and the centred weights ``a - 1/P`` with a
+column of ones (``B x Hkv x N x pow2(P + 1)``, and for half precision their rounding error beside them), from which
+the dq kernel forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
 backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
-(float32, same shape), and the post-pass applies the chain rule, tile by tile:
+(float32, ``ke``'s shape), and the post-pass applies the chain rule, tile by tile:
 
     da[j, n] = <dke_j, pk_n>,   dz = a (da - rowsum(a da))
     dsim_j   = prompt_scale sum_n dz[j, n] pk_n                              (to sim_keys, or added to dk)
@@ -109,7 +110,8 @@ def prompt_keys_fwd_kernel(
     st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, k0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
                                                stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
-    store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken, offs_d, N, HEAD_DIM)
+    store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken,
+               offs_d, N, HEAD_DIM)
     # the centred weights, widened from BLOCK_P to BLOCK_A columns (a one-hot product: exact)
     offs_a = tl.arange(0, BLOCK_A)
     widen = (offs_p[:, None] == offs_a[None, :]).to(tl.float32)

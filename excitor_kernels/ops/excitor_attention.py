@@ -50,8 +50,9 @@ def _(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, max_seql
 
 @torch.library.custom_op("excitor_kernels::excitor_attention_bwd", mutates_args=())
 def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
-         ke: Tensor, at: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-         max_seqlen_k: int, causal: bool, softmax_scale: float, prompt_scale: float, deterministic: bool
+         ke: Tensor, at: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
+         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+         prompt_scale: float, deterministic: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = tri.RowLayout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dpk, _, dgate, dsim = tri.attention_backward(
