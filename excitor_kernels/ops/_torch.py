@@ -9,8 +9,9 @@ non-finite value (below). Forward and backward run through autograd (notation of
   score row by a constant, which the softmax cannot see, and centring keeps ``ke`` small, so that ``k'`` rounds well
   and ``dgate`` does not add the rounding of a large mean (docs/design.md). Then ``k'[h] = k + gate[h] ke`` in
   float32 (as ``a (gate[h] (pk - mean pk))``: the gate scales the prompts, so no ``(B, Hkv, N, d)`` ``ke`` is kept),
-  rounded once to the dtype SDPA runs in (the input dtype; float32 for half inputs on the CPU, where half
-  precision buys no speed and float32 gives the gate gradient float32 accuracy), ``(B, Hq, N, d)``, and SDPA on
+  rounded once to the dtype SDPA runs in (float32 for half inputs on the CPU, where half precision buys no speed,
+  and on any device when the gate's gradient is wanted, which float32 keeps float32-accurate; else the input
+  dtype), ``(B, Hq, N, d)``, and SDPA on
   ``(q, k', v)``; under GQA the query heads of a key/value head are SDPA's head axis and ``v`` is broadcast over
   them with stride 0. Autograd takes SDPA's ``dk'`` back to float32 before the sums over the query heads:
   ``dk = sum_h dk'[h]``, ``dgate[h]`` (as ``<a^T dk'[h], pk - mean pk>``) and the chain rule through ``a`` run in
@@ -42,11 +43,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _sdpa_dtype(t: torch.Tensor) -> torch.dtype:
+def _sdpa_dtype(t: torch.Tensor, exact_gate: bool = False) -> torch.dtype:
     """The dtype SDPA runs in: float32 for half-precision inputs on the CPU (PyTorch's CPU kernels are no faster in
-    half precision without AMX, and float32 keeps k' and SDPA's gradients unrounded: the gate gradient, a sum that
-    cancels, then has float32 accuracy), else the input dtype (the fused kernels of CUDA, MPS, ...)."""
-    return torch.float32 if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    half precision without AMX) and, on any device, for the Excitor whose gate gradient is wanted (``exact_gate``:
+    that sum cancels, and SDPA's half-precision backward rounds what it is made of; float32 keeps k' and SDPA's
+    gradients unrounded, docs/design.md); else the input dtype (the fused kernels of CUDA, MPS, ...)."""
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and (t.device.type == "cpu" or exact_gate) else t.dtype
 
 
 def _finite(*tensors) -> bool:
@@ -116,7 +119,7 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     # gate[h] ke = a (gate[h] (pk - mean_n pk_n)) (sum_n a[j, n] = 1): the gate goes on the P prompts, not on the N
     # keys, and k' is one matrix product added to k, no (B, Hkv, N, d) ke kept
     pk_gated = gate.to(ct).view(1, Hkv, G, 1, 1) * (pk - pk.mean(-2, keepdim=True)).unsqueeze(2)  # (B, Hkv, G, P, d)
-    sd = _sdpa_dtype(q)
+    sd = _sdpa_dtype(q, exact_gate=torch.is_grad_enabled() and gate.requires_grad)
     kp = (a.unsqueeze(2) @ pk_gated).add_(k.to(ct).unsqueeze(2)).to(sd)           # (B, Hkv, G, N, d)
     # SDPA's head axis: the G query heads of one key/value head; batch axis: (b, kv head)
     qg = q.to(sd).unflatten(1, (Hkv, G)).flatten(0, 1)                              # (B Hkv, G, M, d)
