@@ -193,7 +193,7 @@ def triton_jobs(subset: str = "full"):
                                            varlen=layout == "varlen")
                 flags = dict(common, VARLEN=layout == "varlen")
                 if excitor:
-                    found.append((layout, job(pkeys.prompt_keys_fwd_kernel, prompt, flags, BLOCK_A=pow2(PROMPTS + 1))))
+                    found.append((layout, job(pkeys.prompt_keys_fwd_kernel, prompt, flags, BLOCK_P=pow2(PROMPTS + 1))))
                 found.append((layout, job(tri.attention_fwd_kernel, fwd, flags)))
                 if dtype == "fp32":
                     continue

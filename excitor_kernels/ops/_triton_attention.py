@@ -55,18 +55,9 @@ __all__ = ["ADAPTER", "EXCITOR", "RowLayout", "stats_shape", "attention_forward"
 
 
 @triton.jit
-def _visible(offs_m, offs_n, N, shift, CAUSAL: tl.constexpr):
-    """(rows, cols) mask of the keys each query sees: j < N and, when causal, j <= i + shift."""
-    visible = offs_n[None, :] < N
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-    return visible
-
-
-@triton.jit
 def _last_key(offs_m, N, shift, CAUSAL: tl.constexpr):
     """Per row, the last key it sees: min(i + shift, N - 1) when causal, else N - 1 (row i sees keys
-    j <= _last_key(i): one comparison per score, the same keys as _visible)."""
+    j <= _last_key(i): one comparison per score)."""
     last = tl.zeros_like(offs_m) + (N - 1)
     if CAUSAL:
         last = tl.minimum(offs_m + shift, last)
@@ -389,6 +380,52 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _split(x, dtype: tl.constexpr):
+    """x (float32) as a hi + lo pair of ``dtype`` values: hi rounded, lo its rounding error."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _add_bypass_scores(qk, qpg_hi, qpg_lo, at, at_lo, PREC: tl.constexpr):
+    """qk + gate[h] x with x_ij = <q_i, ke_j> = sum_n qp_in at_jn, from hi + lo pairs of gate[h] qp and the centred
+    weights at: three products of P + 1 columns, about float32 (float32 inputs: one product)."""
+    qk += dot(qpg_hi, tl.trans(at), PREC)
+    if at.dtype != tl.float32:
+        qk += dot(qpg_hi, tl.trans(at_lo), PREC)
+        qk += dot(qpg_lo, tl.trans(at), PREC)
+    return qk
+
+
+@triton.jit
+def _add_gate_sums(dqa, pa, ds, p, at, at_lo, PREC: tl.constexpr):
+    """(dqa + ds at, pa + p at) with ds, p and at as hi + lo pairs: about float32 (float32 inputs: one product each).
+    Column P of at holds ones, so column P of the sums holds the row sums of ds and p."""
+    ds_hi, ds_lo = _split(ds, at.dtype)
+    p_hi, p_lo = _split(p, at.dtype)
+    dqa += dot(ds_hi, at, PREC)
+    pa += dot(p_hi, at, PREC)
+    if at.dtype != tl.float32:
+        dqa += dot(ds_lo, at, PREC)
+        dqa += dot(ds_hi, at_lo, PREC)
+        pa += dot(p_lo, at, PREC)
+        pa += dot(p_hi, at_lo, PREC)
+    return dqa, pa
+
+
+@triton.jit
+def _gate_rows(qp, dqa, pa, offs_p, P, seen):
+    """(l, g) per row: l_i = sum_j p_ij (pa's column P) and g_i = (<qp_i, dqa_i> - r_i <qp_i, pa_i> / l_i) / l_i with
+    r_i = sum_j ds_ij (dqa's column P): row i's share of dgate[h] / softmax_scale (docs/design.md, "The gate
+    gradient's precision"). Rows not ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate)
+    give l = 1, g = 0."""
+    ones = offs_p[None, :] == P
+    r = tl.sum(tl.where(ones, dqa, 0.0), 1)
+    sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
+    return sl, tl.where(seen, (tl.sum(qp * dqa, 1) - r * tl.sum(qp * pa, 1) / sl) / sl, 0.0)
+
+
+@triton.jit
 def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
              qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa,
              MASKED: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -407,11 +444,10 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, of
     if BYPASS == 1:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
-        qk += dot(qpg_hi, tl.trans(at), PREC)
+        at_lo = at
         if at.dtype != tl.float32:
             at_lo = load_rows(at_lo_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
-            qk += dot(qpg_hi, tl.trans(at_lo), PREC)
-            qk += dot(qpg_lo, tl.trans(at), PREC)
+        qk = _add_bypass_scores(qk, qpg_hi, qpg_lo, at, at_lo, PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= last[:, None], p, 0.0)
@@ -420,14 +456,7 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, of
     ds_hi = ds.to(kt.dtype)
     dq += dot(ds_hi, kt, PREC)
     if BYPASS == 1:
-        p_hi = p.to(at.dtype)
-        dqa += dot(ds_hi, at, PREC)
-        pa += dot(p_hi, at, PREC)
-        if at.dtype != tl.float32:
-            dqa += dot((ds - ds_hi.to(tl.float32)).to(at.dtype), at, PREC)
-            dqa += dot(ds_hi, at_lo, PREC)
-            pa += dot((p - p_hi.to(tl.float32)).to(at.dtype), at, PREC)
-            pa += dot(p_hi, at_lo, PREC)
+        dqa, pa = _add_gate_sums(dqa, pa, ds, p, at, at_lo, PREC)
     return dq, dqa, pa
 
 
@@ -518,8 +547,7 @@ def attention_bwd_dq_kernel(
         gate_h = tl.load(GATE + h).to(tl.float32)
         pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
         qpg = gate_h * dot(q, tl.trans(pk), PREC)                # column P is 0 (pk's padded rows)
-    qpg_hi = qpg.to(q.dtype)
-    qpg_lo = (qpg - qpg_hi.to(tl.float32)).to(q.dtype)
+    qpg_hi, qpg_lo = _split(qpg, q.dtype)
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
@@ -528,23 +556,11 @@ def attention_bwd_dq_kernel(
                            stride_vn, offs_d, full, hi, N, qk_scale, qpg_hi, qpg_lo, AT + at_rows, AT_LO + at_rows,
                            stride_atn, offs_p, dqa, pa, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC, WARP_SPEC)
     if BYPASS == 1:
-        # sl_i = sum_j p_ij is 1 up to the forward's rounding of k' (its lse); r_i = sum_j ds_ij is 0 up to the
-        # rounding of delta. With p* = p / sl, delta* = sum_j p*_ij dp_ij the exact ds* = (ds - p r / sl) / sl, so
-        #   dgate[h] = softmax_scale sum_ij ds*_ij x_ij = softmax_scale sum_i (G_i - r_i c_i / sl_i) / sl_i,
-        # G_i = sum_j ds_ij x_ij = <qp_i, dqa_i>, c_i = sum_j p_ij x_ij = <qp_i, pa_i>: the sum that cancels is
-        # formed from float32 terms, and neither delta's nor lse's rounding enters it.
-        ones = offs_p[None, :] == P
-        r = tl.sum(tl.where(ones, dqa, 0.0), 1)
-        # rows that see a key, chosen by the mask (a NaN that reaches a row reaches dgate)
-        seen = (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0)
-        sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
         # pk and qp again: not held through the loop (a volatile load is not merged with the first)
         pk_ptrs = PK + b * stride_pkb + g * stride_pkh + offs_p[:, None] * stride_pkp + offs_d[None, :]
         pk = tl.load(pk_ptrs, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM), other=0.0, volatile=True)
-        qp = dot(q, tl.trans(pk), PREC)
-        G = tl.sum(qp * dqa, 1)
-        c = tl.sum(qp * pa, 1)
-        rows_dgate = tl.where(seen, (G - r * c / sl) / sl, 0.0)
+        sl, rows_dgate = _gate_rows(dot(q, tl.trans(pk), PREC), dqa, pa, offs_p, P,
+                                    (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
         tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
         dq = (dq + gate_h * dot(dqa.to(pk.dtype), pk, PREC)) / sl[:, None]  # sum_j ds*_ij (k_j + gate[h] ke_j)
     dq *= softmax_scale
@@ -580,8 +596,7 @@ def excitor_gate_grad_kernel(
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     gate_h = tl.load(GATE + h).to(tl.float32)
     qp = dot(q, tl.trans(pk), PREC)
-    qpg_hi = (gate_h * qp).to(q.dtype)
-    qpg_lo = (gate_h * qp - qpg_hi.to(tl.float32)).to(q.dtype)
+    qpg_hi, qpg_lo = _split(gate_h * qp, q.dtype)
     k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
     v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
@@ -594,29 +609,19 @@ def excitor_gate_grad_kernel(
         kt = load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
         vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
         at = load_rows(AT + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
-        qk = dot(q, tl.trans(kt), PREC) + dot(qpg_hi, tl.trans(at), PREC)
+        at_lo = at
         if at.dtype != tl.float32:
             at_lo = load_rows(AT_LO + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
-            qk += dot(qpg_hi, tl.trans(at_lo), PREC) + dot(qpg_lo, tl.trans(at), PREC)
+        qk = _add_bypass_scores(dot(q, tl.trans(kt), PREC), qpg_hi, qpg_lo, at, at_lo, PREC)
         qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         ds = p * dot(do, tl.trans(vt), PREC)
-        ds_hi = ds.to(q.dtype)
-        p_hi = p.to(q.dtype)
-        dqa = dqa * alpha[:, None] + dot(ds_hi, at, PREC)
-        pa = pa * alpha[:, None] + dot(p_hi, at, PREC)
-        if at.dtype != tl.float32:  # without delta, r and c are not small: p too as a hi + lo pair
-            dqa += dot((ds - ds_hi.to(tl.float32)).to(q.dtype), at, PREC) + dot(ds_hi, at_lo, PREC)
-            pa += dot((p - p_hi.to(tl.float32)).to(q.dtype), at, PREC) + dot(p_hi, at_lo, PREC)
+        dqa, pa = _add_gate_sums(dqa * alpha[:, None], pa * alpha[:, None], ds, p, at, at_lo, PREC)
         m_i = m_new
-    ones = offs_p[None, :] == P
-    r = tl.sum(tl.where(ones, dqa, 0.0), 1)
-    seen = (offs_m < M) & (last >= 0)
-    sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
-    rows_dgate = tl.where(seen, (tl.sum(qp * dqa, 1) - r * tl.sum(qp * pa, 1) / sl) / sl, 0.0)
+    _, rows_dgate = _gate_rows(qp, dqa, pa, offs_p, P, (offs_m < M) & (last >= 0))
     tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
 
 

@@ -35,19 +35,6 @@ def dot_hi_lo(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
-def add_dot_hi_lo(acc, x, y, PREC: tl.constexpr):
-    """acc + x y as dot_hi_lo computes x y, each product added straight into ``acc`` (on the tensor cores, the
-    accumulator of both: no separate sum of the two products)."""
-    if PREC == "upcast" or y.dtype == tl.float32:
-        acc += dot(x, y, PREC)
-    else:
-        hi = x.to(y.dtype)
-        acc += dot(hi, y, PREC)
-        acc += dot((x - hi.to(tl.float32)).to(y.dtype), y, PREC)
-    return acc
-
-
-@triton.jit
 def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :]

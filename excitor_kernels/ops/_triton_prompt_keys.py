@@ -97,11 +97,11 @@ def prompt_keys_fwd_kernel(
     stride_atb, stride_ath, stride_atn,
     Hkv, N, P, prompt_scale_log2,
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One tile of keys of one (batch entry or sequence, key/value head): KE = ke rounded to the input dtype (what
     ``k'`` adds to k), and the centred weights ``a - 1/P`` as AT (rounded) and AT_LO (its rounding error; float32
-    keys have none: AT_LO is then AT and is not written), BLOCK_A = pow2(P + 1) columns: column P holds ones (AT)
+    keys have none: AT_LO is then AT and is not written), BLOCK_P = pow2(P + 1) columns: column P holds ones (AT)
     and the rest zeros. The dq kernel forms ``<q_i, ke_j> = sum_n <q_i, pk_n> (a[j, n] - 1/P)`` from them to about
     float32 accuracy, and its products with the ones column are row sums (the gate gradient)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
@@ -112,16 +112,13 @@ def prompt_keys_fwd_kernel(
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken,
                offs_d, N, HEAD_DIM)
-    # the centred weights, widened from BLOCK_P to BLOCK_A columns (a one-hot product: exact)
-    offs_a = tl.arange(0, BLOCK_A)
-    widen = (offs_p[:, None] == offs_a[None, :]).to(tl.float32)
-    at = tl.sum(_centred(a, offs_p, P)[:, :, None] * widen[None, :, :], 1)
-    at_hi = tl.where(offs_a[None, :] == P, 1.0, at).to(AT.dtype.element_ty)
+    at = _centred(a, offs_p, P)
+    at_hi = tl.where(offs_p[None, :] == P, 1.0, at).to(AT.dtype.element_ty)
     rows = b * stride_atb + k0 * stride_atn + g * stride_ath
-    store_rows(AT + rows, at_hi, offs_n, stride_atn, offs_a, N, BLOCK_A)
+    store_rows(AT + rows, at_hi, offs_n, stride_atn, offs_p, N, BLOCK_P)
     if AT.dtype.element_ty != tl.float32:
-        store_rows(AT_LO + rows, at - tl.where(offs_a[None, :] == P, 0.0, at_hi.to(tl.float32)), offs_n, stride_atn,
-                   offs_a, N, BLOCK_A)
+        store_rows(AT_LO + rows, at - tl.where(offs_p[None, :] == P, 0.0, at_hi.to(tl.float32)), offs_n, stride_atn,
+                   offs_p, N, BLOCK_P)
 
 
 @triton.jit
@@ -167,15 +164,15 @@ def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, 
     the centred weights ``a - 1/P`` and a column of ones (column P), ``pow2(P + 1)`` columns,
     ``(2, *s.shape[:-1], pow2(P + 1))`` in s's dtype: ``at[0]`` rounded, ``at[1]`` its rounding error (float32:
     ``(1, ...)``, ``at[-1]`` is ``at[0]``)."""
-    BLOCK_P, BLOCK_A = pow2(pk.shape[-2]), pow2(pk.shape[-2] + 1)
+    BLOCK_P = pow2(pk.shape[-2] + 1)  # the ones column
     ke = new_output(s.shape, dtype=s.dtype, device=s.device)
-    at = new_output((1 if s.dtype == torch.float32 else 2, *s.shape[:-1], BLOCK_A), dtype=s.dtype, device=s.device)
+    at = new_output((1 if s.dtype == torch.float32 else 2, *s.shape[:-1], BLOCK_P), dtype=s.dtype, device=s.device)
     launch = prompt_blocks(s.is_cuda, rows.N, s.element_size())
     grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
     prompt_keys_fwd_kernel[grid](
         s, pk, ke, at[0], at[-1], rows.cu_k, *rows.strides(s), *prompt_strides(pk), *rows.strides(ke),
         *rows.strides(at[0]), rows.Hkv, rows.N, pk.shape[-2], prompt_scale * LOG2E,
-        VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=BLOCK_P, BLOCK_A=BLOCK_A, PREC=precision(s),
+        VARLEN=rows.varlen, HEAD_DIM=rows.d, BLOCK_D=pow2(rows.d), BLOCK_P=BLOCK_P, PREC=precision(s),
         **launch,
     )
     return ke, at
