@@ -233,13 +233,3 @@ def test_varlen_custom_ops_pass_opcheck(op):
         fwd = torch.ops.excitor_kernels.adapter_attention_fwd
     torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
-
-
-@pytest.mark.parametrize("case", CASES[:2], ids=str)
-def test_excitor_split_gate_path_matches_each_sequence_alone(case, monkeypatch):
-    """The sm_80 path (plain dq over each group member's k', the gate gradient by excitor_gate_grad_kernel) on
-    packed sequences."""
-    from excitor_kernels.ops import _triton_attention as tri
-
-    monkeypatch.setattr(tri, "fused_gate", lambda q: False)
-    check("excitor", case, torch.bfloat16, TRITON_DEVICE, "triton")

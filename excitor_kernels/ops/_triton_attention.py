@@ -8,17 +8,18 @@ head ``g``):
 * ``BYPASS == 1`` (Excitor): the queries of head ``h`` meet ``k'_j = k_j + gate[h] ke_j``, where ``ke`` is the
   centred prompt reconstruction written once per key/value head by the pre-pass of ``_triton_prompt_keys``.
   ``gated_keys`` writes ``k'`` for one group member's query heads at a time (``k``'s shape) before its forward
-  and again before its dk/dv launches (not saved), and those kernels read it where plain attention reads ``k``:
-  their main loops are plain attention's; the dk/dv kernel adds ``dke`` after its loop. The dq kernel forms the
-  scores from ``k`` and the centred prompt weights instead, to make the gate gradient from float32-grade terms
-  (``attention_bwd_dq_kernel``; on sm_80 ``excitor_gate_grad_kernel``, ``fused_gate``).
+  and again before its dk/dv and dq launches (not saved), and those kernels read it where plain attention reads
+  ``k``: the forward and dk/dv main loops are plain attention's; the dk/dv kernel adds ``dke`` after its loop.
+  The dq kernel forms the scores from ``k`` and the centred prompt weights instead, to make the gate gradient
+  from float32-grade terms (``attention_bwd_dq_kernel``; ``excitor_gate_grad_kernel`` makes it alone for the
+  sdpa and CUDA backends).
 * ``BYPASS == 2`` (Adapter): each query tile also attends to the prompts with its own softmax,
       o_i += gate[h] sum_n softmax_n(softmax_scale <q_i, pk_n>) pv_n,
   and the forward also writes the token attention's output alone (``ot``), which the backward's delta reads.
 
 Tiles (``blocks``): on sm_90 every product is a wgmma of at least 64 rows per warpgroup (at d = 128: forward
-128 x 128 and dq 128 x 64 (the Excitor's 128 x 32) query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with
-descriptor (TMA) loads; on sm_80 each warp owns 16 query rows, so no warp repeats another's mma.sync.
+128 x 128 and dq 128 x 64 query x key tiles, dk/dv 128 keys x 32 queries, 8 warps) with descriptor (TMA) loads;
+on sm_80 each warp owns 16 query rows, so no warp repeats another's mma.sync.
 
 Scores are kept in base 2: ``qk_scale = softmax_scale * log2(e)`` and the saved row statistic is
 ``lse_i = max_j + log2(sum_j exp2(...))`` in those units; a row that sees no key stores ``lse = +inf``
@@ -111,18 +112,21 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn, stride_vn, offs_d, full,
-              hi, N, qk_scale, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr, Q_CHUNK: tl.constexpr):
+def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn, stride_vn, offs_d, full,
+              hi, N, qk_scale, CAUSAL: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+              Q_CHUNK: tl.constexpr):
     """Online softmax over key tiles [0, hi): [0, full) need no mask, [full, hi) do (_causal_key_bounds).
-    Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked."""
+    Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked.
+    The masked tiles' last keys are formed after the unmasked loop (not live across it)."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn,
-                                      stride_vn, offs_d, start_n, N, qk_scale, False, POS_SCALE, BLOCK_N, HEAD_DIM,
-                                      PREC, DESC, Q_CHUNK)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, offs_m, k_src, v_src,
+                                      stride_kn, stride_vn, offs_d, start_n, N, qk_scale, False, POS_SCALE, BLOCK_N,
+                                      HEAD_DIM, PREC, DESC, Q_CHUNK)
         lo = full
+    last = _last_key(offs_m, N, shift, CAUSAL)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn,
                                   stride_vn, offs_d, start_n, N, qk_scale, True, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
@@ -206,15 +210,15 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, _last_key(offs_m, N, shift, CAUSAL),
-                              k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale, POS_SCALE, BLOCK_N,
-                              HEAD_DIM, PREC, DESC, WARP_SPEC, Q_CHUNK)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn,
+                              stride_vn, offs_d, full, hi, N, qk_scale, CAUSAL, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
+                              DESC, WARP_SPEC, Q_CHUNK)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
     empty = (offs_m < 0) | (N == 0)
     if CAUSAL:
-        empty = empty | (offs_m + shift < 0)
+        empty = empty | (offs_m < -shift)  # not offs_m + shift: the loops' value, which would stay live across them
     o = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
     o_rows = b * stride_ob + q0 * stride_om + h * stride_oh
     if BYPASS == 2:
@@ -228,7 +232,7 @@ def attention_fwd_kernel(
                     PREC, False, Q_CHUNK)
         ap = prompt_weights(z, offs_p, P, qk_scale)
         pv = load_rows(PV + b * stride_pvb + g * stride_pvh, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
-        o += tl.load(GATE + h).to(tl.float32) * dot(ap.to(pv.dtype), pv, PREC)
+        o = dot(ap * tl.load(GATE + h).to(tl.float32), pv, PREC, acc=o)
     store_rows(O + o_rows, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
@@ -387,104 +391,95 @@ def _split(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _add_bypass_scores(qk, qpg_hi, qpg_lo, at, at_lo, PREC: tl.constexpr):
-    """qk + gate[h] x with x_ij = <q_i, ke_j> = sum_n qp_in at_jn, from hi + lo pairs of gate[h] qp and the centred
-    weights at: three products of P + 1 columns, about float32 (float32 inputs: one product)."""
-    qk += dot(qpg_hi, tl.trans(at), PREC)
+def _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC: tl.constexpr):
+    """x_ij = <q_i, ke_j> = sum_n qp_in at_jn (qp = q pk^T, at the centred weights) from hi + lo pairs of qp and at:
+    three products of P columns, about float32 (float32 inputs: one product)."""
+    x = dot(qp_hi, tl.trans(at), PREC)
     if at.dtype != tl.float32:
-        qk += dot(qpg_hi, tl.trans(at_lo), PREC)
-        qk += dot(qpg_lo, tl.trans(at), PREC)
-    return qk
+        x += dot(qp_hi, tl.trans(at_lo), PREC)
+        x += dot(qp_lo, tl.trans(at), PREC)
+    return x
 
 
 @triton.jit
-def _add_gate_sums(dqa, pa, ds, p, at, at_lo, PREC: tl.constexpr):
-    """(dqa + ds at, pa + p at) with ds, p and at as hi + lo pairs: about float32 (float32 inputs: one product each).
-    Column P of at holds ones, so column P of the sums holds the row sums of ds and p."""
-    ds_hi, ds_lo = _split(ds, at.dtype)
-    p_hi, p_lo = _split(p, at.dtype)
-    dqa += dot(ds_hi, at, PREC)
-    pa += dot(p_hi, at, PREC)
-    if at.dtype != tl.float32:
-        dqa += dot(ds_lo, at, PREC)
-        dqa += dot(ds_hi, at_lo, PREC)
-        pa += dot(p_lo, at, PREC)
-        pa += dot(p_hi, at_lo, PREC)
-    return dqa, pa
+def _add_gate_sums(c, e, r, l, ds, p, x):
+    """The gate gradient's row sums, float32 throughout: c += sum_j ds_ij x_ij, e += sum_j p_ij x_ij,
+    r += sum_j ds_ij, l += sum_j p_ij."""
+    return c + tl.sum(ds * x, 1), e + tl.sum(p * x, 1), r + tl.sum(ds, 1), l + tl.sum(p, 1)
 
 
 @triton.jit
-def _gate_rows(qp, dqa, pa, offs_p, P, seen):
-    """(l, g) per row: l_i = sum_j p_ij (pa's column P) and g_i = (<qp_i, dqa_i> - r_i <qp_i, pa_i> / l_i) / l_i with
-    r_i = sum_j ds_ij (dqa's column P): row i's share of dgate[h] / softmax_scale (docs/design.md, "The gate
-    gradient's precision"). Rows not ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate)
-    give l = 1, g = 0."""
-    ones = offs_p[None, :] == P
-    r = tl.sum(tl.where(ones, dqa, 0.0), 1)
-    sl = tl.where(seen, tl.sum(tl.where(ones, pa, 0.0), 1), 1.0)
-    return sl, tl.where(seen, (tl.sum(qp * dqa, 1) - r * tl.sum(qp * pa, 1) / sl) / sl, 0.0)
+def _gate_rows(c, e, r, l, seen):
+    """(l, g) per row: g_i = (c_i - r_i e_i / l_i) / l_i, row i's share of dgate[h] / softmax_scale (docs/design.md,
+    "The gate gradient's precision"). Rows not ``seen`` (chosen by the mask, so that a NaN that reaches a row
+    reaches dgate) give l = 1, g = 0."""
+    sl = tl.where(seen, l, 1.0)
+    return sl, tl.where(seen, (c - r * e / sl) / sl, 0.0)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N, qk_scale,
-             qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa,
+def _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn, offs_d, start_n, N,
+             qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
              MASKED: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
     """dq += ds k over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED keeps
     keys j <= last[i] (the causal and the j < N masks).
 
-    Excitor (BYPASS == 1): the scores are q k^T + gate[h] x, x_ij = <q_i, ke_j> = sum_n qp_in at_jn (qp = q pk^T,
-    at the centred weights a - 1/P, whose column P holds ones), added on the tensor cores from hi + lo pairs
-    of gate[h] qp and at: about float32 accuracy. ``dqa += ds at`` and ``pa += p at`` (hi + lo pairs again) carry
-    what attention_bwd_dq_kernel needs after the loop: dq's bypass part, the gate gradient, and in column P the row
-    sums of ds and p."""
+    Excitor (BYPASS == 1): the scores are q k^T + gate[h] x with x_ij = <q_i, ke_j> to about float32 accuracy
+    (_bypass_scores), dq += ds k' with k' from ``kg_src`` (the group member's k' = k + gate[h] ke, gated_keys), and
+    the gate gradient's float32 row sums c, e, r, l (_add_gate_sums) carry what attention_bwd_dq_kernel needs after
+    the loop."""
     kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-    qk = dot(q, tl.trans(kt), PREC)
     if BYPASS == 1:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
         at_lo = at
         if at.dtype != tl.float32:
             at_lo = load_rows(at_lo_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
-        qk = _add_bypass_scores(qk, qpg_hi, qpg_lo, at, at_lo, PREC)
+        x = _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC)
+        qk = dot(q, tl.trans(kt), PREC, acc=gate_h * x)
+    else:
+        qk = dot(q, tl.trans(kt), PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= last[:, None], p, 0.0)
     dp = dot(do, tl.trans(vt), PREC)
     ds = p * (dp - delta[:, None])
-    ds_hi = ds.to(kt.dtype)
-    dq += dot(ds_hi, kt, PREC)
     if BYPASS == 1:
-        dqa, pa = _add_gate_sums(dqa, pa, ds, p, at, at_lo, PREC)
-    return dq, dqa, pa
+        c, e, r, l = _add_gate_sums(c, e, r, l, ds, p, x)
+        kt = load_tile(kg_src, start_n, stride_kgn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
+    dq += dot(ds.to(kt.dtype), kt, PREC)
+    return dq, c, e, r, l
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, full, hi, N, qk_scale,
-             qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa,
-             BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-             PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked; WARP_SPEC: one
-    loop over [0, hi), every tile masked."""
+def _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn, offs_d, full,
+             hi, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
+             CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked (their last keys
+    formed between the loops); WARP_SPEC: one loop over [0, hi), every tile masked."""
     lo = 0
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
-            dq, dqa, pa = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n,
-                                   N, qk_scale, qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa, False,
-                                   BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
+            dq, c, e, r, l = _dq_tile(dq, q, do, lse, delta, offs_m, k_src, kg_src, v_src, stride_kn, stride_kgn,
+                                      stride_vn, offs_d, start_n, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src,
+                                      stride_atn, offs_p, c, e, r, l, False, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC,
+                                      DESC)
         lo = full
+    last = _last_key(offs_m, N, shift, CAUSAL)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        dq, dqa, pa = _dq_tile(dq, q, do, lse, delta, last, k_src, v_src, stride_kn, stride_vn, offs_d, start_n, N,
-                               qk_scale, qpg_hi, qpg_lo, at_src, at_lo_src, stride_atn, offs_p, dqa, pa, True, BYPASS,
-                               BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
-    return dq, dqa, pa
+        dq, c, e, r, l = _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn,
+                                  offs_d, start_n, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn,
+                                  offs_p, c, e, r, l, True, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
+    return dq, c, e, r, l
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, AT, AT_LO, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    Q, K, KG, V, PK, PV, AT, AT_LO, GATE, DO, LSE, DELTA, DQ, DPK, DPV, DGATE, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_kgb, stride_kgh, stride_kgn,
     stride_vb, stride_vh, stride_vn, stride_atb, stride_ath, stride_atn,
     stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh, stride_pvp,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
@@ -494,15 +489,15 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient); K is k for
-    every operator, the grid that of the forward over every query head (member < 0).
+    """dq for one query tile of one query head (plus, for the adapter, every prompt-side gradient). Grid as the
+    forward's (_query_tile): every query head (member < 0), or the heads of one group member (the Excitor).
 
-    Excitor (BYPASS == 1): the scores are formed from k and the centred weights AT (hi, lo) to about float32
-    accuracy (_dq_tile), and the program adds its rows' share of the gate gradient to DGATE[tile, b, h]:
-        dgate[h] = softmax_scale sum_i sum_j ds_ij x_ij = softmax_scale sum_i (su_i / sl_i - sa_i sc_i / sl_i^2),
-    the covariance of dp and x under row i's softmax (sl_i = sum_j p_ij is 1 up to the forward's rounding of k').
-    It needs no delta, so the output's rounding (delta) and the forward's rounding of k' (lse) do not enter:
-    the sum cancels (sum_j ds_ij = 0), and what it cancels to is computed from float32 terms."""
+    Excitor (BYPASS == 1, one launch per group member): the scores are formed from k (K) and the centred weights
+    AT (hi, lo) to about float32 accuracy, dq from the member's k' (KG, gated_keys) (_dq_tile); the program writes its rows' share of the gate gradient to DGATE[tile, b, h]:
+        dgate[h] = softmax_scale sum_i sum_j ds*_ij x_ij = softmax_scale sum_i (c_i - r_i e_i / l_i) / l_i,
+    with ds* the exact ds (p* = p / l: l_i = sum_j p_ij is 1 up to the forward's rounding of k'): the covariance
+    of dp and x under row i's softmax, in which neither delta (the output's rounding) nor lse enters. The sum
+    cancels (sum_j ds*_ij = 0), and what it cancels to is computed from float32 terms."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  member, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -520,6 +515,10 @@ def attention_bwd_dq_kernel(
     delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < M, other=0.0)
     k_src, v_src = _key_sources(K, V, b, g, k0, N, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                                 BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
+    kg_src = k_src
+    if BYPASS == 1:
+        kg_src = row_source(KG + b * stride_kgb + k0 * stride_kgn + g * stride_kgh, N, stride_kgn, BLOCK_N, BLOCK_D,
+                            HEAD_DIM, DESC)
 
     # Adapter prompts first, so that their tiles are dead before the key loop:
     # o_i += gate[h] op_i with op = ap pv and ap = softmax(softmax_scale q pk^T)
@@ -539,30 +538,32 @@ def attention_bwd_dq_kernel(
                + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
-    # Excitor: qp = q pk^T (exact products, float32 sums); gate[h] qp as a hi + lo pair for the scores
+    # Excitor: qp = q pk^T (exact products, float32 sums) as a hi + lo pair for the scores' bypass part
     offs_p = tl.arange(0, BLOCK_P)
-    qpg = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    qp = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     gate_h = 0.0
     if BYPASS == 1:
         gate_h = tl.load(GATE + h).to(tl.float32)
         pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-        qpg = gate_h * dot(q, tl.trans(pk), PREC)                # column P is 0 (pk's padded rows)
-    qpg_hi, qpg_lo = _split(qpg, q.dtype)
+        qp = dot(q, tl.trans(pk), PREC)
+    qp_hi, qp_lo = _split(qp, q.dtype)
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
-    dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-    pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    c = tl.zeros([BLOCK_M], tl.float32)
+    e = tl.zeros([BLOCK_M], tl.float32)
+    r = tl.zeros([BLOCK_M], tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    dq, dqa, pa = _dq_keys(dq, q, do, lse, delta, _last_key(offs_m, N, shift, CAUSAL), k_src, v_src, stride_kn,
-                           stride_vn, offs_d, full, hi, N, qk_scale, qpg_hi, qpg_lo, AT + at_rows, AT_LO + at_rows,
-                           stride_atn, offs_p, dqa, pa, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC, WARP_SPEC)
+    dq, c, e, r, l = _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_kn, stride_kgn,
+                              stride_vn, offs_d, full, hi, N, qk_scale, gate_h, qp_hi, qp_lo, AT + at_rows,
+                              AT_LO + at_rows, stride_atn, offs_p, c, e, r, l, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
+                              BLOCK_P, PREC, DESC, WARP_SPEC)
     if BYPASS == 1:
-        # pk and qp again: not held through the loop (a volatile load is not merged with the first)
-        pk_ptrs = PK + b * stride_pkb + g * stride_pkh + offs_p[:, None] * stride_pkp + offs_d[None, :]
-        pk = tl.load(pk_ptrs, mask=(offs_p[:, None] < P) & (offs_d[None, :] < HEAD_DIM), other=0.0, volatile=True)
-        sl, rows_dgate = _gate_rows(dot(q, tl.trans(pk), PREC), dqa, pa, offs_p, P,
-                                    (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
+        seen = (offs_m < M) & (N > 0)
+        if CAUSAL:
+            seen = seen & (offs_m >= -shift)  # not offs_m + shift: the loops' value, kept live across them
+        sl, rows_dgate = _gate_rows(c, e, r, l, seen)
         tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
-        dq = (dq + gate_h * dot(dqa.to(pk.dtype), pk, PREC)) / sl[:, None]  # sum_j ds*_ij (k_j + gate[h] ke_j)
+        dq = dq / sl[:, None]  # sum_j ds*_ij k'_j, up to the row term r_i p_ij / l_i^2 (r is delta's rounding)
     dq *= softmax_scale
     store_rows(DQ + b * stride_dqb + q0 * stride_dqm + h * stride_dqh, dq, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
 
@@ -577,11 +578,10 @@ def excitor_gate_grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """The Excitor's gate gradient alone, where the dq kernel does not make it (the sdpa backends; sm_80): one
-    program per (query tile, batch * query head) adds its rows' share to DGATE[tile, b, h], as the dq kernel
-    does (attention_bwd_dq_kernel: the same float32-grade scores and sums), with an online row maximum in place
-    of the saved lse and without delta (the sums are invariant to a per-row scale of p, and ds = p dp is ds up to
-    a row constant, which the correction removes; r and c are then not small, so p, too, enters as a hi + lo
-    pair)."""
+    program per (query tile, batch * query head) writes its rows' share to DGATE[tile, b, h], as the dq kernel
+    does (attention_bwd_dq_kernel: the same float32-grade scores and row sums), with an online row maximum in
+    place of the saved lse and without delta (the sums' formula is invariant to a per-row scale of p, and
+    ds = p dp is ds up to a row constant times p, which it removes)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  -1, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -595,14 +595,15 @@ def excitor_gate_grad_kernel(
                    True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     gate_h = tl.load(GATE + h).to(tl.float32)
-    qp = dot(q, tl.trans(pk), PREC)
-    qpg_hi, qpg_lo = _split(gate_h * qp, q.dtype)
+    qp_hi, qp_lo = _split(dot(q, tl.trans(pk), PREC), q.dtype)
     k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
     v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    dqa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-    pa = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    c = tl.zeros([BLOCK_M], tl.float32)
+    e = tl.zeros([BLOCK_M], tl.float32)
+    r = tl.zeros([BLOCK_M], tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
     _, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -612,16 +613,17 @@ def excitor_gate_grad_kernel(
         at_lo = at
         if at.dtype != tl.float32:
             at_lo = load_rows(AT_LO + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
-        qk = _add_bypass_scores(dot(q, tl.trans(kt), PREC), qpg_hi, qpg_lo, at, at_lo, PREC)
+        x = _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC)
+        qk = dot(q, tl.trans(kt), PREC) + gate_h * x
         qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         ds = p * dot(do, tl.trans(vt), PREC)
-        dqa, pa = _add_gate_sums(dqa * alpha[:, None], pa * alpha[:, None], ds, p, at, at_lo, PREC)
+        c, e, r, l = _add_gate_sums(c * alpha, e * alpha, r * alpha, l * alpha, ds, p, x)
         m_i = m_new
-    _, rows_dgate = _gate_rows(qp, dqa, pa, offs_p, P, (offs_m < M) & (last >= 0))
+    _, rows_dgate = _gate_rows(c, e, r, l, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
     tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
 
 
@@ -647,7 +649,7 @@ def _tiles(BLOCK_M, BLOCK_N, num_warps, num_stages=2):
 
 
 def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int = EXCITOR,
-           arch: int = 90, varlen: bool = False) -> tuple[dict, dict, dict]:
+           arch: int = 90, varlen: bool = False, prompts: int = 32) -> tuple[dict, dict, dict]:
     """(forward, backward key-tile, backward query-tile) tiles and launch options.
 
     On a GPU (``arch`` = compute capability as 80, 90, ...): for half types, the tiles with which every
@@ -656,8 +658,9 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     of at least 64 rows per warpgroup (the forward and dq query tiles, the dk/dv key tile), descriptor (TMA)
     loads (_configs falls back to pointer loads where descriptors cannot read the inputs); at d <= 64 the
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
-    at d = 128 one stage; the widest key tile that leaves registers (the Adapter's prompt tile and the packed
-    layout's offsets take some). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
+    at d = 128 one stage; the widest key tile that leaves registers: 128 x 64 at d = 128, but 128 x 32 for
+    the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop), and at d = 64 128 x 64 for
+    packed sequences (their offsets). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
     larger than the problem. On sm_90+ the launchers may run a faster configuration of
     ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
@@ -669,28 +672,23 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
         return fwd, _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
         wide = d <= 64
-        # the Excitor's dq loop also holds the gate gradient's sums (dqa, pa) and gate[h] qp: 128 x 64 spills
-        dq_n = 32 if bypass == EXCITOR else 128 if wide else 64
+        # the Excitor's dq loop also holds the bypass scores x and reads k' beside k: 128 x 128 spills at d = 64
+        dq_n = 128 if wide and bypass != EXCITOR else 64
         return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
                 dict(_tiles(128, dq_n, 8), DESC=True))
     if d <= 64:
         fwd = _tiles(128, 64 if varlen else 128, 8)
     else:
-        fwd = _tiles(128, 32 if bypass == ADAPTER or varlen else 64, 8, 1)
-    return fwd, _tiles(64, 32, 8), _tiles(32, 64, 8)
+        fwd = _tiles(128, 32 if bypass == ADAPTER and pow2(prompts) > 32 else 64, 8, 1)
+    # the Excitor's dq: 128 query rows (its gate sums per row), 32 keys (16 for packed sequences at d = 128: their
+    # offsets take the registers of 32)
+    dq = _tiles(128, 16 if varlen and d > 64 else 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
+    return fwd, _tiles(64, 32, 8), dq
 
 
 def _arch(t: torch.Tensor) -> int:
     major, minor = torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
     return 10 * major + minor
-
-
-def fused_gate(q: torch.Tensor) -> bool:
-    """Whether the Excitor's dq kernel also makes the gate gradient (attention_bwd_dq_kernel, BYPASS == 1): on
-    sm_90 and later, and interpreted. On sm_80 that loop spills at every tile tried (bench.static: 196 bytes at
-    64 x 32, 4 warps), so there the dq kernel is plain attention's over each group member's k' and
-    excitor_gate_grad_kernel makes the gate gradient in a pass of its own (the same sums, no spill)."""
-    return not q.is_cuda or _arch(q) >= 90
 
 
 def _configs(kernel, default, rows, causal, bypass, tensors, prepare, deterministic=False):
@@ -748,7 +746,7 @@ def attention_forward(bypass, q, k, v, pk, pv, gate, sim, causal, softmax_scale,
     for member in members:
         keys = k if member < 0 else gated_keys(k, ke, gate, member, rows)
         if member == members[0]:
-            fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen)[0]
+            fixed = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen, P)[0]
             fwd = _configs("fwd", fixed, rows, causal, bypass, (q, keys, v),
                            lambda config: lambda: launch(config, o, lse, member, keys))
         launch(fwd, o, lse, member, keys)
@@ -766,7 +764,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
     if do.stride(-1) != 1:
         do = do.contiguous()
     dev = q.device
-    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen)
+    _, kv_default, q_default = blocks(q.is_cuda, M, N, d, q.element_size(), bypass, _arch(q), rows.varlen, P)
     prec = precision(q)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     excitor = bypass == EXCITOR
@@ -819,19 +817,18 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
         )
 
     def launch_dq(config, sums, member=-1, kk=k):
-        """Every query head in one launch, reading k (the Excitor's scores from k and the centred weights); or, where
-        the dq kernel does not make the gate gradient (fused_gate), plain attention's dq over group member
-        ``member``'s k' ``kk``."""
+        """Every query head in one launch (member < 0: plain attention, the Adapter); or the Excitor's heads of group
+        member ``member``: scores from k and the centred weights, dq from its k' ``kk``, the gate gradient."""
         dg_buf, dg_strides = sums.gate, sums.gate_strides
         dpk_buf, dpv_buf, dpk_strides = prompt_args(sums)
         attention_bwd_dq_kernel[(triton.cdiv(M, config["BLOCK_M"]), B * (Hq if member < 0 else Hkv))](
-            q, kk, v, pk, pk if pv is None else pv, at[0], at[-1], gate, do, lse, delta, dq, dpk_buf, dpv_buf, dg_buf,
-            rows.cu_q, rows.cu_k,
-            *rows.strides(q), *rows.strides(kk), *rows.strides(v), *rows.strides(at[0]),
+            q, k, kk, v, pk, pk if pv is None else pv, at[0], at[-1], gate, do, lse, delta, dq, dpk_buf, dpv_buf,
+            dg_buf, rows.cu_q, rows.cu_k,
+            *rows.strides(q), *rows.strides(k), *rows.strides(kk), *rows.strides(v), *rows.strides(at[0]),
             *prompt_strides(pk), *prompt_strides(pv), *rows.strides(do), *rows.strides(dq),
             *dpk_strides, *dg_strides, *rows.stats_strides(lse),
             Hq, M, N, P, groups, member, softmax_scale * LOG2E, softmax_scale,
-            CAUSAL=causal, BYPASS=bypass if member < 0 else 0, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+            CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
             BLOCK_P=at.shape[-1] if excitor else BLOCK_P, PREC=prec, **config,
         )
 
@@ -844,25 +841,19 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
         return lambda: launch_dkdv(config, 0, first)
 
     def tune_dq(config):
-        return lambda: launch_dq(config, grad_sums(kv_default, config))
+        return lambda: launch_dq(config, grad_sums(kv_default, config), *((0, first) if excitor else ()))
 
     kv_config = _configs("dkdv", kv_default, rows, causal, bypass, (q, first, v, do), tune_dkdv, deterministic)
-    split = excitor and not fused_gate(q)
-    if split:  # sm_80: plain attention's dq per group member over its k'; the gate gradient in its own pass
-        q_config = q_default
-    else:
-        q_config = _configs("dq", q_default, rows, causal, bypass, (q, k, v, do), tune_dq, deterministic)
+    q_config = _configs("dq", q_default, rows, causal, bypass, (q, k, first, v, do), tune_dq, deterministic)
     sums = grad_sums(kv_config, q_config)
     for member in range(groups):
         kk = first if member == 0 else keys(member)
         launch_dkdv(kv_config, member, kk)
-        if split:
+        if excitor:  # dq per group member, with its k'
             launch_dq(q_config, sums, member, kk)
-    if split:
-        dgate = excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale, rows, at)
-    else:
+    if not excitor:
         launch_dq(q_config, sums)
-        dgate = sums.gate_grad(gate)
+    dgate = sums.gate_grad(gate)
     dv = dv.to(v.dtype)
     if excitor:
         s = k if sim is None else sim
@@ -878,13 +869,12 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
 GATE_BLOCKS = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
 
 
-def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale, rows=None, at=None):
-    """dgate of the Excitor in gate's dtype (excitor_gate_grad_kernel), for padded operands or ``rows``' packed
-    ones; ``at``: the pre-pass's centred weights if the caller has them (else made here)."""
-    rows = RowLayout(q, k) if rows is None else rows
+def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale):
+    """dgate of the Excitor in gate's dtype (excitor_gate_grad_kernel) for padded operands: the sdpa and CUDA
+    backends' gate gradient."""
+    rows = RowLayout(q, k)
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
-    if at is None:
-        _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
+    _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
     tile = GATE_BLOCKS if q.is_cuda else dict(BLOCK_M=min(32, pow2(M)), BLOCK_N=min(32, pow2(N)))
     tiles = triton.cdiv(M, tile["BLOCK_M"])
     sums = GradSums(tiles, B, 0, Hq, 0, d, pk.dim() == 4, True, q.device)

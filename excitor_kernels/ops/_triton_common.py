@@ -10,14 +10,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def dot(a, b, PREC: tl.constexpr):
-    """tl.dot with float32 accumulation. PREC "upcast" computes it in exact float32: the prompt passes use it
-    (O(N P d) work), and interpreted bfloat16 runs, since the CPU interpreter's bfloat16 dot is wrong
-    (triton 3.6 to 3.9)."""
+def dot(a, b, PREC: tl.constexpr, acc=None):
+    """acc + a b with float32 accumulation (a rounded to b's dtype first). PREC "upcast" computes it in exact
+    float32: the prompt passes use it (O(N P d) work), and interpreted bfloat16 runs, since the CPU
+    interpreter's bfloat16 dot is wrong (triton 3.6 to 3.9)."""
     if PREC == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a.to(b.dtype), b, acc=acc, input_precision=PREC)
     return out
 
 

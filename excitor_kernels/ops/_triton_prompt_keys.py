@@ -11,9 +11,9 @@ of head ``h`` by the same vector ``gate[h] c``, which adds ``gate[h] <q_i, c>`` 
 and so leaves each softmax, the output and every gradient unchanged; it keeps ``ke`` small where the mixture
 is nearly uniform, so that ``k'`` rounds well.
 
-The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and the centred weights ``a - 1/P`` with a
-column of ones (``B x Hkv x N x pow2(P + 1)``, and for half precision their rounding error beside them), from which
-the dq kernel forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
+The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and the centred weights ``a - 1/P``
+(``B x Hkv x N x pow2(P)``, and for half precision their rounding error beside them), from which the dq kernel
+forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
 backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
 (float32, ``ke``'s shape), and the post-pass applies the chain rule, tile by tile:
 
@@ -101,9 +101,8 @@ def prompt_keys_fwd_kernel(
 ):
     """One tile of keys of one (batch entry or sequence, key/value head): KE = ke rounded to the input dtype (what
     ``k'`` adds to k), and the centred weights ``a - 1/P`` as AT (rounded) and AT_LO (its rounding error; float32
-    keys have none: AT_LO is then AT and is not written), BLOCK_P = pow2(P + 1) columns: column P holds ones (AT)
-    and the rest zeros. The dq kernel forms ``<q_i, ke_j> = sum_n <q_i, pk_n> (a[j, n] - 1/P)`` from them to about
-    float32 accuracy, and its products with the ones column are row sums (the gate gradient)."""
+    keys have none: AT_LO is then AT and is not written), BLOCK_P = pow2(P) columns, 0 past P. The dq kernel forms
+    ``<q_i, ke_j> = sum_n <q_i, pk_n> (a[j, n] - 1/P)`` from them to about float32 accuracy (the gate gradient)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
@@ -113,12 +112,11 @@ def prompt_keys_fwd_kernel(
     store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken,
                offs_d, N, HEAD_DIM)
     at = _centred(a, offs_p, P)
-    at_hi = tl.where(offs_p[None, :] == P, 1.0, at).to(AT.dtype.element_ty)
+    at_hi = at.to(AT.dtype.element_ty)
     rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     store_rows(AT + rows, at_hi, offs_n, stride_atn, offs_p, N, BLOCK_P)
     if AT.dtype.element_ty != tl.float32:
-        store_rows(AT_LO + rows, at - tl.where(offs_p[None, :] == P, 0.0, at_hi.to(tl.float32)), offs_n, stride_atn,
-                   offs_p, N, BLOCK_P)
+        store_rows(AT_LO + rows, at - at_hi.to(tl.float32), offs_n, stride_atn, offs_p, N, BLOCK_P)
 
 
 @triton.jit
@@ -161,10 +159,9 @@ def prompt_blocks(on_gpu: bool, N: int, itemsize: int = 2) -> dict:
 def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout):
     """(ke, at) for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
     ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry. ``ke`` has s's shape and dtype; ``at`` holds
-    the centred weights ``a - 1/P`` and a column of ones (column P), ``pow2(P + 1)`` columns,
-    ``(2, *s.shape[:-1], pow2(P + 1))`` in s's dtype: ``at[0]`` rounded, ``at[1]`` its rounding error (float32:
-    ``(1, ...)``, ``at[-1]`` is ``at[0]``)."""
-    BLOCK_P = pow2(pk.shape[-2] + 1)  # the ones column
+    the centred weights ``a - 1/P`` in ``pow2(P)`` columns (0 past P), ``(2, *s.shape[:-1], pow2(P))`` in s's
+    dtype: ``at[0]`` rounded, ``at[1]`` its rounding error (float32: ``(1, ...)``, ``at[-1]`` is ``at[0]``)."""
+    BLOCK_P = pow2(pk.shape[-2])
     ke = new_output(s.shape, dtype=s.dtype, device=s.device)
     at = new_output((1 if s.dtype == torch.float32 else 2, *s.shape[:-1], BLOCK_P), dtype=s.dtype, device=s.device)
     launch = prompt_blocks(s.is_cuda, rows.N, s.element_size())

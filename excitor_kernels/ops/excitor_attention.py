@@ -43,7 +43,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, prompt_keys: Tensor, gate: Tensor, sim
 def _(q, k, v, prompt_keys, gate, sim_keys, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       softmax_scale, prompt_scale, deterministic):
     s = k if sim_keys is None else sim_keys
-    at = (1 if s.dtype == torch.float32 else 2, *s.shape[:-1], tri.pow2(prompt_keys.shape[-2] + 1))
+    at = (1 if s.dtype == torch.float32 else 2, *s.shape[:-1], tri.pow2(prompt_keys.shape[-2]))
     return (torch.empty_like(q), q.new_empty(tri.stats_shape(q, cu_seqlens_q), dtype=torch.float32),
             torch.empty_like(s), torch.empty(at, dtype=s.dtype, device=s.device))
 
