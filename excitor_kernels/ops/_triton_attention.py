@@ -232,7 +232,7 @@ def attention_fwd_kernel(
                     PREC, False, Q_CHUNK)
         ap = prompt_weights(z, offs_p, P, qk_scale)
         pv = load_rows(PV + b * stride_pvb + g * stride_pvh, offs_p, stride_pvp, offs_d, P, HEAD_DIM, True)
-        o = dot(ap * tl.load(GATE + h).to(tl.float32), pv, PREC, acc=o)
+        o += tl.load(GATE + h).to(tl.float32) * dot(ap, pv, PREC)  # gate times the product: inf gates as the formula
     store_rows(O + o_rows, o, offs_m, stride_om, offs_d, M, HEAD_DIM)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_i))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=offs_m < M)
@@ -493,7 +493,8 @@ def attention_bwd_dq_kernel(
     forward's (_query_tile): every query head (member < 0), or the heads of one group member (the Excitor).
 
     Excitor (BYPASS == 1, one launch per group member): the scores are formed from k (K) and the centred weights
-    AT (hi, lo) to about float32 accuracy, dq from the member's k' (KG, gated_keys) (_dq_tile); the program writes its rows' share of the gate gradient to DGATE[tile, b, h]:
+    AT (hi, lo) to about float32 accuracy, dq from the member's k' (KG, gated_keys) (_dq_tile); the program writes
+    its rows' share of the gate gradient to DGATE[tile, b, h]:
         dgate[h] = softmax_scale sum_i sum_j ds*_ij x_ij = softmax_scale sum_i (c_i - r_i e_i / l_i) / l_i,
     with ds* the exact ds (p* = p / l: l_i = sum_j p_ij is 1 up to the forward's rounding of k'): the covariance
     of dp and x under row i's softmax, in which neither delta (the output's rounding) nor lse enters. The sum
@@ -658,9 +659,9 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     of at least 64 rows per warpgroup (the forward and dq query tiles, the dk/dv key tile), descriptor (TMA)
     loads (_configs falls back to pointer loads where descriptors cannot read the inputs); at d <= 64 the
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
-    at d = 128 one stage; the widest key tile that leaves registers: 128 x 64 at d = 128, but 128 x 32 for
-    the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop), and at d = 64 128 x 64 for
-    packed sequences (their offsets). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
+    the widest key tile that leaves registers: 128 x 64 at d = 128 (one stage), but 128 x 32 for the Adapter with
+    more than 32 ``prompts`` (its prompt tile after the key loop), and at d = 64 128 x 64 for packed sequences
+    (their offsets). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
     larger than the problem. On sm_90+ the launchers may run a faster configuration of
     ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
@@ -679,7 +680,7 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     if d <= 64:
         fwd = _tiles(128, 64 if varlen else 128, 8)
     else:
-        fwd = _tiles(128, 32 if bypass == ADAPTER and pow2(prompts) > 32 else 64, 8, 1)
+        fwd = _tiles(128, 32, 8) if bypass == ADAPTER and pow2(prompts) > 32 else _tiles(128, 64, 8, 1)
     # the Excitor's dq: 128 query rows (its gate sums per row), 32 keys (16 for packed sequences at d = 128: their
     # offsets take the registers of 32)
     dq = _tiles(128, 16 if varlen and d > 64 else 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
