@@ -786,7 +786,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
     at = (k, k) if at is None else at  # stand-ins for the Adapter
 
     def keys(member):
-        """The keys of the dk/dv kernel: k, or the Excitor's k' of one group member."""
+        """The keys of the dk/dv kernel and of the dq kernel's product: k, or the Excitor's k' of one group member."""
         return k if ke is None else gated_keys(k, ke, gate, member, rows)
 
     def grad_sums(kv_config, q_config):
@@ -830,7 +830,7 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
             *dpk_strides, *dg_strides, *rows.stats_strides(lse),
             Hq, M, N, P, groups, member, softmax_scale * LOG2E, softmax_scale,
             CAUSAL=causal, BYPASS=bypass, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=BLOCK_D,
-            BLOCK_P=at.shape[-1] if excitor else BLOCK_P, PREC=prec, **config,
+            BLOCK_P=BLOCK_P, PREC=prec, **config,
         )
 
     # the Excitor's dk/dv kernel runs per group member, each member's k' built once; tuning launches write fresh
