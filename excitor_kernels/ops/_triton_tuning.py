@@ -39,10 +39,11 @@ BOTH = (EXCITOR, ADAPTER)
 # (16-byte aligned pointers and strides, bench.static). Left out for spilling there, e.g. forwards 128x64 with
 # 4 warps (non-specialised), dk/dv 64x128 and 64x64 (4 warps), dk/dv 32x64 and 32x32 with 4 warps, the
 # Adapter dq with descriptors at 32x64 (8 warps); the Excitor's dq, whose loop also holds the bypass scores and
-# the gate gradient's sums (docs/design.md), at 128x128, and at 128x64 with pointer loads (d = 128). Warp specialisation
-# compiles on sm_90 (triton 3.9) for the Excitor forward with descriptor loads at 4 warps (triton adds a producer
-# warp group); not with pointer loads, not for the Adapter (its prompt products), while the dk/dv loop and any loop
-# at 8 warps triton leaves as it is.
+# the gate gradient's sums (docs/design.md), at 128x128, and at 128x64 with pointer loads (d = 128). Warp
+# specialisation compiles on sm_90 (triton 3.9) for the Excitor forward with descriptor loads at 4 warps (triton
+# adds a producer warp group); not with pointer loads, not for the Adapter (its prompt products), not for the
+# Excitor's dq (its row sums: triton's partitioning asserts), while the dk/dv loop and any loop at 8 warps triton
+# leaves as it is.
 _SET = {
     "fwd": [(BOTH, 128, 128, 8, 2, True, False), (BOTH, 128, 128, 8, 2, False, False),
             (BOTH, 128, 32, 8, 2, False, False), (BOTH, 128, 64, 8, 2, True, False),
