@@ -578,7 +578,7 @@ def excitor_gate_grad_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The Excitor's gate gradient alone, where the dq kernel does not make it (the sdpa backends; sm_80): one
+    """The Excitor's gate gradient alone, for the backends whose dq does not make it (sdpa, CUDA): one
     program per (query tile, batch * query head) writes its rows' share to DGATE[tile, b, h], as the dq kernel
     does (attention_bwd_dq_kernel: the same float32-grade scores and row sums), with an online row maximum in
     place of the saved lse and without delta (the sums' formula is invariant to a per-row scale of p, and
