@@ -215,10 +215,11 @@ def triton_jobs(subset: str = "full"):
                     found.append(("gqa", job(tri.attention_bwd_dkdv_kernel, dkdv, flags, ACCUMULATE=True,
                                              types={"DK": "*fp32", "DV": "*fp32", "DKE": "*fp32"})))
                 # the Excitor's dq reads k, its k' and the centred weights and makes the gate gradient;
-                # excitor_gate_grad_kernel makes it alone for the sdpa and CUDA backends
+                # excitor_gate_grad_kernel makes it alone for the sdpa and CUDA backends (padded batches)
                 found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
-                if excitor:
+                if excitor and layout == "padded":
                     found.append((layout, job(tri.excitor_gate_grad_kernel, tri.GATE_BLOCKS, flags)))
+                if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))
             if dtype != "fp32":

@@ -48,7 +48,7 @@ import triton.language as tl
 from .._alloc import new_output
 from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, load_rows, load_tile, pow2,
                              precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights, row_source,
-                             sequence, stats_shape, store_rows)
+                             sequence, split, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, candidates, descriptors_ok, length_bucket, pick, prepare_descriptors
 
@@ -384,19 +384,15 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _split(x, dtype: tl.constexpr):
-    """x (float32) as a hi + lo pair of ``dtype`` values: hi rounded, lo its rounding error."""
-    hi = x.to(dtype)
-    return hi, (x - hi.to(tl.float32)).to(dtype)
-
-
-@triton.jit
-def _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC: tl.constexpr):
-    """x_ij = <q_i, ke_j> = sum_n qp_in at_jn (qp = q pk^T, at the centred weights) from hi + lo pairs of qp and at:
-    three products of P columns, about float32 (float32 inputs: one product)."""
+def _bypass_scores(qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_n, offs_p, N, BLOCK_P: tl.constexpr,
+                   MASKED: tl.constexpr, PREC: tl.constexpr):
+    """x_ij = <q_i, ke_j> = sum_n qp_in at_jn for the keys ``offs_n`` (qp = q pk^T; at the centred weights, read
+    from the pre-pass's rounded values and their rounding errors) from hi + lo pairs of qp and at: three products
+    of P columns, about float32 (float32 inputs: one product)."""
+    at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
     x = dot(qp_hi, tl.trans(at), PREC)
     if at.dtype != tl.float32:
-        x += dot(qp_hi, tl.trans(at_lo), PREC)
+        x += dot(qp_hi, tl.trans(load_rows(at_lo_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)), PREC)
         x += dot(qp_lo, tl.trans(at), PREC)
     return x
 
@@ -432,12 +428,8 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, strid
     kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     if BYPASS == 1:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
-        at_lo = at
-        if at.dtype != tl.float32:
-            at_lo = load_rows(at_lo_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
-        x = _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC)
+        x = _bypass_scores(qp_hi, qp_lo, at_src, at_lo_src, stride_atn, start_n + tl.arange(0, BLOCK_N), offs_p, N,
+                           BLOCK_P, MASKED, PREC)
         qk = dot(q, tl.trans(kt), PREC, acc=gate_h * x)
     else:
         qk = dot(q, tl.trans(kt), PREC)
@@ -547,7 +539,7 @@ def attention_bwd_dq_kernel(
         gate_h = tl.load(GATE + h).to(tl.float32)
         pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
         qp = dot(q, tl.trans(pk), PREC)
-    qp_hi, qp_lo = _split(qp, q.dtype)
+    qp_hi, qp_lo = split(qp, q.dtype)
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     c = tl.zeros([BLOCK_M], tl.float32)
     e = tl.zeros([BLOCK_M], tl.float32)
@@ -571,20 +563,20 @@ def attention_bwd_dq_kernel(
 
 @triton.jit
 def excitor_gate_grad_kernel(
-    Q, K, V, PK, AT, AT_LO, GATE, DO, DGATE, CU_Q, CU_K,
+    Q, K, V, PK, AT, AT_LO, GATE, DO, DGATE,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_atb, stride_ath, stride_atn, stride_pkb, stride_pkh, stride_pkp, stride_dob, stride_doh, stride_dom,
     stride_dg_t, stride_dg_b, Hq, M, N, P, GROUPS, qk_scale, softmax_scale,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The Excitor's gate gradient alone, for the backends whose dq does not make it (sdpa, CUDA): one
-    program per (query tile, batch * query head) writes its rows' share to DGATE[tile, b, h], as the dq kernel
+    """The Excitor's gate gradient alone, for the backends whose dq does not make it (sdpa, CUDA; padded batches):
+    one program per (query tile, batch * query head) writes its rows' share to DGATE[tile, b, h], as the dq kernel
     does (attention_bwd_dq_kernel: the same float32-grade scores and row sums), with an online row maximum in
     place of the saved lse and without delta (the sums' formula is invariant to a per-row scale of p, and
     ds = p dp is ds up to a row constant times p, which it removes)."""
-    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
-                                                 -1, VARLEN, BLOCK_M)
+    b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, Q, Q, Hq, M, N, GROUPS, -1,
+                                                 False, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -596,7 +588,7 @@ def excitor_gate_grad_kernel(
                    True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
     gate_h = tl.load(GATE + h).to(tl.float32)
-    qp_hi, qp_lo = _split(dot(q, tl.trans(pk), PREC), q.dtype)
+    qp_hi, qp_lo = split(dot(q, tl.trans(pk), PREC), q.dtype)
     k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
     v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
@@ -610,11 +602,8 @@ def excitor_gate_grad_kernel(
         offs_n = start_n + offs_n0
         kt = load_rows(k_base, offs_n, stride_kn, offs_d, N, HEAD_DIM, True)
         vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
-        at = load_rows(AT + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
-        at_lo = at
-        if at.dtype != tl.float32:
-            at_lo = load_rows(AT_LO + at_rows, offs_n, stride_atn, offs_p, N, BLOCK_P, True)
-        x = _bypass_scores(qp_hi, qp_lo, at, at_lo, PREC)
+        x = _bypass_scores(qp_hi, qp_lo, AT + at_rows, AT_LO + at_rows, stride_atn, offs_n, offs_p, N, BLOCK_P, True,
+                           PREC)
         qk = dot(q, tl.trans(kt), PREC) + gate_h * x
         qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -882,10 +871,10 @@ def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, pro
     if do.stride(-1) != 1:
         do = do.contiguous()
     excitor_gate_grad_kernel[(tiles, B * Hq)](
-        q, k, v, pk, at[0], at[-1], gate.contiguous(), do, sums.gate, rows.cu_q, rows.cu_k,
+        q, k, v, pk, at[0], at[-1], gate.contiguous(), do, sums.gate,
         *rows.strides(q), *rows.strides(k), *rows.strides(v), *rows.strides(at[0]), *prompt_strides(pk),
         *rows.strides(do), *sums.gate_strides, Hq, M, N, P, Hq // rows.Hkv, softmax_scale * LOG2E, softmax_scale,
-        CAUSAL=causal, VARLEN=rows.varlen, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=at.shape[-1], PREC=precision(q),
+        CAUSAL=causal, HEAD_DIM=d, BLOCK_D=pow2(d), BLOCK_P=at.shape[-1], PREC=precision(q),
         **tile,
     )
     return sums.gate_grad(gate)

@@ -22,6 +22,13 @@ def dot(a, b, PREC: tl.constexpr, acc=None):
 
 
 @triton.jit
+def split(x, dtype: tl.constexpr):
+    """x (float32) as a hi + lo pair of ``dtype`` values: hi rounded, lo its rounding error."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def dot_hi_lo(x, y, PREC: tl.constexpr):
     """x (float32) times y (input dtype) to about float32 accuracy on the half tensor cores: x = hi + lo with hi, lo
     rounded to y's dtype, two products at the half rate (no TF32). One product when y is float32 or under
@@ -29,8 +36,8 @@ def dot_hi_lo(x, y, PREC: tl.constexpr):
     if PREC == "upcast" or y.dtype == tl.float32:
         out = dot(x, y, PREC)
     else:
-        hi = x.to(y.dtype)
-        out = dot(hi, y, PREC) + dot((x - hi.to(tl.float32)).to(y.dtype), y, PREC)
+        hi, lo = split(x, y.dtype)
+        out = dot(hi, y, PREC) + dot(lo, y, PREC)
     return out
 
 

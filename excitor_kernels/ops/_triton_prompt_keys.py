@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .._alloc import new_output
 from ._triton_common import (LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax,
-                             prompt_strides, sequence, store_rows)
+                             prompt_strides, sequence, split, store_rows)
 
 
 @triton.jit
@@ -111,12 +111,11 @@ def prompt_keys_fwd_kernel(
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken,
                offs_d, N, HEAD_DIM)
-    at = _centred(a, offs_p, P)
-    at_hi = at.to(AT.dtype.element_ty)
+    at_hi, at_lo = split(_centred(a, offs_p, P), AT.dtype.element_ty)
     rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     store_rows(AT + rows, at_hi, offs_n, stride_atn, offs_p, N, BLOCK_P)
     if AT.dtype.element_ty != tl.float32:
-        store_rows(AT_LO + rows, at - at_hi.to(tl.float32), offs_n, stride_atn, offs_p, N, BLOCK_P)
+        store_rows(AT_LO + rows, at_lo, offs_n, stride_atn, offs_p, N, BLOCK_P)
 
 
 @triton.jit
