@@ -213,6 +213,7 @@ def attention_fwd_kernel(
     acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn,
                               stride_vn, offs_d, full, hi, N, qk_scale, CAUSAL, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
                               DESC, WARP_SPEC, Q_CHUNK)
+    _, M = sequence(CU_Q, b, M, VARLEN, AGAIN=True)  # the stores' row masks, not kept from q's load (registers)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
     # sees keys whose scores are all -inf has l = 0 and gets 0 / 0 = NaN, as the softmax of the formula
@@ -648,9 +649,8 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     of at least 64 rows per warpgroup (the forward and dq query tiles, the dk/dv key tile), descriptor (TMA)
     loads (_configs falls back to pointer loads where descriptors cannot read the inputs); at d <= 64 the
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
-    the widest key tile that leaves registers: 128 x 64 at d = 128 (one stage), but 128 x 32 for the Adapter with
-    more than 32 ``prompts`` (its prompt tile after the key loop), and at d = 64 128 x 64 for packed sequences
-    (their offsets). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
+    the widest key tile that leaves registers: 128 x 128 at d = 64, 128 x 64 at d = 128 (one stage), but 128 x 32
+    for the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
     larger than the problem. On sm_90+ the launchers may run a faster configuration of
     ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
@@ -667,7 +667,7 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
         return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
                 dict(_tiles(128, dq_n, 8), DESC=True))
     if d <= 64:
-        fwd = _tiles(128, 64 if varlen else 128, 8)
+        fwd = _tiles(128, 128, 8)
     else:
         fwd = _tiles(128, 32, 8) if bypass == ADAPTER and pow2(prompts) > 32 else _tiles(128, 64, 8, 1)
     # the Excitor's dq: 128 query rows (its gate sums per row), 32 keys (16 for packed sequences at d = 128: their

@@ -123,13 +123,14 @@ def prompt_attention_backward(q, do, rows, ap, op, pk, pv, gate_h, softmax_scale
 
 
 @triton.jit
-def sequence(CU, b, L, VARLEN: tl.constexpr):
+def sequence(CU, b, L, VARLEN: tl.constexpr, AGAIN: tl.constexpr = False):
     """(first row, length) of sequence ``b``: rows [CU[b], CU[b + 1]) of a packed tensor when VARLEN,
-    else (0, L) in batch entry ``b`` of a padded one."""
+    else (0, L) in batch entry ``b`` of a padded one. AGAIN: a second read after a loop, volatile so that the
+    compiler does not merge it with the first and keep what derives from that (row masks) live across the loop."""
     start = 0
     if VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        L = (tl.load(CU + b + 1) - start).to(tl.int32)
+        start = tl.load(CU + b, volatile=AGAIN).to(tl.int64)
+        L = (tl.load(CU + b + 1, volatile=AGAIN) - start).to(tl.int32)
     return start, L
 
 
