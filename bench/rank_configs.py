@@ -60,7 +60,8 @@ def static(as_json: bool) -> int:
 
 def _label(config: dict) -> str:
     return (f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-            f"{' desc' if config['DESC'] else ''}{' ws' if config['WARP_SPEC'] else ''}")
+            f"{' desc' if config['DESC'] else ''}{' ws' if config['WARP_SPEC'] else ''}"
+            f"{' tc-rowsum' if config.get('TC_ROW_SUM') else ''}")
 
 
 def rank(args) -> None:

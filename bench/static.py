@@ -153,13 +153,14 @@ def job(kernel, config: dict, flags: dict, types: dict | None = None, **extra) -
 
 def in_test_subset(config: dict) -> bool:
     """What tests/test_static_cost.py checks in a few minutes: bf16, d = 128 (the largest tiles) on both
-    targets, padded layout (and the GQA dk/dv launch, the Adapter's forward with 64 prompts): every kernel and
-    operator at its GPU configuration; plus the Excitor's and the Adapter's float32 forwards at d = 128 (their
-    own tiles: spills, and shared memory against sm_80's lower limit)."""
+    targets, padded layout (and the GQA dk/dv launch, the Adapter's forward with 64 prompts, the forwards with the
+    row sum on the tensor cores): every kernel and operator at its GPU configuration; plus the Excitor's and the
+    Adapter's float32 forwards at d = 128 (their own tiles: spills, and shared memory against sm_80's lower
+    limit)."""
     if config["dtype"] == "fp32":
         return config["d"] == 128 and config["op"] in ("excitor", "adapter") and config["layout"] == "padded"
-    return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in ("padded", "gqa", "decode",
-                                                                                     "prompts64")
+    return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in (
+        "padded", "gqa", "decode", "prompts64", "tc_row_sum", "prompts64_tc_row_sum")
 
 
 def shape_flags(d: int, dtype: str) -> dict:
@@ -202,6 +203,12 @@ def triton_jobs(subset: str = "full"):
                     wide = tri.blocks(True, SEQ, SEQ, d, itemsize, bypass=bypass, arch=cc, prompts=MAX_PROMPTS)[0]
                     found.append(("prompts64", job(tri.attention_fwd_kernel, wide, flags,
                                                    BLOCK_P=pow2(MAX_PROMPTS))))
+                    # and with the row sum on the tensor cores (a tuning candidate, not the fixed one)
+                    found.append(("prompts64_tc_row_sum", job(tri.attention_fwd_kernel, wide, flags, TC_ROW_SUM=True,
+                                                              BLOCK_P=pow2(MAX_PROMPTS))))
+                if op == "plain" and layout == "padded" and dtype != "fp32":
+                    # the forward's row sum on the tensor cores (docs/design.md, "The softmax's row sum")
+                    found.append(("tc_row_sum", job(tri.attention_fwd_kernel, fwd, flags, TC_ROW_SUM=True)))
                 if dtype == "fp32":
                     continue
                 # launched with its own BLOCK_M (at most the dq tiles') and launch options
@@ -233,7 +240,7 @@ def triton_jobs(subset: str = "full"):
                          key=f"triton/sm{cc}/{dtype}/d{d}/{name}/{op}/{layout}",
                          config=dict(backend="triton", target=_arch(cc), cc=cc, dtype=dtype, d=d, kernel=name,
                                      op=op, layout=layout, **j["options"],
-                                     prompts=MAX_PROMPTS if layout == "prompts64" else PROMPTS,
+                                     prompts=MAX_PROMPTS if layout.startswith("prompts64") else PROMPTS,
                                      constexprs={k: v for k, v in j["constexprs"].items() if k != "PREC"}))
                 if subset == "full" or in_test_subset(j["config"]):
                     yield j
@@ -368,8 +375,9 @@ _SOFTMAX_FLOOR = ("with the row sum in float32 (FlashAttention's), a score costs
                   "softmax whatever the tile (FFMA scale and shift, MUFU.EX2, FMNMX row max, FADD row sum, half an "
                   "F2FP pack) against 4 d FLOPs")
 _TC_ROW_SUM = ("the one change found that goes under the target takes the row sum (its FADD per score) on the tensor "
-               "cores, as the product of the rounded weights with a column of ones (docs/design.md, 'The softmax's "
-               "row sum'), and adds tensor-core products to a loop that the estimate puts tensor-bound")
+               "cores, as the product of the rounded weights with a column of ones (TC_ROW_SUM, a tuning candidate; "
+               "docs/design.md, 'The softmax's row sum'; the report's tc_row_sum rows), and adds tensor-core "
+               "products to a loop that the estimate puts tensor-bound")
 # (cc, kernel, d, op, layout), "*" for any -> ((unmasked, masked, ratio) limits held instead, None: the target's;
 # why the target is out of reach)
 KNOWN_MISSES = {
@@ -387,9 +395,12 @@ KNOWN_MISSES = {
         "beside each warp's 128 (+6.25%) where the estimate has 1194 issue against 2048 tensor cycles"),
     (80, "attention_fwd_kernel", 128, "adapter", "prompts64"): (
         (1140, None, None), "more than 32 prompts: the Adapter's (rows, 64) prompt scores after the key loop leave "
-        "registers for 128 x 32 key tiles only (128 x 64 spills 4 bytes): the softmax's per-row work is paid per "
-        f"32 keys (1137; with at most 32 prompts 128 x 64, 952). {_TC_ROW_SUM}: 1076, with 2 more mma.sync "
-        "beside each warp's 64 (+3.1%) where the estimate has 596 issue against 1024 tensor cycles"),
+        "registers for 128 x 32 key tiles only: the softmax's per-row work is paid per 32 keys (1137; with at most "
+        "32 prompts 128 x 64, 952). 128 x 64 spills 4 bytes, two of q's row indices that the stores of o after "
+        "the loops reuse; recomputing them there from a value the compiler cannot merge with them removes the spill "
+        "(914, checked with inline assembly, which the CPU interpreter cannot run; a pure recomputation is merged "
+        f"back). {_TC_ROW_SUM}: 1076, with 2 more mma.sync beside each warp's 64 (+3.1%) where the estimate has 596 "
+        "issue against 1024 tensor cycles"),
     (90, "attention_bwd_dq_kernel", 64, "excitor", "*"): (
         (1500, 1710, 2.8), "d = 64: as at d = 128 (below), with twice the floor per FLOP (5 / (32 x 6 x 64) "
         "warp-instructions per FLOP: 407 per MFLOP over plain attention's 548) and 128 x 64 tiles (128 x 128 "
@@ -407,8 +418,8 @@ KNOWN_MISSES = {
 
 def plain_layout(layout: str) -> str:
     """The layout of the plain-attention record an operator's loops are compared with (the Adapter's forward with
-    64 prompts: padded)."""
-    return "padded" if layout == "prompts64" else layout
+    64 prompts: padded; with the row sum on the tensor cores too: plain's tc_row_sum)."""
+    return {"prompts64": "padded", "prompts64_tc_row_sum": "tc_row_sum"}.get(layout, layout)
 
 
 def loop_limits(config: dict) -> tuple | None:

@@ -1,5 +1,5 @@
-"""The Hopper variants of the attention kernels (tensor-descriptor loads, warp-specialised loops) and the
-tuned configuration set (excitor_kernels/ops/_triton_tuning.py).
+"""The variants of the attention kernels (tensor-descriptor loads, warp-specialised loops, the forward's row sum
+on the tensor cores) and the tuned configuration set (excitor_kernels/ops/_triton_tuning.py).
 
 * Correctness: each switch of the same kernels, forced through ``_triton_tuning.forced``, against the float64
   oracle on a few cases of the support grid, padded and packed (the CPU interpreter emulates descriptor
@@ -26,16 +26,25 @@ from test_varlen import check as check_varlen
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 
-VARIANTS = {
-    "descriptors": dict(DESC=True),
-    "warp_specialised": dict(DESC=True, WARP_SPEC=True),  # one masked loop per kernel; needs descriptor loads
+_DESC = dict(DESC=True)
+_WS = dict(DESC=True, WARP_SPEC=True)  # one masked loop per kernel; needs descriptor loads
+VARIANTS = {  # kernel -> the switches forced on it
+    "descriptors": dict(fwd=_DESC, dkdv=_DESC, dq=_DESC),
+    "warp_specialised": dict(fwd=_WS, dkdv=_WS, dq=_WS),
+    "tc_row_sum": dict(fwd=dict(TC_ROW_SUM=True)),  # the forward's row sum on the tensor cores
 }
 pytestmark = pytest.mark.skipif(not tuning.has_descriptors(), reason="this triton has no tensor descriptors")
 
 
 def _forced(variant):
-    config = VARIANTS[variant]
-    return tuning.forced(fwd=config, dkdv=config, dq=config)
+    return tuning.forced(**VARIANTS[variant])
+
+
+def _skip_unsupported(variant, op, device):
+    if device == "cuda" and VARIANTS[variant]["fwd"].get("DESC") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need sm_90")
+    if device == "cuda" and variant == "warp_specialised" and op == "adapter":
+        pytest.skip("triton's sm_90 warp specialisation does not compile the Adapter kernels")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,20 +52,26 @@ def _forced(variant):
 @pytest.mark.parametrize("op", ["excitor", "adapter"])
 @param_cases([SUPPORT_GRID[1], SUPPORT_GRID[5]])
 def test_variant_matches_float64(case, op, variant, device):
-    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("tensor descriptors need sm_90")
-    if device == "cuda" and variant == "warp_specialised" and op == "adapter":
-        pytest.skip("triton's sm_90 warp specialisation does not compile the Adapter kernels")
+    _skip_unsupported(variant, op, device)
     with _forced(variant):
         check_against_oracle(op, case, torch.float16, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["excitor", "adapter"])
-def test_descriptors_packed_sequences(op, device):
-    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("tensor descriptors need sm_90")
-    with _forced("descriptors"):
+@param_cases([SUPPORT_GRID[1], SUPPORT_GRID[5]])
+def test_tc_row_sum_matches_float64_in_bfloat16(case, op, device):
+    """bfloat16 rounds the weights the tensor-core row sum adds most coarsely: still within the budgets."""
+    with _forced("tc_row_sum"):
+        check_against_oracle(op, case, torch.bfloat16, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["descriptors", "tc_row_sum"])
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+def test_variant_packed_sequences(op, variant, device):
+    _skip_unsupported(variant, op, device)
+    with _forced(variant):
         check_varlen(op, VARLEN_CASES[0], torch.float16, device, "triton")
 
 

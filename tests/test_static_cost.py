@@ -103,13 +103,16 @@ def test_operator_loops_within_ratio_of_plain_attention(static_cost_report):
 
 def test_hopper_main_loops_run_wgmma(static_cost_report):
     """sm_90: every tensor-core instruction of the attention main loops is a wgmma (HGMMA), none mma.sync; the
-    forward's products are at least 64 keys (and d) wide per instruction."""
+    forward's products are at least 64 keys (and d) wide per instruction (with TC_ROW_SUM, but for the row sum's
+    8 columns of ones)."""
     bad = {}
     for r in _attention(static_cost_report):
         if r["config"]["cc"] != 90:
             continue
         kinds = {op for loop in r["main_loops"] for op in loop["tc"]}
-        narrow = {op for op in kinds if (m := re.search(r"x(\d+)x", op)) and int(m.group(1)) < 64}
+        row_sum = 8 if r["config"]["constexprs"].get("TC_ROW_SUM") else None
+        narrow = {op for op in kinds
+                  if (m := re.search(r"x(\d+)x", op)) and int(m.group(1)) < 64 and int(m.group(1)) != row_sum}
         if not r["main_loops"] or any(not op.startswith("HGMMA") for op in kinds) or (
                 r["config"]["kernel"] == "attention_fwd_kernel" and narrow):
             bad[r["key"]] = sorted(kinds)
@@ -119,7 +122,8 @@ def test_hopper_main_loops_run_wgmma(static_cost_report):
 def test_ampere_main_loops_do_not_duplicate_mma(static_cost_report):
     """sm_80: the tensor-core work of each main loop is what its tile needs (mma.sync split over the warps with
     no warp repeating another's product): the plain products of the tile, and for the Excitor's dq the three
-    products of its bypass scores (hi + lo pairs of P columns)."""
+    products of its bypass scores (hi + lo pairs of P columns), and for a forward with TC_ROW_SUM its row sum's
+    product with 8 columns of ones."""
     bad = {}
     for r in _attention(static_cost_report):
         c = r["config"]
@@ -129,6 +133,8 @@ def test_ampere_main_loops_do_not_duplicate_mma(static_cost_report):
         needed = TILE_PRODUCTS[c["kernel"]] * cx["BLOCK_M"] * cx["BLOCK_N"] * cx["HEAD_DIM"]
         if c["kernel"] == "attention_bwd_dq_kernel" and c["op"] == "excitor":
             needed += 3 * cx["BLOCK_M"] * cx["BLOCK_N"] * cx["BLOCK_P"]
+        if cx.get("TC_ROW_SUM"):
+            needed += cx["BLOCK_M"] * cx["BLOCK_N"] * 8
         macs = [loop["tc_macs"] for loop in r["main_loops"]]
         if not macs or any(m != needed for m in macs):
             bad[r["key"]] = (macs, needed)

@@ -88,10 +88,14 @@ def _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn, stride_vn, offs_d,
               start_n, N, qk_scale, MASKED: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, Q_CHUNK: tl.constexpr):
+              HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, Q_CHUNK: tl.constexpr,
+              TC_ROW_SUM: tl.constexpr):
     """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED keeps keys j <= last[i] (the causal
     and the j < N masks). POS_SCALE (qk_scale > 0): rowmax(qk_scale s) = qk_scale rowmax(s), so the scale is
-    applied once, inside exp2's argument (one FFMA per score); otherwise the scores are scaled first."""
+    applied once, inside exp2's argument (one FFMA per score); otherwise the scores are scaled first.
+    The row sum l: float32 sums of the float32 weights (one FADD per score); TC_ROW_SUM: a (rows, 8) tile of
+    equal columns, the rounded weights (those p v uses) times a column of ones on the tensor cores
+    (docs/design.md, "The softmax's row sum")."""
     qk = _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, N, MASKED, BLOCK_N, HEAD_DIM,
                  PREC, DESC, Q_CHUNK)
     scale = qk_scale
@@ -105,9 +109,13 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk * scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
-    acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PREC)
+    pr = p.to(vt.dtype)
+    if TC_ROW_SUM:
+        l_i = dot(pr, tl.full([BLOCK_N, 8], 1.0, vt.dtype), PREC, acc=l_i * alpha[:, None])
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(pr, vt, PREC)
     return acc, l_i, m_new
 
 
@@ -115,7 +123,7 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
 def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn, stride_vn, offs_d, full,
               hi, N, qk_scale, CAUSAL: tl.constexpr, POS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
-              Q_CHUNK: tl.constexpr):
+              Q_CHUNK: tl.constexpr, TC_ROW_SUM: tl.constexpr):
     """Online softmax over key tiles [0, hi): [0, full) need no mask, [full, hi) do (_causal_key_bounds).
     Warp specialisation takes a kernel's single loop: WARP_SPEC runs one loop over [0, hi), every tile masked.
     The masked tiles' last keys are formed after the unmasked loop (not live across it)."""
@@ -124,13 +132,13 @@ def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_sr
         for start_n in tl.range(0, full, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, offs_m, k_src, v_src,
                                       stride_kn, stride_vn, offs_d, start_n, N, qk_scale, False, POS_SCALE, BLOCK_N,
-                                      HEAD_DIM, PREC, DESC, Q_CHUNK)
+                                      HEAD_DIM, PREC, DESC, Q_CHUNK, TC_ROW_SUM)
         lo = full
     last = _last_key(offs_m, N, shift, CAUSAL)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src, stride_kn,
                                   stride_vn, offs_d, start_n, N, qk_scale, True, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
-                                  DESC, Q_CHUNK)
+                                  DESC, Q_CHUNK, TC_ROW_SUM)
     return acc, l_i, m_i
 
 
@@ -189,11 +197,13 @@ def attention_fwd_kernel(
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, VARLEN: tl.constexpr, POS_SCALE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr, Q_CHUNK: tl.constexpr,
+    TC_ROW_SUM: tl.constexpr,
 ):
     """One program per (query tile, batch or sequence * query head; _query_tile); M, N are the longest lengths.
     K is k, or for the Excitor group member ``member``'s k' (gated_keys), so the key loop is plain attention's.
     DESC: q, k, v tiles through tensor descriptors (TMA on sm_90); WARP_SPEC: warp-specialised key loops
-    (loads, tensor-core products and softmax in separate warp groups; sm_90 and later)."""
+    (loads, tensor-core products and softmax in separate warp groups; sm_90 and later); TC_ROW_SUM: the softmax's
+    row sum on the tensor cores (_fwd_tile)."""
     b, h, g, q0, k0, M, N, start_m = _query_tile(Q, stride_qb, stride_qh, stride_qm, CU_Q, CU_K, Hq, M, N, GROUPS,
                                                  member, VARLEN, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -207,12 +217,17 @@ def attention_fwd_kernel(
                                 BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if TC_ROW_SUM:
+        l_i = tl.zeros([BLOCK_M, 8], tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn,
                               stride_vn, offs_d, full, hi, N, qk_scale, CAUSAL, POS_SCALE, BLOCK_N, HEAD_DIM, PREC,
-                              DESC, WARP_SPEC, Q_CHUNK)
+                              DESC, WARP_SPEC, Q_CHUNK, TC_ROW_SUM)
+    if TC_ROW_SUM:
+        l_i = tl.max(l_i, 1)  # its columns are equal
     _, M = sequence(CU_Q, b, M, VARLEN, AGAIN=True)  # the stores' row masks, not kept from q's load (registers)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
@@ -650,22 +665,24 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     loads (_configs falls back to pointer loads where descriptors cannot read the inputs); at d <= 64 the
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
     the widest key tile that leaves registers: 128 x 128 at d = 64, 128 x 64 at d = 128 (one stage), but 128 x 32
-    for the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop). float32: the forward's scores by head-dim chunks (q_chunk). Interpreted: tiles no
-    larger than the problem. On sm_90+ the launchers may run a faster configuration of
-    ``_triton_tuning.CANDIDATES`` instead (``_configs``).
+    for the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop). float32: the forward's
+    scores by head-dim chunks (q_chunk). Interpreted: tiles no larger than the problem. The forward sums its
+    softmax rows in float32 (``TC_ROW_SUM=False``, docs/design.md). On sm_90+ the launchers may run a faster
+    configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
     if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
-        return (dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False),) * 3
+        tiles = dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False)
+        return dict(tiles, TC_ROW_SUM=False), tiles, tiles
     if itemsize > 2:  # the Adapter's prompt term after the loop leaves registers for 16-row tiles only
         fwd = _tiles(16, 32, 8) if bypass == ADAPTER else _tiles(32, 32, 4)
-        return fwd, _tiles(32, 64, 4), _tiles(64, 32, 4)
+        return dict(fwd, TC_ROW_SUM=False), _tiles(32, 64, 4), _tiles(64, 32, 4)
     if arch >= 90:
         wide = d <= 64
         # the Excitor's dq loop also holds the bypass scores x and reads k' beside k: 128 x 128 spills at d = 64
         dq_n = 128 if wide and bypass != EXCITOR else 64
-        return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
-                dict(_tiles(128, dq_n, 8), DESC=True))
+        return (dict(_tiles(128, 128, 8), DESC=True, TC_ROW_SUM=False),
+                dict(_tiles(64 if wide else 32, 128, 8), DESC=True), dict(_tiles(128, dq_n, 8), DESC=True))
     if d <= 64:
         fwd = _tiles(128, 128, 8)
     else:
@@ -673,7 +690,7 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     # the Excitor's dq: 128 query rows (its gate sums per row), 32 keys (16 for packed sequences at d = 128: their
     # offsets take the registers of 32)
     dq = _tiles(128, 16 if varlen and d > 64 else 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
-    return fwd, _tiles(64, 32, 8), dq
+    return dict(fwd, TC_ROW_SUM=False), _tiles(64, 32, 8), dq
 
 
 def _arch(t: torch.Tensor) -> int:

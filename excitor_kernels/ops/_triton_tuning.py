@@ -1,7 +1,7 @@
 """Launch configurations of the attention kernels: fixed tiles, or on a GPU the fastest of a pruned set.
 
 A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options (``num_warps``,
-``num_stages``) and two switches of the same kernels:
+``num_stages``) and switches of the same kernels:
 
 * ``DESC``: q, k, ke, v (and do) tiles load through tensor descriptors (TMA). Only where
   :func:`descriptors_ok` holds: an sm_90 or newer GPU, a triton with ``tl.make_tensor_descriptor`` and
@@ -9,6 +9,9 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 * ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (dk/dv: query) loop. Triton's sm_90 pass
   takes it only as the kernel's single loop, with descriptor loads and no early return: the kernels then
   run one loop with every tile masked (instead of unmasked tiles, then the masked diagonal ones).
+* ``TC_ROW_SUM`` (forward only): the softmax's row sum on the tensor cores, the rounded weights times a column
+  of ones, instead of float32 sums (docs/design.md, "The softmax's row sum"): fewer instructions, more
+  tensor-core work; a candidate at the fixed tiles, never the fixed configuration.
 
 :data:`CANDIDATES` lists the half-precision configurations per kernel and operator. Each compiles for sm_90
 at ``d = 128`` (the largest tiles) with no register spills and shared memory within one block's limit
@@ -57,8 +60,17 @@ _SET = {
            ((ADAPTER,), 64, 64, 8, 2, True, False),
            ((EXCITOR,), 128, 64, 8, 2, True, False), ((EXCITOR,), 128, 32, 8, 2, False, False)],
 }
-CANDIDATES = {kernel: [(ops, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DESC=desc, WARP_SPEC=ws))
-                       for ops, bm, bn, w, s, desc, ws in rows]
+# the forward's row sum on the tensor cores, at the fixed tiles (with descriptors and its fallback)
+_TC_ROW_SUM = [(BOTH, 128, 128, 8, 2, True, False), (BOTH, 128, 128, 8, 2, False, False)]
+
+
+def _config(kernel, bm, bn, w, s, desc, ws, tc=False):
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DESC=desc, WARP_SPEC=ws)
+    return dict(config, TC_ROW_SUM=tc) if kernel == "fwd" else config
+
+
+CANDIDATES = {kernel: [(row[0], _config(kernel, *row[1:])) for row in rows]
+              + [(row[0], _config(kernel, *row[1:], tc=True)) for row in (_TC_ROW_SUM if kernel == "fwd" else [])]
               for kernel, rows in _SET.items()}
 
 
