@@ -76,7 +76,7 @@ PROBE = Path(__file__).resolve().parent / "csrc_probe"  # CUDA runtime stand-ins
 CACHE_DIR = Path(os.environ.get("EXCITOR_STATIC_CACHE", Path.home() / ".cache" / "excitor-kernels" / "static"))
 
 TARGETS = (80, 90)  # compute capabilities; 90 compiles for sm_90a as triton does
-DTYPES = ("fp16", "bf16", "fp32")  # fp32: the forward only (the other kernels are not tuned for it)
+DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (64, 128)
 OPERATORS = {"plain": 0, "excitor": 1, "adapter": 2}  # BYPASS; plain attention is the baseline
 LAYOUTS = ("padded", "varlen")
@@ -155,7 +155,7 @@ def in_test_subset(config: dict) -> bool:
     """What tests/test_static_cost.py checks in a few minutes: bf16, d = 128 (the largest tiles) on both
     targets, padded layout (and the GQA dk/dv launch, the Adapter's forward with 64 prompts, the forwards with the
     row sum on the tensor cores): every kernel and operator at its GPU configuration; plus the Excitor's and the
-    Adapter's float32 forwards at d = 128 (their own tiles: spills, and shared memory against sm_80's lower
+    Adapter's float32 kernels at d = 128 (their own tiles: spills, and shared memory against sm_80's lower
     limit)."""
     if config["dtype"] == "fp32":
         return config["d"] == 128 and config["op"] in ("excitor", "adapter") and config["layout"] == "padded"
@@ -209,8 +209,6 @@ def triton_jobs(subset: str = "full"):
                 if op == "plain" and layout == "padded" and dtype != "fp32":
                     # the forward's row sum on the tensor cores (docs/design.md, "The softmax's row sum")
                     found.append(("tc_row_sum", job(tri.attention_fwd_kernel, fwd, flags, TC_ROW_SUM=True)))
-                if dtype == "fp32":
-                    continue
                 # launched with its own BLOCK_M (at most the dq tiles') and launch options
                 found.append((layout, job(tri.attention_bwd_preprocess_kernel, tri.PREPROCESS_LAUNCH, flags,
                                           BLOCK_M=min(tri.PREPROCESS_BLOCK_M, dq["BLOCK_M"]))))
@@ -225,7 +223,7 @@ def triton_jobs(subset: str = "full"):
                 # excitor_gate_grad_kernel makes it alone for the sdpa and CUDA backends (padded batches)
                 found.append((layout, job(tri.attention_bwd_dq_kernel, dq, flags)))
                 if excitor and layout == "padded":
-                    found.append((layout, job(tri.excitor_gate_grad_kernel, tri.GATE_BLOCKS, flags)))
+                    found.append((layout, job(tri.excitor_gate_grad_kernel, tri.GATE_BLOCKS[itemsize], flags)))
                 if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from excitor_kernels.ops import _triton_attention as tri
 from excitor_kernels.ops import _triton_tuning as tuning
 from helpers import DEVICES, SUPPORT_GRID, check_against_oracle, param_cases
 from test_varlen import CASES as VARLEN_CASES
@@ -73,6 +74,22 @@ def test_variant_packed_sequences(op, variant, device):
     _skip_unsupported(variant, op, device)
     with _forced(variant):
         check_varlen(op, VARLEN_CASES[0], torch.float16, device, "triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@param_cases([SUPPORT_GRID[5]])
+def test_gpu_tiles_match_float64(case, op, dtype, arch, device):
+    """The tiles the launchers pick on an sm_80 or sm_90 GPU (``blocks(on_gpu=True)``; pointer loads), forced
+    where the interpreter otherwise runs tiles no larger than the problem: float32's narrow backward tiles and
+    the half types' wide ones, with lengths that are no multiple of them."""
+    bypass = {"excitor": tri.EXCITOR, "adapter": tri.ADAPTER}[op]
+    tiles = tri.blocks(True, case.M, case.N, case.d, dtype.itemsize, bypass, arch, False, case.P)
+    shape = [{k: t[k] for k in ("BLOCK_M", "BLOCK_N")} for t in tiles]
+    with tuning.forced(fwd=shape[0], dkdv=shape[1], dq=shape[2]):
+        check_against_oracle(op, case, dtype, device)
 
 
 def test_forced_descriptors_refused_where_unsupported():

@@ -2,7 +2,7 @@
 
 The ``static_cost_report`` fixture runs ``python -m bench.static --subset test``: bf16, d = 128 (the largest
 tiles) on sm_80 and sm_90a, padded layout, every kernel and operator (plain attention, Excitor, Adapter),
-plus the Excitor's and the Adapter's float32 forwards: about 4 minutes on 2 busy cores with an empty cache, seconds
+plus the Excitor's and the Adapter's float32 kernels: about 5 minutes on 2 busy cores with an empty cache, seconds
 with a warm one. fp16, d = 64 and the varlen layout are in the full report only (``python -m bench.static``:
 about 30 minutes). Each test names every offender with its figures.
 """
@@ -20,8 +20,8 @@ def _ok(report):
 
 
 def test_no_spills(static_cost_report):
-    """No kernel spills: the half-precision ones (the training dtypes) and the float32 forwards (their scores
-    by head-dim chunks, docs/design.md)."""
+    """No kernel spills: the half-precision ones (the training dtypes) and the float32 ones (the forward's
+    scores by head-dim chunks, narrow backward tiles; docs/design.md)."""
     spills = {r["key"]: (r["spill_stores"], r["spill_loads"]) for r in _ok(static_cost_report)
               if r["spill_stores"] or r["spill_loads"]}
     assert not spills, f"spill store / load bytes per thread: {spills}"

@@ -666,7 +666,7 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
     the widest key tile that leaves registers: 128 x 128 at d = 64, 128 x 64 at d = 128 (one stage), but 128 x 32
     for the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop). float32: the forward's
-    scores by head-dim chunks (q_chunk). Interpreted: tiles no larger than the problem. The forward sums its
+    scores by head-dim chunks (q_chunk), 16 or 32 query rows and 32 keys per tile. Interpreted: tiles no larger than the problem. The forward sums its
     softmax rows in float32 (``TC_ROW_SUM=False``, docs/design.md). On sm_90+ the launchers may run a faster
     configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
@@ -674,9 +674,10 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
         tiles = dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False)
         return dict(tiles, TC_ROW_SUM=False), tiles, tiles
-    if itemsize > 2:  # the Adapter's prompt term after the loop leaves registers for 16-row tiles only
+    if itemsize > 2:  # float32: narrow tiles (docs/design.md); the Adapter's prompt terms leave 16-row tiles only
         fwd = _tiles(16, 32, 8) if bypass == ADAPTER else _tiles(32, 32, 4)
-        return dict(fwd, TC_ROW_SUM=False), _tiles(32, 64, 4), _tiles(64, 32, 4)
+        dq = _tiles(32, 32, 8) if bypass == EXCITOR else _tiles(16, 32, 8)
+        return dict(fwd, TC_ROW_SUM=False), _tiles(16, 32, 8), dq
     if arch >= 90:
         wide = d <= 64
         # the Excitor's dq loop also holds the bypass scores x and reads k' beside k: 128 x 128 spills at d = 64
@@ -872,8 +873,9 @@ def attention_backward(bypass, do, q, k, v, pk, pv, gate, sim, ke, at, o, lse, c
             dgate, None)
 
 
-# excitor_gate_grad_kernel's tiles on a GPU: no spills on sm_80 or sm_90 at d <= 128, P <= 64 (bench.static)
-GATE_BLOCKS = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
+# excitor_gate_grad_kernel's tiles on a GPU by input size (half, float32): no spills on sm_80 or sm_90 at
+# d <= 128, P <= 64 (bench.static)
+GATE_BLOCKS = {2: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4), 4: dict(BLOCK_M=16, BLOCK_N=32, num_warps=8)}
 
 
 def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, prompt_scale):
@@ -882,7 +884,7 @@ def excitor_gate_gradient(do, q, k, v, pk, gate, sim, causal, softmax_scale, pro
     rows = RowLayout(q, k)
     B, Hq, M, N, d, P = rows.B, rows.Hq, rows.M, rows.N, rows.d, pk.shape[-2]
     _, at = prompt_keys_forward(k if sim is None else sim, pk, prompt_scale, rows)
-    tile = GATE_BLOCKS if q.is_cuda else dict(BLOCK_M=min(32, pow2(M)), BLOCK_N=min(32, pow2(N)))
+    tile = GATE_BLOCKS[q.element_size()] if q.is_cuda else dict(BLOCK_M=min(32, pow2(M)), BLOCK_N=min(32, pow2(N)))
     tiles = triton.cdiv(M, tile["BLOCK_M"])
     sums = GradSums(tiles, B, 0, Hq, 0, d, pk.dim() == 4, True, q.device)
     if do.stride(-1) != 1:
