@@ -90,7 +90,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 # argument name -> triton signature type; first full match wins
 ARG_TYPES = (
-    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS|member", "i32"),
+    (r"stride_\w+|Hq|Hkv|M|N|P|GROUPS|NUM_SPLITS|member|ACC_HEAD_DIV", "i32"),
     (r"\w*scale\w*", "fp32"),
     (r"GATE|LSE|DELTA|DPK|DPV|DGATE\w*|DKE|WS_\w+", "*fp32"),
     (r"CU_\w+|SEQLENS", "*i32"),
@@ -154,13 +154,14 @@ def job(kernel, config: dict, flags: dict, types: dict | None = None, **extra) -
 def in_test_subset(config: dict) -> bool:
     """What tests/test_static_cost.py checks in a few minutes: bf16, d = 128 (the largest tiles) on both
     targets, padded layout (and the GQA dk/dv launch, the Adapter's forward with 64 prompts, the forwards with the
-    row sum on the tensor cores): every kernel and operator at its GPU configuration; plus the Excitor's and the
-    Adapter's float32 kernels at d = 128 (their own tiles: spills, and shared memory against sm_80's lower
-    limit)."""
+    row sum on the tensor cores, the decode and sdpa backends' kernels): every kernel and operator at its GPU
+    configuration; plus the Excitor's and the Adapter's float32 kernels at d = 128 but decode's (their own tiles:
+    spills, and shared memory against sm_80's lower limit)."""
+    sdpa = ("sdpa", "sdpa_concat", "sdpa_concat_bwd")
     if config["dtype"] == "fp32":
-        return config["d"] == 128 and config["op"] in ("excitor", "adapter") and config["layout"] == "padded"
+        return config["d"] == 128 and config["op"] in ("excitor", "adapter") and config["layout"] in ("padded",) + sdpa
     return config["dtype"] == "bf16" and config["d"] == 128 and config["layout"] in (
-        "padded", "gqa", "decode", "prompts64", "tc_row_sum", "prompts64_tc_row_sum")
+        "padded", "gqa", "decode", "prompts64", "tc_row_sum", "prompts64_tc_row_sum") + sdpa
 
 
 def shape_flags(d: int, dtype: str) -> dict:
@@ -177,6 +178,7 @@ def triton_jobs(subset: str = "full"):
     """Every Triton kernel at the configuration its launcher uses on a GPU, as dicts with ``key`` (unique),
     ``kernel``, ``cc``, ``dtype``, ``constexprs``, ``types``, ``options`` and ``config`` (what the report
     shows). ``subset="test"`` keeps those :func:`in_test_subset` accepts."""
+    from excitor_kernels.ops import _sdpa as sdpa
     from excitor_kernels.ops import _triton_attention as tri
     from excitor_kernels.ops import _triton_decode as dec
     from excitor_kernels.ops import _triton_prompt_keys as pkeys
@@ -227,11 +229,22 @@ def triton_jobs(subset: str = "full"):
                 if excitor:
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))
-            if dtype != "fp32":
-                block_n, block_r, launch = dec.decode_blocks(True, DECODE_GROUPS * DECODE_QUERIES, SEQ, d)
-                flags = dict(common, HAS_SEQLENS=True, BLOCK_N=block_n, BLOCK_R=block_r)
-                found.append(("decode", job(dec.decode_split_kernel, launch, flags)))
-                found.append(("decode", job(dec.decode_combine_kernel, launch, flags)))
+            block_n, block_r, launch = dec.decode_blocks(True, DECODE_GROUPS * DECODE_QUERIES, SEQ, d, itemsize)
+            flags = dict(common, HAS_SEQLENS=True, BLOCK_N=block_n, BLOCK_R=block_r)
+            found.append(("decode", job(dec.decode_split_kernel, launch, flags)))
+            found.append(("decode", job(dec.decode_combine_kernel, launch, flags)))
+            # the sdpa backends' own kernels around SDPA's attention (padded batches)
+            block, launch = sdpa._rows_block(True, SEQ, itemsize)
+            rows = dict(launch, BLOCK_M=block, BLOCK_N=block)
+            if excitor:
+                for layout, concat in (("sdpa", False), ("sdpa_concat", True)):
+                    found.append((layout, job(sdpa.excitor_keys_fwd_kernel, rows, common, CONCAT=concat)))
+                    found.append((layout, job(sdpa.excitor_keys_bwd_kernel, rows, common, CONCAT=concat)))
+                found.append(("sdpa_concat", job(sdpa.gated_queries_kernel, rows, common, BACKWARD=False)))
+                found.append(("sdpa_concat_bwd", job(sdpa.gated_queries_kernel, rows, common, BACKWARD=True)))
+            elif bypass == tri.ADAPTER:
+                found.append(("sdpa", job(sdpa.adapter_prompts_fwd_kernel, rows, common)))
+                found.append(("sdpa", job(sdpa.adapter_prompts_bwd_kernel, rows, common)))
             for layout, j in found:
                 name = j["kernel"].__name__
                 j.update(cc=cc, dtype=dtype,

@@ -187,11 +187,14 @@ def _num_splits(q: torch.Tensor, programs: int, N: int, block_n: int) -> int:
     return max(1, min(4, tiles))
 
 
-def decode_blocks(on_gpu: bool, R: int, N: int, d: int) -> tuple[int, int, dict]:
-    """(BLOCK_N, BLOCK_R, launch options) for ``R = groups * M`` query rows per key/value head."""
+def decode_blocks(on_gpu: bool, R: int, N: int, d: int, itemsize: int = 2) -> tuple[int, int, dict]:
+    """(BLOCK_N, BLOCK_R, launch options) for ``R = groups * M`` query rows per key/value head (float32: 16-key
+    tiles on 8 warps, with 64 the Excitor's split kernel spills tens of KB per thread at d = 128)."""
     BLOCK_R = pow2(R)
     if not on_gpu:
         return min(32, pow2(N)), BLOCK_R, {}
+    if itemsize > 2:
+        return 16, BLOCK_R, dict(num_warps=8, num_stages=2)
     return 64, BLOCK_R, dict(num_warps=8 if BLOCK_R * pow2(d) >= 64 * 128 else 4, num_stages=2)
 
 
@@ -218,7 +221,7 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     groups = Hq // Hkv
     R = groups * M
-    block_n, BLOCK_R, launch = decode_blocks(q.is_cuda, R, N, d)
+    block_n, BLOCK_R, launch = decode_blocks(q.is_cuda, R, N, d, q.element_size())
     S = num_splits or _num_splits(q, B * Hkv, N, block_n)
     BLOCK_D, BLOCK_P = pow2(d), pow2(P)
     prec = precision(q)
