@@ -264,4 +264,16 @@ def test_sdpa_custom_ops_pass_opcheck(concat):
     torch.library.opcheck(ops.sdpa_excitor_keys, (x["k"], x["prompt_keys"], x["gate"], x["sim_keys"], 0.125, concat,
                                                   False), test_utils=checks)
     if concat:
-        torch.library.opcheck(ops.sdpa_gated_queries, (x["q"], x["gate"], True), test_utils=checks)
+        torch.library.opcheck(ops.sdpa_gated_queries, (x["q"], x["gate"]), test_utils=checks)
+
+
+def test_sdpa_key_and_query_ops_refuse_a_gate_needing_its_gradient():
+    """The sdpa backend's key and query ops make no gate sums (the output's _GateTap makes dgate): given a gate
+    that requires grad, their backward raises instead of returning no gradient for it."""
+    case = Case(B=1, Hq=4, Hkv=2, M=9, N=9, P=3)
+    x = make_inputs(case, OP, torch.float32, DEVICES[0])
+    ops = torch.ops.excitor_kernels
+    for out in (ops.sdpa_excitor_keys(x["k"], x["prompt_keys"], x["gate"], None, 0.125, False, False),
+                ops.sdpa_gated_queries(x["q"], x["gate"])):
+        with pytest.raises(RuntimeError, match="gate detached"):
+            out.sum().backward()

@@ -15,14 +15,13 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
     head axes merge, which they do for ``(B, H, L, d)``-contiguous tensors; other layouts are copied.
   - ``"concat"`` (GQA only, the exact rewrite ``<q, k + g ke> = <[q, g q], [k, ke]>``): ``[k, ke]``,
     ``(B, Hkv, N, 2d)``, with queries ``[q, gate[h] q]`` (one more small kernel, whose backward gives
-    ``dq = dq2[:d] + gate[h] dq2[d:]`` and ``dgate[h] = sum_i <dq2_i[d:], q_i>``, float32 products and sums)
-    and SDPA's ``enable_gqa``: keys and values stay per key/value head, at twice the q/k head dim (SDPA
+    ``dq = dq2[:d] + gate[h] dq2[d:]``) and SDPA's ``enable_gqa``: keys and values stay per key/value head, at twice the q/k head dim (SDPA
     backends that take a q/k head dim different from v's: README, "The sdpa backend").
 
   The backward takes SDPA's ``dk'`` (or ``d[k, ke]``) through one program per key tile: ``dk = sum_h dk'[h]`` and
   ``dke = sum_h gate[h] dk'[h]`` in float32 registers, then the prompt chain rule (``a`` and ``ke`` recomputed from
-  ``s`` and the prompts, nothing saved) gives ``dpk`` and ``dsim``. Those passes take the gate detached: its
-  gradient comes from ``_GateTap`` on the output, whose backward runs ``excitor_gate_grad_kernel`` (the sum
+  ``s`` and the prompts, nothing saved) gives ``dpk`` and ``dsim``. Those passes take the gate detached and
+  make no gate sums: its gradient comes from ``_GateTap`` on the output, whose backward runs ``excitor_gate_grad_kernel`` (the sum
   ``dgate`` cancels, and SDPA's half-precision backward rounds what it is made of; docs/design.md).
   The prompt products use the helpers of ``_triton_prompt_keys`` (input-dtype tensor cores, float32 sums).
 * **Adapter** (``adapter_prompts``): ``o = SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``; one
@@ -51,7 +50,7 @@ from torch import Tensor
 
 from .._alloc import in_layout_of, new_output
 from ._triton_common import (LOG2E, GradSums, load_rows, pow2, precision, prompt_attention,
-                             prompt_attention_backward, prompt_strides, store_rows)
+                             prompt_attention_backward, prompt_softmax, prompt_strides, store_rows)
 from . import _triton_attention as tri
 from ._torch import attend
 from ._triton_prompt_keys import _tile_and_prompts, prompt_chain_rule, prompt_mixture
@@ -101,20 +100,21 @@ def excitor_keys_fwd_kernel(
 
 @triton.jit
 def excitor_keys_bwd_kernel(
-    DKP, S, PK, GATE, DK, DS, DPK, DGATE,
+    DKP, S, PK, GATE, DK, DS, DPK,
     stride_gb, stride_gh, stride_gn, stride_sb, stride_sh, stride_sn,
     stride_pkb, stride_pkh, stride_pkp, stride_dkb, stride_dkh, stride_dkn, stride_dsb, stride_dsh, stride_dsn,
-    stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p, stride_dg_t, stride_dg_b,
+    stride_dpk_t, stride_dpk_b, stride_dpk_h, stride_dpk_p,
     Hkv, N, P, GROUPS, prompt_scale, prompt_scale_log2,
     CONCAT: tl.constexpr, SIM_IS_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
-    (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt and gate gradients."""
+    (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt gradient (the gate's is
+    _GateTap's)."""
     tile, offs_n, b, g = _program(Hkv, BLOCK_N)
     st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
                                                stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)  # S: sim_keys, or k
-    a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
+    a = prompt_softmax(st, pk, offs_p, P, prompt_scale_log2, PREC)
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
@@ -129,7 +129,6 @@ def excitor_keys_bwd_kernel(
                              True).to(tl.float32)                         # rows j >= N load as 0
             dk += dkp
             dke += gate_h * dkp
-            tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dkp * ke, 1), 0))
     dsim, dpk = prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC)  # back through ke and a
     dpk_ptrs = (DPK + tile * stride_dpk_t + b * stride_dpk_b + g * stride_dpk_h + offs_p[:, None] * stride_dpk_p
                 + offs_d[None, :])
@@ -143,25 +142,23 @@ def excitor_keys_bwd_kernel(
 
 @triton.jit
 def gated_queries_kernel(
-    Q, GATE, Q2, DQ2, DQ, DGATE,
-    stride_qb, stride_qh, stride_qm, stride_2b, stride_2h, stride_2m, stride_dqb, stride_dqh, stride_dqm,
-    stride_dg_t, stride_dg_b, Hq, M,
+    Q, GATE, Q2, DQ2, DQ,
+    stride_qb, stride_qh, stride_qm, stride_2b, stride_2h, stride_2m, stride_dqb, stride_dqh, stride_dqm, Hq, M,
     BACKWARD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per (query tile, batch * query head) of the concat form's queries q2 = [q, gate[h] q]:
-    forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to dq = dlo + gate[h] dhi and adds
-    sum_i <dhi_i, q_i> to dgate[h] (float32 products and sums: the sum cancels, see the module docstring)."""
-    tile, offs_m, b, h = _program(Hq, BLOCK_M)
+    forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to dq = dlo + gate[h] dhi (the gate's gradient is
+    _GateTap's)."""
+    _, offs_m, b, h = _program(Hq, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     gate_h = tl.load(GATE + h).to(tl.float32)
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
     if BACKWARD:
         base = DQ2 + b * stride_2b + h * stride_2h
         dlo = load_rows(base, offs_m, stride_2m, offs_d, M, HEAD_DIM, True).to(tl.float32)
         dhi = load_rows(base + HEAD_DIM, offs_m, stride_2m, offs_d, M, HEAD_DIM, True).to(tl.float32)
         store_rows(DQ + b * stride_dqb + h * stride_dqh, dlo + gate_h * dhi, offs_m, stride_dqm, offs_d, M, HEAD_DIM)
-        tl.atomic_add(DGATE + tile * stride_dg_t + b * stride_dg_b + h, tl.sum(tl.sum(dhi * q.to(tl.float32), 1), 0))
     else:
+        q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, M, HEAD_DIM, True)
         base = Q2 + b * stride_2b + h * stride_2h
         store_rows(base, q, offs_m, stride_2m, offs_d, M, HEAD_DIM)
         store_rows(base + HEAD_DIM, gate_h * q.to(tl.float32), offs_m, stride_2m, offs_d, M, HEAD_DIM)
@@ -249,8 +246,7 @@ def excitor_keys(k, pk, gate, sim, prompt_scale, concat):
 
 
 def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, deterministic):
-    """(dk, dpk, dgate, dsim) from SDPA's gradient of :func:`excitor_keys`' output (dgate is zero when
-    ``concat``: the gate then acts on the query side)."""
+    """(dk, dpk, dsim) from SDPA's gradient of :func:`excitor_keys`' output (gate detached)."""
     B, Hkv, N, d = k.shape
     Hq, P = gate.shape[0], pk.shape[-2]
     if dkp.stride(-1) != 1:
@@ -261,25 +257,25 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     ds = k if dsim is None else dsim
     block, opts = _rows_block(k.is_cuda, N, k.element_size())
     tiles = triton.cdiv(N, block)
-    sums = GradSums(tiles, B, Hkv, Hq, P, d, pk.dim() == 4, deterministic, k.device)
+    sums = GradSums(tiles, B, Hkv, 0, P, d, pk.dim() == 4, deterministic, k.device)
     excitor_keys_bwd_kernel[(tiles, B * Hkv)](
-        dkp, s, pk, gate.contiguous(), dk, ds, sums.prompt, sums.gate,
+        dkp, s, pk, gate.contiguous(), dk, ds, sums.prompt,
         *dkp.stride()[:3], *s.stride()[:3], *prompt_strides(pk), *dk.stride()[:3],
-        *ds.stride()[:3], *sums.prompt_strides, *sums.gate_strides,
+        *ds.stride()[:3], *sums.prompt_strides,
         Hkv, N, P, Hq // Hkv, prompt_scale, prompt_scale * LOG2E,
         CONCAT=concat, SIM_IS_K=sim is None, HEAD_DIM=d, BLOCK_N=block, BLOCK_D=pow2(d), BLOCK_P=pow2(P),
         PREC=precision(k), **opts,
     )
-    return dk, sums.prompt_grad(sums.prompt, Hkv, pk), sums.gate_grad(gate), dsim
+    return dk, sums.prompt_grad(sums.prompt, Hkv, pk), dsim
 
 
-def _gated_launch(q, gate, q2, dq, dgate, dgate_strides, backward):
-    """The forward passes no gate sums (it writes none): q2 stands in for them."""
+def _gated_launch(q, gate, q2, dq, backward):
+    """q2: the forward's output, or the backward's dq2."""
     B, Hq, M, d = q.shape
     block, opts = _rows_block(q.is_cuda, M, q.element_size())
     gated_queries_kernel[(triton.cdiv(M, block), B * Hq)](
-        q, gate.contiguous(), q2, q2, dq, dgate, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3],
-        *dgate_strides, Hq, M, BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
+        q, gate.contiguous(), q2, q2, dq, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3], Hq, M,
+        BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
     )
 
 
@@ -287,19 +283,16 @@ def gated_queries(q, gate):
     """The concat form's queries ``[q, gate[h] q] (B, Hq, M, 2d)``."""
     B, Hq, M, d = q.shape
     q2 = new_output((B, Hq, M, 2 * d), dtype=q.dtype, device=q.device)
-    _gated_launch(q, gate, q2, q2, q2, (0, 0), False)
+    _gated_launch(q, gate, q2, q2, False)
     return q2
 
 
-def gated_queries_backward(dq2, q, gate, deterministic):
-    """(dq, dgate) from the gradient of :func:`gated_queries`' output."""
-    B, Hq, M, d = q.shape
+def gated_queries_backward(dq2, q, gate):
+    """dq from the gradient of :func:`gated_queries`' output (gate detached)."""
     dq2 = dq2 if dq2.stride(-1) == 1 else dq2.contiguous()
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
-    tiles = triton.cdiv(M, _rows_block(q.is_cuda, M, q.element_size())[0])
-    sums = GradSums(tiles, B, Hq, Hq, 0, d, False, deterministic, q.device)
-    _gated_launch(q, gate, dq2, dq, sums.gate, sums.gate_strides, True)
-    return dq, sums.gate_grad(gate)
+    _gated_launch(q, gate, dq2, dq, True)
+    return dq
 
 
 def adapter_prompts(o_tokens, q, pk, pv, gate, softmax_scale):
@@ -356,16 +349,15 @@ def _(k, prompt_keys, gate, sim_keys, prompt_scale, concat, deterministic):
 
 @torch.library.custom_op("excitor_kernels::sdpa_excitor_keys_bwd", mutates_args=())
 def _keys_bwd_op(dkp: Tensor, k: Tensor, prompt_keys: Tensor, gate: Tensor, sim_keys: Optional[Tensor],
-                 prompt_scale: float, concat: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dk, dpk, dgate, dsim = excitor_keys_backward(dkp, k, prompt_keys, gate, sim_keys, prompt_scale, concat,
-                                                 deterministic)
-    return dk, dpk, dgate, (k.new_empty(0) if dsim is None else dsim)
+                 prompt_scale: float, concat: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dk, dpk, dsim = excitor_keys_backward(dkp, k, prompt_keys, gate, sim_keys, prompt_scale, concat, deterministic)
+    return dk, dpk, (k.new_empty(0) if dsim is None else dsim)
 
 
 @_keys_bwd_op.register_fake
 def _(dkp, k, prompt_keys, gate, sim_keys, prompt_scale, concat, deterministic):
     dsim = k.new_empty(0) if sim_keys is None else torch.empty_like(sim_keys)
-    return torch.empty_like(k), torch.empty_like(prompt_keys), torch.empty_like(gate), dsim
+    return torch.empty_like(k), torch.empty_like(prompt_keys), dsim
 
 
 def _keys_setup(ctx, inputs, output):
@@ -374,42 +366,48 @@ def _keys_setup(ctx, inputs, output):
     ctx.args = args  # prompt_scale, concat, deterministic
 
 
+def _detached_gate(ctx, index):
+    if ctx.needs_input_grad[index]:
+        raise RuntimeError("the sdpa backend's key and query ops take the gate detached (its gradient is _GateTap's)")
+
+
 def _keys_backward(ctx, dkp):
+    _detached_gate(ctx, 2)
     k, prompt_keys, gate, sim_keys = ctx.saved_tensors
-    dk, dpk, dgate, dsim = _keys_bwd_op(dkp, k, prompt_keys, gate, sim_keys, *ctx.args)
-    return dk, dpk, dgate, (dsim if sim_keys is not None else None), None, None, None
+    dk, dpk, dsim = _keys_bwd_op(dkp, k, prompt_keys, gate, sim_keys, *ctx.args)
+    return dk, dpk, None, (dsim if sim_keys is not None else None), None, None, None
 
 
 _keys_op.register_autograd(_keys_backward, setup_context=_keys_setup)
 
 
 @torch.library.custom_op("excitor_kernels::sdpa_gated_queries", mutates_args=())
-def _gated_op(q: Tensor, gate: Tensor, deterministic: bool) -> Tensor:
+def _gated_op(q: Tensor, gate: Tensor) -> Tensor:
     return gated_queries(q, gate)
 
 
 @_gated_op.register_fake
-def _(q, gate, deterministic):
+def _(q, gate):
     return q.new_empty((*q.shape[:-1], 2 * q.shape[-1]))
 
 
 @torch.library.custom_op("excitor_kernels::sdpa_gated_queries_bwd", mutates_args=())
-def _gated_bwd_op(dq2: Tensor, q: Tensor, gate: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
-    return gated_queries_backward(dq2, q, gate, deterministic)
+def _gated_bwd_op(dq2: Tensor, q: Tensor, gate: Tensor) -> Tensor:
+    return gated_queries_backward(dq2, q, gate)
 
 
 @_gated_bwd_op.register_fake
-def _(dq2, q, gate, deterministic):
-    return torch.empty_like(q), torch.empty_like(gate)
+def _(dq2, q, gate):
+    return torch.empty_like(q)
 
 
 def _gated_setup(ctx, inputs, output):
-    q, gate, ctx.deterministic = inputs
-    ctx.save_for_backward(q, gate)
+    ctx.save_for_backward(*inputs)
 
 
 def _gated_backward(ctx, dq2):
-    return (*_gated_bwd_op(dq2, *ctx.saved_tensors, ctx.deterministic), None)
+    _detached_gate(ctx, 1)
+    return _gated_bwd_op(dq2, *ctx.saved_tensors), None
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -497,7 +495,7 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     g = gate.detach()  # the gate's gradient comes from _GateTap
     if Hq != Hkv and gqa_form == "concat":
         kk = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, True, det)           # [k, ke] (B, Hkv, N, 2d)
-        qq = _gated_op(q, g, det)                                                       # [q, gate[h] q]
+        qq = _gated_op(q, g)                                                            # [q, gate[h] q]
         o = attend(qq, kk, v, causal, softmax_scale, enable_gqa=True)
     else:
         kp = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, False, det)           # k' (B, Hq, N, d)
