@@ -15,14 +15,16 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
     head axes merge, which they do for ``(B, H, L, d)``-contiguous tensors; other layouts are copied.
   - ``"concat"`` (GQA only, the exact rewrite ``<q, k + g ke> = <[q, g q], [k, ke]>``): ``[k, ke]``,
     ``(B, Hkv, N, 2d)``, with queries ``[q, gate[h] q]`` (one more small kernel, whose backward gives
-    ``dq = dq2[:d] + gate[h] dq2[d:]``) and SDPA's ``enable_gqa``: keys and values stay per key/value head, at twice the q/k head dim (SDPA
-    backends that take a q/k head dim different from v's: README, "The sdpa backend").
+    ``dq = dq2[:d] + gate[h] dq2[d:]``) and SDPA's ``enable_gqa``: keys and values stay per key/value head, at
+    twice the q/k head dim (SDPA backends that take a q/k head dim different from v's: README, "The sdpa
+    backend").
 
   The backward takes SDPA's ``dk'`` (or ``d[k, ke]``) through one program per key tile: ``dk = sum_h dk'[h]`` and
   ``dke = sum_h gate[h] dk'[h]`` in float32 registers, then the prompt chain rule (``a`` and ``ke`` recomputed from
   ``s`` and the prompts, nothing saved) gives ``dpk`` and ``dsim``. Those passes take the gate detached and
-  make no gate sums: its gradient comes from ``_GateTap`` on the output, whose backward runs ``excitor_gate_grad_kernel`` (the sum
-  ``dgate`` cancels, and SDPA's half-precision backward rounds what it is made of; docs/design.md).
+  make no gate sums: its gradient comes from ``_GateTap`` on the output, whose backward runs
+  ``excitor_gate_grad_kernel`` (the sum ``dgate`` cancels, and SDPA's half-precision backward rounds what it is
+  made of; docs/design.md).
   The prompt products use the helpers of ``_triton_prompt_keys`` (input-dtype tensor cores, float32 sums).
 * **Adapter** (``adapter_prompts``): ``o = SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``; one
   program per query tile computes the prompt softmax, the gate and the sum. The two terms' gradients separate:

@@ -666,9 +666,9 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     backward tiles are twice as wide. sm_80: 16 query rows per warp, so no warp repeats another's mma.sync;
     the widest key tile that leaves registers: 128 x 128 at d = 64, 128 x 64 at d = 128 (one stage), but 128 x 32
     for the Adapter with more than 32 ``prompts`` (its prompt tile after the key loop). float32: the forward's
-    scores by head-dim chunks (q_chunk), 16 or 32 query rows and 32 keys per tile. Interpreted: tiles no larger than the problem. The forward sums its
-    softmax rows in float32 (``TC_ROW_SUM=False``, docs/design.md). On sm_90+ the launchers may run a faster
-    configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
+    scores by head-dim chunks (q_chunk), 16 or 32 query rows and 32 keys per tile. Interpreted: tiles no larger
+    than the problem. The forward sums its softmax rows in float32 (``TC_ROW_SUM=False``, docs/design.md). On
+    sm_90+ the launchers may run a faster configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
     if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
