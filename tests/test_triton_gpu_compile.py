@@ -13,9 +13,9 @@ from excitor_kernels import ops
 
 
 def _kernels() -> set[str]:
-    """Every launchable Triton kernel of the package: the ``*_kernel`` functions of ``ops/_triton_*.py``."""
-    modules = [importlib.import_module(f"{ops.__name__}.{m.name}") for m in pkgutil.iter_modules(ops.__path__)
-               if m.name.startswith("_triton")]
+    """Every launchable Triton kernel of the package: the ``*_kernel`` functions of ``ops/*.py`` (the Triton
+    backend's and the sdpa backends')."""
+    modules = [importlib.import_module(f"{ops.__name__}.{m.name}") for m in pkgutil.iter_modules(ops.__path__)]
     return {name for module in modules for name, obj in vars(module).items()
             if name.endswith("_kernel") and hasattr(obj, "arg_names")}
 
