@@ -670,20 +670,24 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     than the problem. The forward sums its softmax rows in float32 (``TC_ROW_SUM=False``, docs/design.md). On
     sm_90+ the launchers may run a faster configuration of ``_triton_tuning.CANDIDATES`` instead (``_configs``).
     """
+    fwd, dkdv, dq = _fixed_tiles(on_gpu, M, N, d, itemsize, bypass, arch, varlen, prompts)
+    return dict(fwd, TC_ROW_SUM=False), dkdv, dq
+
+
+def _fixed_tiles(on_gpu, M, N, d, itemsize, bypass, arch, varlen, prompts):
     if not on_gpu:
         bm, bn = min(32, pow2(M)), min(32, pow2(N))
-        tiles = dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False)
-        return dict(tiles, TC_ROW_SUM=False), tiles, tiles
+        return (dict(BLOCK_M=bm, BLOCK_N=bn, DESC=False, WARP_SPEC=False),) * 3
     if itemsize > 2:  # float32: narrow tiles (docs/design.md); the Adapter's prompt terms leave 16-row tiles only
         fwd = _tiles(16, 32, 8) if bypass == ADAPTER else _tiles(32, 32, 4)
         dq = _tiles(32, 32, 8) if bypass == EXCITOR else _tiles(16, 32, 8)
-        return dict(fwd, TC_ROW_SUM=False), _tiles(16, 32, 8), dq
+        return fwd, _tiles(16, 32, 8), dq
     if arch >= 90:
         wide = d <= 64
         # the Excitor's dq loop also holds the bypass scores x and reads k' beside k: 128 x 128 spills at d = 64
         dq_n = 128 if wide and bypass != EXCITOR else 64
-        return (dict(_tiles(128, 128, 8), DESC=True, TC_ROW_SUM=False),
-                dict(_tiles(64 if wide else 32, 128, 8), DESC=True), dict(_tiles(128, dq_n, 8), DESC=True))
+        return (dict(_tiles(128, 128, 8), DESC=True), dict(_tiles(64 if wide else 32, 128, 8), DESC=True),
+                dict(_tiles(128, dq_n, 8), DESC=True))
     if d <= 64:
         fwd = _tiles(128, 128, 8)
     else:
@@ -691,7 +695,7 @@ def blocks(on_gpu: bool, M: int, N: int, d: int, itemsize: int = 2, bypass: int 
     # the Excitor's dq: 128 query rows (its gate sums per row), 32 keys (16 for packed sequences at d = 128: their
     # offsets take the registers of 32)
     dq = _tiles(128, 16 if varlen and d > 64 else 32, 8) if bypass == EXCITOR else _tiles(32, 64, 8)
-    return dict(fwd, TC_ROW_SUM=False), _tiles(64, 32, 8), dq
+    return fwd, _tiles(64, 32, 8), dq
 
 
 def _arch(t: torch.Tensor) -> int:

@@ -61,7 +61,7 @@ _SET = {
            ((EXCITOR,), 128, 64, 8, 2, True, False), ((EXCITOR,), 128, 32, 8, 2, False, False)],
 }
 # the forward's row sum on the tensor cores, at the fixed tiles (with descriptors and its fallback)
-_TC_ROW_SUM = [(BOTH, 128, 128, 8, 2, True, False), (BOTH, 128, 128, 8, 2, False, False)]
+_TC_ROW_SUM = _SET["fwd"][:2]
 
 
 def _config(kernel, bm, bn, w, s, desc, ws, tc=False):
