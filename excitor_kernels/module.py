@@ -98,6 +98,10 @@ def check_attention(attention: nn.Module, name: str = "attention") -> None:
     if problems:
         raise TypeError(f"{name} must be a transformers decoder self-attention layer that calls the attention "
                         f"registry; got {cls.__name__} with {'; '.join(problems)}")
+    clashes = _clashes(attention)
+    if clashes:
+        raise ValueError(f"{name} ({cls.__name__}) has attribute(s) {clashes} of its own, which ExcitorAttention "
+                         f"sets or defines itself: its forward would read the adapted layer's")
     config = attention.config
     dropout = getattr(attention, "attention_dropout", 0.0) or 0.0
     if dropout != 0.0:
@@ -109,6 +113,24 @@ def check_attention(attention: nn.Module, name: str = "attention") -> None:
                          f"(config.attn_logit_softcapping={softcap}); the operators cannot, set it to None")
     if isinstance(getattr(attention, "sinks", None), torch.Tensor):
         raise ValueError(f"{name} ({cls.__name__}) has attention sinks (sinks); the operators have none")
+
+
+def _heads(config) -> tuple[int, int]:
+    """(query heads, key/value heads) of a layer's config."""
+    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _clashes(attention: nn.Module) -> list[str]:
+    """The names ``ExcitorAttention`` sets on the layer or defines in its class that the layer already has: the
+    layer's own forward would read the adapted layer's. Accepted: ``num_heads`` and ``num_kv_heads`` holding the
+    config's head counts (the values the adapted layer sets; ``original_attention`` restores the layer's own)."""
+    heads = dict(zip(("num_heads", "num_kv_heads"), _heads(attention.config)))
+    own = vars(attention)
+    taken = set(own) | set(attention._parameters) | set(attention._modules) | set(attention._buffers)
+    added = ExcitorAttention.OWN_ATTRIBUTES + ExcitorAttention.OWN_PARAMETERS + ExcitorAttention.OWN_MODULES
+    names = [n for n in added if n in taken and not (n in heads and own.get(n) == heads[n])]
+    methods = [n for n in vars(ExcitorAttention) if not n.startswith("__") and n not in ("forward", "extra_repr")]
+    return names + [n for n in methods if n in taken or hasattr(type(attention), n)]
 
 
 def check_options(*, num_prompts, mode, backend, gate_activation, sim_rank, init_std, gate_scale=False) -> None:
@@ -207,6 +229,13 @@ class ExcitorAttention(nn.Module):
         dtype: dtype of the new parameters; default the dtype of the layer's first parameter.
     """
 
+    # what the adapted layer adds to the layer (check_attention refuses a layer that has any of it already, but
+    # num_heads / num_kv_heads with the config's values: they are kept, _shadowed, for original_attention)
+    OWN_ATTRIBUTES = ("attention_class", "original_config", "num_heads", "num_kv_heads", "mode", "backend",
+                      "gate_activation", "num_prompts", "sim_rank", "prompt_context", "_shadowed")
+    OWN_PARAMETERS = ("prompts", "gate", "gate_scale")
+    OWN_MODULES = ("sim_down", "sim_up")
+
     def __new__(cls, attention=None, *args, **kwargs):
         if cls is ExcitorAttention:
             check_attention(attention)
@@ -230,14 +259,14 @@ class ExcitorAttention(nn.Module):
         self._non_persistent_buffers_set.update(attention._non_persistent_buffers_set)
         self._modules.update(attention._modules)
         self.training = attention.training
+        self._shadowed = {k: v for k, v in vars(attention).items() if k in self.OWN_ATTRIBUTES}
         self.attention_class = type(attention)
         self.original_config = attention.config
         config = copy.copy(attention.config)  # this layer alone calls the registered function
         config._attn_implementation_internal = IMPLEMENTATION
         self.config = config
 
-        self.num_heads = attention.config.num_attention_heads
-        self.num_kv_heads = getattr(attention.config, "num_key_value_heads", None) or self.num_heads
+        self.num_heads, self.num_kv_heads = _heads(attention.config)
         self.mode, self.backend, self.gate_activation = mode, backend, gate_activation
         self.num_prompts, self.sim_rank = num_prompts, sim_rank
 
@@ -333,11 +362,11 @@ class ExcitorAttention(nn.Module):
     def original_attention(self) -> nn.Module:
         """An instance of the adapted class holding the same (shared) children, without the prompts."""
         attention = object.__new__(self.attention_class)
-        own = {"attention_class", "original_config", "num_heads", "num_kv_heads", "mode", "backend",
-               "gate_activation", "num_prompts", "sim_rank", "prompt_context"}
-        attention.__dict__.update({k: v for k, v in vars(self).items() if k not in own})
-        attention._parameters = {k: v for k, v in self._parameters.items() if k not in ("prompts", "gate", "gate_scale")}
-        attention._modules = {k: v for k, v in self._modules.items() if k not in ("sim_down", "sim_up")}
+        added = self.OWN_ATTRIBUTES + self.OWN_PARAMETERS + self.OWN_MODULES  # gate_scale=None: an attribute
+        attention.__dict__.update({k: v for k, v in vars(self).items() if k not in added})
+        attention.__dict__.update(self._shadowed)
+        attention._parameters = {k: v for k, v in self._parameters.items() if k not in self.OWN_PARAMETERS}
+        attention._modules = {k: v for k, v in self._modules.items() if k not in self.OWN_MODULES}
         attention._buffers = dict(self._buffers)
         attention.config = self.original_config
         return attention

@@ -161,3 +161,34 @@ def test_layers_without_the_registry_are_refused():
     model.model.layers[-1].self_attn = Attention(model.config)
     with pytest.raises(TypeError, match="attention registry"):
         apply_excitor(model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_original_attention_gives_back_the_original_layer(name):
+    """The adapted layers, trained, then swapped back for ``original_attention()``: the base model's logits exactly
+    (StableLM's layer keeps its own ``num_heads``, which the adapted layer also sets)."""
+    x, mask = _batch()
+    base = family_model(name)
+    with torch.no_grad():
+        expected = base(input_ids=x, attention_mask=mask).logits
+    model = apply_excitor(family_model(name), num_prompts=4, backend="reference")
+    randomize(model)
+    for layer in model.model.layers:
+        original = layer.self_attn.original_attention()
+        assert type(original) is type(base.model.layers[0].self_attn)
+        assert set(vars(original)) == set(vars(base.model.layers[layer.self_attn.layer_idx].self_attn))
+        layer.self_attn = original
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("attribute", ["gate", "mode", "prompts", "sim_up", "gate_values", "num_heads"])
+def test_a_layer_with_an_attribute_the_adapted_layer_sets_is_refused(attribute):
+    model = family_model("llama")
+    attention = model.model.layers[0].self_attn
+    value = 7 if attribute == "num_heads" else torch.nn.Linear(2, 2) if attribute == "sim_up" else \
+        torch.nn.Parameter(torch.zeros(1)) if attribute in ("gate", "prompts") else "x"
+    setattr(attention, attribute, value)  # num_heads: not the config's head count
+    with pytest.raises(ValueError, match=attribute):
+        apply_excitor(model, num_prompts=2, backend="reference")
+    assert not excitor_layers(model)
