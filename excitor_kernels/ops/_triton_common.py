@@ -67,9 +67,20 @@ def row_source(base, n_rows, stride_row, BLOCK_R: tl.constexpr, BLOCK_D: tl.cons
 @triton.jit
 def load_tile(src, start, stride_row, cols, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
               CHECK_ROWS: tl.constexpr, DESC: tl.constexpr):
-    """Rows [start, start + BLOCK_R) of a ``row_source``, zeros outside (a descriptor always bounds-checks)."""
+    """Rows [start, start + BLOCK_R) of a ``row_source``, zeros outside (a descriptor always bounds-checks).
+    Pointers, half precision: the tile's first row, src + start * stride_row (a scalar), plus the tile's own row
+    offsets, the same for every tile, so that a load in a key or query loop costs one 64-bit add (two instructions;
+    from row indices, four: sm_80's loops, bench.static). float32 keeps the row indices: with the tile's base,
+    ptxas spills a few bytes in some of its narrow 8-warp kernels."""
     if DESC:
         return src.load([start, 0])
+    elif src.dtype.element_ty.primitive_bitwidth < 32:
+        rows = tl.arange(0, BLOCK_R)
+        offs = (rows[:, None] * stride_row + cols[None, :]).to(tl.uint32)
+        mask = cols[None, :] < HEAD_DIM
+        if CHECK_ROWS:
+            mask = mask & (rows[:, None] < n_rows - start)
+        return tl.load(src + start * stride_row + offs, mask=mask, other=0.0)
     else:
         return load_rows(src, start + tl.arange(0, BLOCK_R), stride_row, cols, n_rows, HEAD_DIM, CHECK_ROWS)
 
