@@ -14,8 +14,11 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 INSTALL_REQUIRES = [
-    "torch>=2.4",  # torch.library.custom_op; an installed torch 2.4+ is kept as it is
-    "triton>=3.2; platform_system == 'Linux'",
+    # the floors and the newest releases are tested in CI (.ci/run). triton 3.7 and older fail on the kernels
+    # (3.7 compiles no float32 dot of 8 rows; 3.6 and older: their CPU interpreter); torch 2.12 and older
+    # pin those tritons in their PyPI builds (2.14 takes triton 3.8)
+    "torch>=2.13",  # an installed torch 2.13+ is kept as it is
+    "triton>=3.8; platform_system == 'Linux'",
     "ninja; platform_system == 'Linux'",  # the just-in-time build of the CUDA backend
 ]
 HF = ["transformers>=5.0", "safetensors>=0.4"]  # the floor is tested in CI (.ci/run), as is the newest release

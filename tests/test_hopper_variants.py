@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import static
 from excitor_kernels.ops import _triton_attention as tri
 from excitor_kernels.ops import _triton_tuning as tuning
 from helpers import DEVICES, SUPPORT_GRID, check_against_oracle, param_cases
@@ -100,6 +101,8 @@ def test_forced_descriptors_refused_where_unsupported():
         tuning.pick("fwd", 1, (), dict(DESC=False), False, False, None)
 
 
+@pytest.mark.skipif(static.triton_older_than_tuned(), reason="the candidates are kept for compiling without "
+                    "spills with the triton the tiles were chosen with (bench.static.TUNED_TRITON); this one is older")
 def test_candidates_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

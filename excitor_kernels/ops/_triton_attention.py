@@ -112,7 +112,8 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     pr = p.to(vt.dtype)
     if TC_ROW_SUM:
-        l_i = dot(pr, tl.full([BLOCK_N, 8], 1.0, vt.dtype), PREC, acc=l_i * alpha[:, None])
+        ones = tl.full([BLOCK_N, 8], 1.0, tl.float32).to(vt.dtype)  # (triton 3.8's interpreter has no bf16 full)
+        l_i = dot(pr, ones, PREC, acc=l_i * alpha[:, None])
     else:
         l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(pr, vt, PREC)
