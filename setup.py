@@ -15,7 +15,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 INSTALL_REQUIRES = [
     # the floors and the newest releases are tested in CI (.ci/run). triton 3.7 and older fail on the kernels
-    # (3.7 compiles no float32 dot of 8 rows; 3.6 and older: their CPU interpreter); torch 2.12 and older
+    # (3.7 compiles no float32 dot over 8 keys, the float32 prompt passes' tile; 3.6 and older: the CPU interpreter); torch 2.12 and older
     # pin those tritons in their PyPI builds (2.14 takes triton 3.8)
     "torch>=2.13",  # an installed torch 2.13+ is kept as it is
     "triton>=3.8; platform_system == 'Linux'",

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from typing import Optional
 
 import torch

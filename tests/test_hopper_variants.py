@@ -35,7 +35,6 @@ VARIANTS = {  # kernel -> the switches forced on it
     "warp_specialised": dict(fwd=_WS, dkdv=_WS, dq=_WS),
     "tc_row_sum": dict(fwd=dict(TC_ROW_SUM=True)),  # the forward's row sum on the tensor cores
 }
-pytestmark = pytest.mark.skipif(not tuning.has_descriptors(), reason="this triton has no tensor descriptors")
 
 
 def _forced(variant):

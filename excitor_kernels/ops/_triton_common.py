@@ -70,8 +70,9 @@ def load_tile(src, start, stride_row, cols, n_rows, BLOCK_R: tl.constexpr, HEAD_
     """Rows [start, start + BLOCK_R) of a ``row_source``, zeros outside (a descriptor always bounds-checks).
     Pointers, half precision: the tile's first row, src + start * stride_row (a scalar), plus the tile's own row
     offsets, the same for every tile, so that a load in a key or query loop costs one 64-bit add (two instructions;
-    from row indices, four: sm_80's loops, bench.static). float32 keeps the row indices: with the tile's base,
-    ptxas spills a few bytes in some of its narrow 8-warp kernels."""
+    from row indices, four: sm_80's loops, bench.static); the offsets unsigned (never negative), so that no high
+    word is held per load. float32 keeps the row indices: with the tile's base, ptxas spills a few bytes in some
+    of its narrow 8-warp kernels."""
     if DESC:
         return src.load([start, 0])
     elif src.dtype.element_ty.primitive_bitwidth < 32:

@@ -4,8 +4,8 @@ A configuration is the kernel's tiles (``BLOCK_M``, ``BLOCK_N``), launch options
 ``num_stages``) and switches of the same kernels:
 
 * ``DESC``: q, k, ke, v (and do) tiles load through tensor descriptors (TMA). Only where
-  :func:`descriptors_ok` holds: an sm_90 or newer GPU, a triton with ``tl.make_tensor_descriptor`` and
-  16-byte aligned bases and row strides; otherwise the pointer loads run (Ampere, older triton, odd strides).
+  :func:`descriptors_ok` holds: an sm_90 or newer GPU and 16-byte aligned bases and row strides; otherwise the
+  pointer loads run (Ampere, odd strides).
 * ``WARP_SPEC``: ``tl.range(..., warp_specialize=True)`` on the key (dk/dv: query) loop. Triton's sm_90 pass
   takes it only as the kernel's single loop, with descriptor loads and no early return: the kernels then
   run one loop with every tile masked (instead of unmasked tiles, then the masked diagonal ones).
@@ -31,7 +31,6 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 from ._triton_common import ADAPTER, EXCITOR
 
@@ -85,21 +84,16 @@ _table: dict = {}   # key -> chosen configuration, for the life of the process
 _forced: dict = {}  # kernel -> configuration, set by forced()
 
 
-def has_descriptors() -> bool:
-    """This triton builds tensor descriptors in kernels (3.4 and later)."""
-    return hasattr(tl, "make_tensor_descriptor")
-
-
 def descriptors_ok(*tensors) -> bool:
     """Tensor-descriptor loads can read every tensor: on a CUDA device of compute capability 9.0 or more (or
-    the CPU interpreter, which emulates them, for tests), with a triton that has them, unit last stride and
-    16-byte aligned base and other strides (TMA's rules)."""
+    the CPU interpreter, which emulates them, for tests), unit last stride and 16-byte aligned base and other
+    strides (TMA's rules)."""
     t0 = tensors[0]
     if t0.is_cuda:
         device_ok = torch.cuda.get_device_capability(t0.device) >= (9, 0)
     else:
         device_ok = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not (device_ok and has_descriptors()):
+    if not device_ok:
         return False
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
