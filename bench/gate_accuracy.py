@@ -57,8 +57,8 @@ def _draw(case: Case, dtype, backend: str) -> tuple[dict, dict, float]:
 
 
 def standard(draws: int = 16) -> None:
-    print(f"| backend | case | dtype | dgate error median / max | e_pt median | over the fixed budget | "
-          f"max error / (budget + 2 e_pt) |\n|---|---|---|---|---|---|---|")
+    print("| backend | case | dtype | dgate error median / max | e_pt median | over the fixed budget | "
+          "max error / (budget + 2 e_pt) |\n|---|---|---|---|---|---|---|")
     for case, dtype in STANDARD_CASES:
         for backend in STANDARD_BACKENDS:
             gate_err, gate_pt, worst, over = [], [], 0.0, 0
