@@ -58,6 +58,22 @@ def test_one_head_gate_gradient_meets_the_fixed_budget(case, dtype, backend):
         check_against_oracle(OP, case, dtype, TRITON_DEVICE, backend=backend)
 
 
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the draw below is the CPU generator's")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known miss (issue 25): the one-head bf16 dgate "
+                   "exceeds the fixed budget on about 0.2% of draws, sometimes by 8x; this draw: 0.035")
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_one_head_gate_gradient_known_miss(backend):
+    """The draw (seed 263) on which both fused backends' dgate misses the budget the test above asserts (the
+    reference backend meets it): kept as a strict xfail until the one-head dgate is fixed."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(263)
+        check_against_oracle(OP, Case(B=1, Hq=1, Hkv=1, M=48, N=48, d=256, P=4), torch.bfloat16, "cpu",
+                             backend=backend)
+    finally:
+        torch.set_rng_state(state)
+
+
 ZERO_GATE_CASES = [Case(B=2, Hq=4, Hkv=2, M=24, N=41, P=8), Case(Hq=2, Hkv=2, M=30, N=30, P=3, causal=False)]
 
 
