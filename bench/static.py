@@ -108,6 +108,7 @@ ARG_TYPES = (
     (r"\w*scale\w*", "fp32"),
     (r"GATE|LSE|DELTA|DPK|DPV|DGATE\w*|DKE|WS_\w+", "*fp32"),
     (r"CU_\w+|SEQLENS", "*i32"),
+    (r"AT|AT_LO", "*{pairs}"),  # the centred prompt weights: float16 pairs for half inputs (prompt_keys_forward)
     (r"[A-Z][A-Z0-9_]*", "*{dtype}"),  # tensors in the inputs' dtype: Q, K, V, S, PK, KE, O, DQ, ...
 )
 # integers a GPU launch finds divisible by 16: strides (0 or multiples of d = 64, 128) and M = N = SEQ
@@ -133,7 +134,7 @@ def _tool_dir() -> Path:
 def arg_type(name: str, dtype: str) -> str:
     for pattern, kind in ARG_TYPES:
         if re.fullmatch(pattern, name):
-            return kind.format(dtype=dtype)
+            return kind.format(dtype=dtype, pairs="fp32" if dtype == "fp32" else "fp16")
     raise ValueError(f"bench.static: no rule in ARG_TYPES gives argument {name!r} a type; add one")
 
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from excitor_kernels import adapter_attention
-from helpers import (BUDGET, DEVICES, FUSED_BACKENDS, SUPPORT_GRID, Case, check_against_oracle, make_inputs, oracle,
-                     rel_err, run_with_grads, support_grid_tests)
+from helpers import (BUDGET, DEVICES, FUSED_BACKENDS, SUPPORT_GRID, TRITON_DEVICE, Case, check_against_oracle,
+                     check_beside_rounding, make_inputs, oracle, rel_err, run_with_grads, support_grid_tests)
 
 OP = "adapter"
 
@@ -53,6 +53,18 @@ def test_official_llama_adapter_formula(device, backend):
                 + torch.tanh(raw_gate).double().view(1, -1, 1, 1)
                 * torch.einsum("bhmp,hpd->bhmd", torch.softmax(prompt_scores, -1), pv))
     assert rel_err(o, expected) <= BUDGET[torch.float32]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
+def test_tiny_gates_in_float16(backend):
+    """Gates of 1e-6 (LLaMA-Adapter's gates start at 0): the prompts' exact gradients are ~1e-5, float16's
+    subnormal range. The gate multiplies the float32 products, never a rounded operand
+    (prompt_attention_backward), so the returned gradients are the float32 results rounded once (before: 2.5x their
+    rounding floor)."""
+    case = Case(B=2, Hq=4, Hkv=2, M=40, N=40, d=64, P=8)
+    x = make_inputs(case, OP, torch.float16, TRITON_DEVICE, gate_scale=1e-6)
+    do = torch.randn(case.B, case.Hq, case.M, case.d, dtype=torch.float16, device=TRITON_DEVICE)
+    check_beside_rounding(OP, x, backend, case.causal, do)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -69,6 +69,20 @@ def _program(H, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _group_scale(GATE, g, GROUPS):
+    """t = 2^floor(log2 max_h |gate[h]|) over the finite gates of the query heads of key/value head ``g`` (1 when
+    they are all 0): the concat form attends with [q, (gate[h] / t) q] and [k, t ke], the same scores, with
+    |gate[h] / t| < 2, so that small gates (LLaMA-Excitor's start at 0) do not put the queries' second half in
+    float16's subnormal range. A NaN or inf gate reaches its own head only, as in k + gate[h] ke."""
+    top = tl.zeros([], tl.float32)
+    for hh in range(0, GROUPS):
+        size = tl.abs(tl.load(GATE + g * GROUPS + hh).to(tl.float32))
+        top = tl.maximum(top, tl.where(size < float("inf"), size, 0.0))
+    t = (top.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(t == 0.0, 1.0, t)
+
+
+@triton.jit
 def excitor_keys_fwd_kernel(
     K, S, PK, GATE, KP,
     stride_kb, stride_kh, stride_kn, stride_sb, stride_sh, stride_sn, stride_pkb, stride_pkh, stride_pkp,
@@ -78,7 +92,7 @@ def excitor_keys_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
-    heads of the key/value head, or [k, ke] (CONCAT). Products on the input dtype's tensor cores (PREC),
+    heads of the key/value head, or [k, t ke] (CONCAT; t = _group_scale). Products on the input dtype's tensor cores (PREC),
     float32 accumulation, as in the prompt-keys pre-pass."""
     _, offs_n, b, g = _program(Hkv, BLOCK_N)
     st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
@@ -91,7 +105,7 @@ def excitor_keys_fwd_kernel(
     if CONCAT:
         out = KP + b * stride_ob + g * stride_oh
         store_rows(out, kt, offs_n, stride_on, offs_d, N, HEAD_DIM)
-        store_rows(out + HEAD_DIM, ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
+        store_rows(out + HEAD_DIM, _group_scale(GATE, g, GROUPS) * ke, offs_n, stride_on, offs_d, N, HEAD_DIM)
     else:
         k32 = kt.to(tl.float32)
         for hh in range(0, GROUPS):
@@ -111,7 +125,7 @@ def excitor_keys_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): from SDPA's gradient of the keys it attended with
-    (dk'[h], or d[k, ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt gradient (the gate's is
+    (dk'[h], or d[k, t ke] when CONCAT) to dk, dsim (or dk += dsim), and the prompt gradient (the gate's is
     _GateTap's)."""
     tile, offs_n, b, g = _program(Hkv, BLOCK_N)
     st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
@@ -120,7 +134,8 @@ def excitor_keys_bwd_kernel(
     if CONCAT:  # the gate sits on the query side there: gated_queries_kernel takes its gradient
         base = DKP + b * stride_gb + g * stride_gh
         dk = load_rows(base, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
-        dke = load_rows(base + HEAD_DIM, offs_n, stride_gn, offs_d, N, HEAD_DIM, True).to(tl.float32)
+        dke = _group_scale(GATE, g, GROUPS) * load_rows(base + HEAD_DIM, offs_n, stride_gn, offs_d, N, HEAD_DIM,
+                                                        True).to(tl.float32)
     else:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dke = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -146,14 +161,14 @@ def excitor_keys_bwd_kernel(
 def gated_queries_kernel(
     Q, GATE, Q2, DQ2, DQ,
     stride_qb, stride_qh, stride_qm, stride_2b, stride_2h, stride_2m, stride_dqb, stride_dqh, stride_dqm, Hq, M,
-    BACKWARD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUPS, BACKWARD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query tile, batch * query head) of the concat form's queries q2 = [q, gate[h] q]:
-    forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to dq = dlo + gate[h] dhi (the gate's gradient is
-    _GateTap's)."""
+    """One program per (query tile, batch * query head) of the concat form's queries q2 = [q, (gate[h] / t) q]
+    (t = _group_scale of the head's key/value head): forward writes q2; BACKWARD takes dq2 = [dlo, dhi] to
+    dq = dlo + (gate[h] / t) dhi (the gate's gradient is _GateTap's)."""
     _, offs_m, b, h = _program(Hq, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    gate_h = tl.load(GATE + h).to(tl.float32)
+    gate_h = tl.load(GATE + h).to(tl.float32) / _group_scale(GATE, h // GROUPS, GROUPS)
     if BACKWARD:
         base = DQ2 + b * stride_2b + h * stride_2h
         dlo = load_rows(base, offs_m, stride_2m, offs_d, M, HEAD_DIM, True).to(tl.float32)
@@ -271,29 +286,29 @@ def excitor_keys_backward(dkp, k, pk, gate, sim, prompt_scale, concat, determini
     return dk, sums.prompt_grad(sums.prompt, Hkv, pk), dsim
 
 
-def _gated_launch(q, gate, q2, dq, backward):
+def _gated_launch(q, gate, kv_heads, q2, dq, backward):
     """q2: the forward's output, or the backward's dq2."""
     B, Hq, M, d = q.shape
     block, opts = _rows_block(q.is_cuda, M, q.element_size())
     gated_queries_kernel[(triton.cdiv(M, block), B * Hq)](
-        q, gate.contiguous(), q2, q2, dq, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3], Hq, M,
+        q, gate.contiguous(), q2, q2, dq, *q.stride()[:3], *q2.stride()[:3], *dq.stride()[:3], Hq, M, Hq // kv_heads,
         BACKWARD=backward, HEAD_DIM=d, BLOCK_M=block, BLOCK_D=pow2(d), **opts,
     )
 
 
-def gated_queries(q, gate):
-    """The concat form's queries ``[q, gate[h] q] (B, Hq, M, 2d)``."""
+def gated_queries(q, gate, kv_heads):
+    """The concat form's queries ``[q, (gate[h] / t) q] (B, Hq, M, 2d)`` (t per key/value head: _group_scale)."""
     B, Hq, M, d = q.shape
     q2 = new_output((B, Hq, M, 2 * d), dtype=q.dtype, device=q.device)
-    _gated_launch(q, gate, q2, q2, False)
+    _gated_launch(q, gate, kv_heads, q2, q2, False)
     return q2
 
 
-def gated_queries_backward(dq2, q, gate):
+def gated_queries_backward(dq2, q, gate, kv_heads):
     """dq from the gradient of :func:`gated_queries`' output (gate detached)."""
     dq2 = dq2 if dq2.stride(-1) == 1 else dq2.contiguous()
     dq = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
-    _gated_launch(q, gate, dq2, dq, True)
+    _gated_launch(q, gate, kv_heads, dq2, dq, True)
     return dq
 
 
@@ -384,32 +399,34 @@ _keys_op.register_autograd(_keys_backward, setup_context=_keys_setup)
 
 
 @torch.library.custom_op("excitor_kernels::sdpa_gated_queries", mutates_args=())
-def _gated_op(q: Tensor, gate: Tensor) -> Tensor:
-    return gated_queries(q, gate)
+def _gated_op(q: Tensor, gate: Tensor, kv_heads: int) -> Tensor:
+    return gated_queries(q, gate, kv_heads)
 
 
 @_gated_op.register_fake
-def _(q, gate):
+def _(q, gate, kv_heads):
     return q.new_empty((*q.shape[:-1], 2 * q.shape[-1]))
 
 
 @torch.library.custom_op("excitor_kernels::sdpa_gated_queries_bwd", mutates_args=())
-def _gated_bwd_op(dq2: Tensor, q: Tensor, gate: Tensor) -> Tensor:
-    return gated_queries_backward(dq2, q, gate)
+def _gated_bwd_op(dq2: Tensor, q: Tensor, gate: Tensor, kv_heads: int) -> Tensor:
+    return gated_queries_backward(dq2, q, gate, kv_heads)
 
 
 @_gated_bwd_op.register_fake
-def _(dq2, q, gate):
+def _(dq2, q, gate, kv_heads):
     return torch.empty_like(q)
 
 
 def _gated_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    q, gate, kv_heads = inputs
+    ctx.save_for_backward(q, gate)
+    ctx.kv_heads = kv_heads
 
 
 def _gated_backward(ctx, dq2):
     _detached_gate(ctx, 1)
-    return _gated_bwd_op(dq2, *ctx.saved_tensors), None
+    return _gated_bwd_op(dq2, *ctx.saved_tensors, ctx.kv_heads), None, None
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -496,8 +513,8 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     det = bool(deterministic)
     g = gate.detach()  # the gate's gradient comes from _GateTap
     if Hq != Hkv and gqa_form == "concat":
-        kk = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, True, det)           # [k, ke] (B, Hkv, N, 2d)
-        qq = _gated_op(q, g)                                                            # [q, gate[h] q]
+        kk = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, True, det)           # [k, t ke] (B, Hkv, N, 2d)
+        qq = _gated_op(q, g, Hkv)                                                       # [q, (gate[h] / t) q]
         o = attend(qq, kk, v, causal, softmax_scale, enable_gqa=True)
     else:
         kp = _keys_op(k, prompt_keys, g, sim_keys, prompt_scale, False, det)           # k' (B, Hq, N, d)

@@ -46,9 +46,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (ADAPTER, EXCITOR, LOG2E, GradSums, RowLayout, dot, load_rows, load_tile, pow2,
-                             precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights, row_source,
-                             sequence, split, stats_shape, store_rows)
+from ._triton_common import (ADAPTER, AT_SCALE, EXCITOR, LOG2E, GradSums, RowLayout, dot, load_rows, load_tile, pow2,
+                             precision, prompt_attention, prompt_attention_backward, prompt_strides, prompt_weights,
+                             row_source, sequence, split_scaled, stats_shape, store_rows)
 from ._triton_prompt_keys import prompt_keys_backward, prompt_keys_forward
 from ._triton_tuning import autotune_enabled, candidates, descriptors_ok, length_bucket, pick, prepare_descriptors
 
@@ -403,9 +403,10 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _bypass_scores(qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_n, offs_p, N, BLOCK_P: tl.constexpr,
                    MASKED: tl.constexpr, PREC: tl.constexpr):
-    """x_ij = <q_i, ke_j> = sum_n qp_in at_jn for the keys ``offs_n`` (qp = q pk^T; at the centred weights, read
-    from the pre-pass's rounded values and their rounding errors) from hi + lo pairs of qp and at: three products
-    of P columns, about float32 (float32 inputs: one product)."""
+    """x_ij / x_scale = sum_n qp_in at_jn / x_scale for the keys ``offs_n`` (x_ij = <q_i, ke_j>; qp = q pk^T as
+    split_scaled's pair, at the pre-pass's centred weights times AT_SCALE, rounded and its rounding error; x_scale
+    both scales) from float16 hi + lo pairs: three products of P columns, about float32 (float32 inputs: one
+    product)."""
     at = load_rows(at_src, offs_n, stride_atn, offs_p, N, BLOCK_P, MASKED)
     x = dot(qp_hi, tl.trans(at), PREC)
     if at.dtype != tl.float32:
@@ -422,32 +423,32 @@ def _add_gate_sums(c, e, r, l, ds, p, x):
 
 
 @triton.jit
-def _gate_rows(c, e, r, l, seen):
-    """(l, g) per row: g_i = (c_i - r_i e_i / l_i) / l_i, row i's share of dgate[h] / softmax_scale (docs/design.md,
-    "The gate gradient's precision"). Rows not ``seen`` (chosen by the mask, so that a NaN that reaches a row
-    reaches dgate) give l = 1, g = 0."""
+def _gate_x(c, e, r, l, x_scale, seen):
+    """(l, g) per row: g_i = x_scale (c_i - r_i e_i / l_i) / l_i, row i's share of dgate[h] / softmax_scale
+    (docs/design.md, "The gate gradient's precision"; c and e summed over x / x_scale, _bypass_scores). Rows not
+    ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate) give l = 1, g = 0."""
     sl = tl.where(seen, l, 1.0)
-    return sl, tl.where(seen, (c - r * e / sl) / sl, 0.0)
+    return sl, tl.where(seen, x_scale * (c - r * e / sl) / sl, 0.0)
 
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn, offs_d, start_n, N,
-             qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
+             qk_scale, gate_x, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
              MASKED: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
     """dq += ds k over key tile [start_n, start_n + BLOCK_N) (softmax_scale applied by the caller); MASKED keeps
     keys j <= last[i] (the causal and the j < N masks).
 
     Excitor (BYPASS == 1): the scores are q k^T + gate[h] x with x_ij = <q_i, ke_j> to about float32 accuracy
-    (_bypass_scores), dq += ds k' with k' from ``kg_src`` (the group member's k' = k + gate[h] ke, gated_keys), and
-    the gate gradient's float32 row sums c, e, r, l (_add_gate_sums) carry what attention_bwd_dq_kernel needs after
-    the loop."""
+    (_bypass_scores gives x / x_scale, gate_x = gate[h] x_scale), dq += ds k' with k' from ``kg_src`` (the group
+    member's k' = k + gate[h] ke, gated_keys), and the gate gradient's float32 row sums c, e, r, l (_add_gate_sums,
+    over x / x_scale) carry what attention_bwd_dq_kernel needs after the loop."""
     kt = load_tile(k_src, start_n, stride_kn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     vt = load_tile(v_src, start_n, stride_vn, offs_d, N, BLOCK_N, HEAD_DIM, MASKED, DESC)
     if BYPASS == 1:
         x = _bypass_scores(qp_hi, qp_lo, at_src, at_lo_src, stride_atn, start_n + tl.arange(0, BLOCK_N), offs_p, N,
                            BLOCK_P, MASKED, PREC)
-        qk = dot(q, tl.trans(kt), PREC, acc=gate_h * x)
+        qk = dot(q, tl.trans(kt), PREC, acc=gate_x * x)
     else:
         qk = dot(q, tl.trans(kt), PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
@@ -464,7 +465,7 @@ def _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, strid
 
 @triton.jit
 def _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn, offs_d, full,
-             hi, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
+             hi, N, qk_scale, gate_x, qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_p, c, e, r, l,
              CAUSAL: tl.constexpr, BYPASS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_P: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
     """dq over key tiles [0, hi), split as in _fwd_keys: [0, full) unmasked, [full, hi) masked (their last keys
@@ -473,14 +474,14 @@ def _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_
     if not WARP_SPEC:
         for start_n in tl.range(0, full, BLOCK_N):
             dq, c, e, r, l = _dq_tile(dq, q, do, lse, delta, offs_m, k_src, kg_src, v_src, stride_kn, stride_kgn,
-                                      stride_vn, offs_d, start_n, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src,
-                                      stride_atn, offs_p, c, e, r, l, False, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC,
-                                      DESC)
+                                      stride_vn, offs_d, start_n, N, qk_scale, gate_x, qp_hi, qp_lo, at_src,
+                                      at_lo_src, stride_atn, offs_p, c, e, r, l, False, BYPASS, BLOCK_N, HEAD_DIM,
+                                      BLOCK_P, PREC, DESC)
         lo = full
     last = _last_key(offs_m, N, shift, CAUSAL)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         dq, c, e, r, l = _dq_tile(dq, q, do, lse, delta, last, k_src, kg_src, v_src, stride_kn, stride_kgn, stride_vn,
-                                  offs_d, start_n, N, qk_scale, gate_h, qp_hi, qp_lo, at_src, at_lo_src, stride_atn,
+                                  offs_d, start_n, N, qk_scale, gate_x, qp_hi, qp_lo, at_src, at_lo_src, stride_atn,
                                   offs_p, c, e, r, l, True, BYPASS, BLOCK_N, HEAD_DIM, BLOCK_P, PREC, DESC)
     return dq, c, e, r, l
 
@@ -548,7 +549,8 @@ def attention_bwd_dq_kernel(
                + offs_p[:, None] * stride_dpk_p + offs_d[None, :])
         tl.atomic_add(DPK + off, dpk, mask=pmask)
         tl.atomic_add(DPV + off, dpv, mask=pmask)
-    # Excitor: qp = q pk^T (exact products, float32 sums) as a hi + lo pair for the scores' bypass part
+    # Excitor: qp = q pk^T (exact products, float32 sums), scaled to a float16 hi + lo pair (split_scaled) for the
+    # scores' bypass part
     offs_p = tl.arange(0, BLOCK_P)
     qp = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     gate_h = 0.0
@@ -556,7 +558,8 @@ def attention_bwd_dq_kernel(
         gate_h = tl.load(GATE + h).to(tl.float32)
         pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
         qp = dot(q, tl.trans(pk), PREC)
-    qp_hi, qp_lo = split(qp, q.dtype)
+    qp_hi, qp_lo, x_scale = split_scaled(qp, AT.dtype.element_ty)
+    x_scale = x_scale / AT_SCALE  # x = x_scale (qp_hi + qp_lo) AT^T, AT the pre-pass's
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     c = tl.zeros([BLOCK_M], tl.float32)
     e = tl.zeros([BLOCK_M], tl.float32)
@@ -564,14 +567,14 @@ def attention_bwd_dq_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     dq, c, e, r, l = _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_kn, stride_kgn,
-                              stride_vn, offs_d, full, hi, N, qk_scale, gate_h, qp_hi, qp_lo, AT + at_rows,
+                              stride_vn, offs_d, full, hi, N, qk_scale, gate_h * x_scale, qp_hi, qp_lo, AT + at_rows,
                               AT_LO + at_rows, stride_atn, offs_p, c, e, r, l, CAUSAL, BYPASS, BLOCK_N, HEAD_DIM,
                               BLOCK_P, PREC, DESC, WARP_SPEC)
     if BYPASS == 1:
         seen = (offs_m < M) & (N > 0)
         if CAUSAL:
             seen = seen & (offs_m >= -shift)  # not offs_m + shift: the loops' value, kept live across them
-        sl, rows_dgate = _gate_rows(c, e, r, l, seen)
+        sl, rows_dgate = _gate_x(c, e, r, l, x_scale, seen)
         tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
         dq = dq / sl[:, None]  # sum_j ds*_ij k'_j, up to the row term r_i p_ij / l_i^2 (r is delta's rounding)
     dq *= softmax_scale
@@ -604,8 +607,9 @@ def excitor_gate_grad_kernel(
     do = load_rows(DO + b * stride_dob + q0 * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d, M, HEAD_DIM,
                    True)
     pk = load_rows(PK + b * stride_pkb + g * stride_pkh, offs_p, stride_pkp, offs_d, P, HEAD_DIM, True)
-    gate_h = tl.load(GATE + h).to(tl.float32)
-    qp_hi, qp_lo = split(dot(q, tl.trans(pk), PREC), q.dtype)
+    qp_hi, qp_lo, x_scale = split_scaled(dot(q, tl.trans(pk), PREC), AT.dtype.element_ty)
+    x_scale = x_scale / AT_SCALE  # as in attention_bwd_dq_kernel
+    gate_x = tl.load(GATE + h).to(tl.float32) * x_scale
     k_base = K + b * stride_kb + k0 * stride_kn + g * stride_kh
     v_base = V + b * stride_vb + k0 * stride_vn + g * stride_vh
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
@@ -621,7 +625,7 @@ def excitor_gate_grad_kernel(
         vt = load_rows(v_base, offs_n, stride_vn, offs_d, N, HEAD_DIM, True)
         x = _bypass_scores(qp_hi, qp_lo, AT + at_rows, AT_LO + at_rows, stride_atn, offs_n, offs_p, N, BLOCK_P, True,
                            PREC)
-        qk = dot(q, tl.trans(kt), PREC) + gate_h * x
+        qk = dot(q, tl.trans(kt), PREC) + gate_x * x
         qk = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -630,7 +634,7 @@ def excitor_gate_grad_kernel(
         ds = p * dot(do, tl.trans(vt), PREC)
         c, e, r, l = _add_gate_sums(c * alpha, e * alpha, r * alpha, l * alpha, ds, p, x)
         m_i = m_new
-    _, rows_dgate = _gate_rows(c, e, r, l, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
+    _, rows_dgate = _gate_x(c, e, r, l, x_scale, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
     tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
 
 

@@ -28,6 +28,48 @@ def split(x, dtype: tl.constexpr):
     return hi, (x - hi.to(tl.float32)).to(dtype)
 
 
+# Half-precision operands made from float32 values (the gate gradient's float16 pairs, the prompt post-pass's
+# rounded gradients) are first divided by a power of two that puts the tile's largest entry in [2^14, 2^15): exact,
+# nothing overflows float16's 65504, and float16 keeps 11 bits of every entry down to 2^-28 of the largest (a pair
+# 22 bits down to 2^-17) where unscaled tiny values would be subnormal. bfloat16 has float32's range: harmless.
+PAIR_TOP: tl.constexpr = tl.constexpr(2.0 ** 14)
+# the centred prompt weights a - 1/P lie in (-1, 1): the pre-pass stores them times 2^15
+AT_SCALE: tl.constexpr = tl.constexpr(2.0 ** 15)
+
+
+@triton.jit
+def tile_scale(x):
+    """The power of two 2^(floor(log2 max |x|) - 14) of a float32 tile (1 for x = 0; inf where x holds a NaN or an
+    inf, so that it propagates): x / tile_scale(x) has its largest entry in [2^14, 2^15) (PAIR_TOP)."""
+    top = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = (top.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) / PAIR_TOP
+    return tl.where(scale == 0.0, 1.0, scale)
+
+
+@triton.jit
+def to_scaled(x, dtype: tl.constexpr):
+    """(x / scale rounded to ``dtype``, scale) with scale = tile_scale(x); float32 ``dtype``: (x, 1)."""
+    if dtype == tl.float32:
+        xt, scale = x, 1.0
+    else:
+        scale = tile_scale(x)
+        xt = (x / scale).to(dtype)
+    return xt, scale
+
+
+@triton.jit
+def split_scaled(x, dtype: tl.constexpr):
+    """(hi, lo, scale) with x (float32) = scale (hi + lo), hi and lo in ``dtype`` (split) and scale =
+    tile_scale(x): a float16 pair carries about 22 bits of x's entries whatever their range. float32 ``dtype``:
+    (x, x, 1), x itself is the pair's value."""
+    if dtype == tl.float32:
+        hi, lo, scale = x, x, 1.0
+    else:
+        scale = tile_scale(x)
+        hi, lo = split(x / scale, dtype)
+    return hi, lo, scale
+
+
 @triton.jit
 def dot_hi_lo(x, y, PREC: tl.constexpr):
     """x (float32) times y (input dtype) to about float32 accuracy on the half tensor cores: x = hi + lo with hi, lo
@@ -121,16 +163,17 @@ def prompt_attention(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_p, offs_d
 def prompt_attention_backward(q, do, rows, ap, op, pk, pv, gate_h, softmax_scale, PREC: tl.constexpr):
     """Gradients of o_i += gate[h] op_i (op = ap pv, ap = softmax(softmax_scale q pk^T)) for one query tile whose
     real rows are ``rows``: (dgate, dq / softmax_scale, dpk, dpv), float32, with
-        dgate = sum_i <do_i, op_i>,  dop = gate[h] do,  dzp = ap (dop pv^T - rowsum(ap dop pv^T)),
-        dq = softmax_scale dzp pk,  dpk = softmax_scale dzp^T q,  dpv = ap^T dop."""
-    do32 = tl.where(rows, do.to(tl.float32), 0.0)
-    dgate = tl.sum(tl.sum(do32 * op, 1), 0)
-    dop = gate_h * do32
-    dap = dot(dop.to(pv.dtype), tl.trans(pv), PREC)
-    dzp = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
-    dq = dot(dzp.to(pk.dtype), pk, PREC)
-    dpk = softmax_scale * dot(tl.trans(dzp).to(q.dtype), q, PREC)
-    dpv = dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), dop.to(pv.dtype), PREC)
+        dgate = sum_i <do_i, op_i>,  z = ap (do pv^T - rowsum(ap do pv^T)),
+        dq = gate[h] softmax_scale z pk,  dpk = gate[h] softmax_scale z^T q,  dpv = gate[h] ap^T do.
+    The gate multiplies the float32 products, never a rounded operand: a small gate (LLaMA-Adapter's start at 0)
+    would otherwise put the operands in float16's subnormal range."""
+    do = tl.where(rows, do, 0.0)
+    dgate = tl.sum(tl.sum(do.to(tl.float32) * op, 1), 0)
+    dap = dot(do.to(pv.dtype), tl.trans(pv), PREC)
+    z = tl.where(rows, ap * (dap - tl.sum(ap * dap, 1)[:, None]), 0.0)
+    dq = gate_h * dot(z.to(pk.dtype), pk, PREC)
+    dpk = (gate_h * softmax_scale) * dot(tl.trans(z).to(q.dtype), q, PREC)
+    dpv = gate_h * dot(tl.trans(tl.where(rows, ap, 0.0)).to(pv.dtype), do.to(pv.dtype), PREC)
     return dgate, dq, dpk, dpv
 
 

@@ -12,8 +12,8 @@ and so leaves each softmax, the output and every gradient unchanged; it keeps ``
 is nearly uniform, so that ``k'`` rounds well.
 
 The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and the centred weights ``a - 1/P``
-(``B x Hkv x N x pow2(P)``, and for half precision their rounding error beside them), from which the dq kernel
-forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
+(``B x Hkv x N x pow2(P)``, times AT_SCALE; for half precision as float16 pairs, the rounded value and its rounding
+error), from which the dq kernel forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
 backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
 (float32, ``ke``'s shape), and the post-pass applies the chain rule, tile by tile:
 
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from ._triton_common import (LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision, prompt_softmax,
-                             prompt_strides, sequence, split, store_rows)
+from ._triton_common import (AT_SCALE, LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision,
+                             prompt_softmax, prompt_strides, sequence, split, store_rows, to_scaled)
 
 
 @triton.jit
@@ -59,14 +59,17 @@ def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr, EXA
 
 @triton.jit
 def prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC: tl.constexpr):
-    """(dsim, dpk) of one tile of rows, float32, from dke (float32) and the tile's (a, st); see the module doc."""
-    dke_t = dke.to(pk.dtype)
-    da = dot(dke_t, tl.trans(pk), PREC)
+    """(dsim, dpk) of one tile of rows, float32, from dke (float32) and the tile's (a, st); see the module doc. dke
+    and dz enter their products rounded to the input dtype after division by a power of two per tile (to_scaled):
+    they are gradients, as small as the gates and prompts make them, and float16 would round them into its
+    subnormal range (or past 65504)."""
+    dke_t, dke_scale = to_scaled(dke, pk.dtype)
+    da = dot(dke_t, tl.trans(pk), PREC) * dke_scale
     dz = a * (da - tl.sum(a * da, 1)[:, None])
-    dz_t = dz.to(pk.dtype)
-    dsim = prompt_scale * dot(dz_t, pk, PREC)
-    dpk = dot(tl.trans(_centred(a, offs_p, P).to(pk.dtype)), dke_t, PREC)
-    dpk += prompt_scale * dot(tl.trans(dz_t), st.to(pk.dtype), PREC)
+    dz_t, dz_scale = to_scaled(dz, pk.dtype)
+    dsim = (prompt_scale * dz_scale) * dot(dz_t, pk, PREC)
+    dpk = dke_scale * dot(tl.trans(_centred(a, offs_p, P).to(pk.dtype)), dke_t, PREC)
+    dpk += (prompt_scale * dz_scale) * dot(tl.trans(dz_t), st.to(pk.dtype), PREC)
     return dsim, dpk
 
 
@@ -100,9 +103,10 @@ def prompt_keys_fwd_kernel(
     BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One tile of keys of one (batch entry or sequence, key/value head): KE = ke rounded to the input dtype (what
-    ``k'`` adds to k), and the centred weights ``a - 1/P`` as AT (rounded) and AT_LO (its rounding error; float32
-    keys have none: AT_LO is then AT and is not written), BLOCK_P = pow2(P) columns, 0 past P. The dq kernel forms
-    ``<q_i, ke_j> = sum_n <q_i, pk_n> (a[j, n] - 1/P)`` from them to about float32 accuracy (the gate gradient)."""
+    ``k'`` adds to k), and the centred weights times AT_SCALE, ``(a - 1/P) 2^15``, as AT (rounded to float16 for
+    half-precision keys) and AT_LO (its rounding error; float32 keys have none: AT_LO is then AT and is not
+    written), BLOCK_P = pow2(P) columns, 0 past P. The dq kernel forms ``<q_i, ke_j> = sum_n <q_i, pk_n> (a[j, n] -
+    1/P)`` from them to about float32 accuracy (the gate gradient)."""
     b, g, k0, N, offs_n = _tile(CU_K, N, Hkv, BLOCK_N, VARLEN)
     if tl.program_id(0) * BLOCK_N >= N:
         return
@@ -111,7 +115,7 @@ def prompt_keys_fwd_kernel(
     a, ke = prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC, True)
     store_rows(KE + b * stride_keb + k0 * stride_ken + g * stride_keh, ke.to(KE.dtype.element_ty), offs_n, stride_ken,
                offs_d, N, HEAD_DIM)
-    at_hi, at_lo = split(_centred(a, offs_p, P), AT.dtype.element_ty)
+    at_hi, at_lo = split(_centred(a, offs_p, P) * AT_SCALE, AT.dtype.element_ty)
     rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     store_rows(AT + rows, at_hi, offs_n, stride_atn, offs_p, N, BLOCK_P)
     if AT.dtype.element_ty != tl.float32:
@@ -159,11 +163,15 @@ def prompt_blocks(on_gpu: bool, N: int, itemsize: int = 2) -> dict:
 def prompt_keys_forward(s: torch.Tensor, pk: torch.Tensor, prompt_scale: float, rows: RowLayout):
     """(ke, at) for s = sim_keys or k, padded ``(B, Hkv, N, d)`` or packed ``(total_k, Hkv, d)`` as ``rows`` says;
     ``pk`` is ``(Hkv, P, d)`` shared or ``(B, Hkv, P, d)`` per entry. ``ke`` has s's shape and dtype; ``at`` holds
-    the centred weights ``a - 1/P`` in ``pow2(P)`` columns (0 past P), ``(2, *s.shape[:-1], pow2(P))`` in s's
-    dtype: ``at[0]`` rounded, ``at[1]`` its rounding error (float32: ``(1, ...)``, ``at[-1]`` is ``at[0]``)."""
+    the centred weights times AT_SCALE, ``(a - 1/P) 2^15``, in ``pow2(P)`` columns (0 past P):
+    ``(2, *s.shape[:-1], pow2(P))`` float16 for half-precision s (bfloat16 too: a float16 pair keeps 22 bits of
+    ``|a - 1/P| < 1`` down to 2^-17, a bfloat16 pair 16), ``at[0]`` rounded, ``at[1]`` its rounding error;
+    float32 s: ``(1, ...)`` float32, ``at[-1]`` is ``at[0]``."""
     BLOCK_P = pow2(pk.shape[-2])
     ke = new_output(s.shape, dtype=s.dtype, device=s.device)
-    at = new_output((1 if s.dtype == torch.float32 else 2, *s.shape[:-1], BLOCK_P), dtype=s.dtype, device=s.device)
+    half = s.dtype != torch.float32
+    at = new_output((2 if half else 1, *s.shape[:-1], BLOCK_P), dtype=torch.float16 if half else s.dtype,
+                    device=s.device)
     launch = prompt_blocks(s.is_cuda, rows.N, s.element_size())
     grid = (triton.cdiv(rows.N, launch["BLOCK_N"]), rows.B * rows.Hkv)
     prompt_keys_fwd_kernel[grid](
