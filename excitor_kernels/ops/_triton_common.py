@@ -84,9 +84,14 @@ def dot_hi_lo(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
-def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside."""
-    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+def load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+              UNSIGNED: tl.constexpr = False):
+    """Load a (len(rows), BLOCK_D) tile of a row-major (n_rows, HEAD_DIM) matrix, zeros outside. UNSIGNED: the
+    element offsets as unsigned 32-bit integers (rows never negative: no high word per load)."""
+    if UNSIGNED:
+        ptrs = base + (rows[:, None] * stride_row + cols[None, :]).to(tl.uint32)
+    else:
+        ptrs = base + rows[:, None] * stride_row + cols[None, :]
     mask = cols[None, :] < HEAD_DIM
     if CHECK_ROWS:
         mask = mask & (rows[:, None] < n_rows)
@@ -112,18 +117,13 @@ def load_tile(src, start, stride_row, cols, n_rows, BLOCK_R: tl.constexpr, HEAD_
     """Rows [start, start + BLOCK_R) of a ``row_source``, zeros outside (a descriptor always bounds-checks).
     Pointers, half precision: the tile's first row, src + start * stride_row (a scalar), plus the tile's own row
     offsets, the same for every tile, so that a load in a key or query loop costs one 64-bit add (two instructions;
-    from row indices, four: sm_80's loops, bench.static); the offsets unsigned (never negative), so that no high
-    word is held per load. float32 keeps the row indices: with the tile's base, ptxas spills a few bytes in some
-    of its narrow 8-warp kernels."""
+    from row indices, four: sm_80's loops, bench.static); the offsets unsigned (load_rows' UNSIGNED). float32
+    keeps the row indices: with the tile's base, ptxas spills a few bytes in some of its narrow 8-warp kernels."""
     if DESC:
         return src.load([start, 0])
     elif src.dtype.element_ty.primitive_bitwidth < 32:
-        rows = tl.arange(0, BLOCK_R)
-        offs = (rows[:, None] * stride_row + cols[None, :]).to(tl.uint32)
-        mask = cols[None, :] < HEAD_DIM
-        if CHECK_ROWS:
-            mask = mask & (rows[:, None] < n_rows - start)
-        return tl.load(src + start * stride_row + offs, mask=mask, other=0.0)
+        return load_rows(src + start * stride_row, tl.arange(0, BLOCK_R), stride_row, cols, n_rows - start, HEAD_DIM,
+                         CHECK_ROWS, True)
     else:
         return load_rows(src, start + tl.arange(0, BLOCK_R), stride_row, cols, n_rows, HEAD_DIM, CHECK_ROWS)
 
