@@ -12,6 +12,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def fresh_generator(request):
+    """Every test draws from torch's generator freshly seeded for it: each run draws new inputs, a draw added to or
+    removed from one test does not move another test's inputs, and a failure names its seed
+    (``EXCITOR_TEST_SEED=<seed>`` draws the same inputs again)."""
+    seed = int(os.environ.get("EXCITOR_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    torch.manual_seed(seed)  # every device's generator
+    request.node.excitor_seed = seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and hasattr(item, "excitor_seed"):
+        report.sections.append(("torch seed", f"EXCITOR_TEST_SEED={item.excitor_seed} draws this test's inputs again"))
+
+
 @pytest.fixture
 def deterministic_torch():
     """torch.use_deterministic_algorithms(True) for one test: on a GPU, SDPA's own backward (FlashAttention, cuDNN,

@@ -71,7 +71,6 @@ def test_auto_runs_the_backend_the_table_names_and_logs_it_once(fused_on_cpu, ca
     ran, sdpa_excitor = [], _sdpa.excitor_attention
     monkeypatch.setattr(_sdpa, "excitor_attention", lambda *a: ran.append(a[-1]) or sdpa_excitor(*a))
     x = make_inputs(TRAIN, "excitor", torch.float32, TRITON_DEVICE)
-    do = torch.randn(1, 4, 40, 16, device=TRITON_DEVICE)
     with caplog.at_level(logging.DEBUG, logger="excitor_kernels"):
         o = call("excitor", x, "auto", True)
         call("excitor", x, "auto", True)
@@ -79,7 +78,6 @@ def test_auto_runs_the_backend_the_table_names_and_logs_it_once(fused_on_cpu, ca
     lines = [r.getMessage() for r in caplog.records if "backend='auto' -> sdpa_concat" in r.getMessage()]
     assert len(lines) == 1 and f"measured on {GPU}" in lines[0]
     assert rel_err(o, oracle("excitor", x, True, None)[0]) <= BUDGET[torch.float32]
-
 
 
 def test_decode_shaped_calls_take_the_decode_kernel(fused_on_cpu):
