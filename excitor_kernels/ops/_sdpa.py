@@ -13,13 +13,13 @@ registered as ``torch.library`` custom ops with fake implementations and autogra
     Under GQA the query heads of a key/value head become SDPA's head axis and the batch axis runs over
     ``(b, kv head)``: ``q`` and ``v`` are then views (``v`` broadcast with head stride 0) when their batch and
     head axes merge, which they do for ``(B, H, L, d)``-contiguous tensors; other layouts are copied.
-  - ``"concat"`` (GQA only, the exact rewrite ``<q, k + g ke> = <[q, g q], [k, ke]>``): ``[k, ke]``,
-    ``(B, Hkv, N, 2d)``, with queries ``[q, gate[h] q]`` (one more small kernel, whose backward gives
-    ``dq = dq2[:d] + gate[h] dq2[d:]``) and SDPA's ``enable_gqa``: keys and values stay per key/value head, at
+  - ``"concat"`` (GQA only, the exact rewrite ``<q, k + g ke> = <[q, (g / t) q], [k, t ke]>``, t a power of two
+    per key/value head, _group_scale): ``[k, t ke]``, ``(B, Hkv, N, 2d)``, with queries ``[q, (gate[h] / t) q]``
+    (one more small kernel, whose backward gives ``dq = dq2[:d] + (gate[h] / t) dq2[d:]``) and SDPA's ``enable_gqa``: keys and values stay per key/value head, at
     twice the q/k head dim (SDPA backends that take a q/k head dim different from v's: README, "The sdpa
     backend").
 
-  The backward takes SDPA's ``dk'`` (or ``d[k, ke]``) through one program per key tile: ``dk = sum_h dk'[h]`` and
+  The backward takes SDPA's ``dk'`` (or ``d[k, t ke]``) through one program per key tile: ``dk = sum_h dk'[h]`` and
   ``dke = sum_h gate[h] dk'[h]`` in float32 registers, then the prompt chain rule (``a`` and ``ke`` recomputed from
   ``s`` and the prompts, nothing saved) gives ``dpk`` and ``dsim``. Those passes take the gate detached and
   make no gate sums: its gradient comes from ``_GateTap`` on the output, whose backward runs
@@ -92,8 +92,8 @@ def excitor_keys_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (key tile, batch * key/value head): writes k'[h] = k + gate[h] ke for the GROUPS query
-    heads of the key/value head, or [k, t ke] (CONCAT; t = _group_scale). Products on the input dtype's tensor cores (PREC),
-    float32 accumulation, as in the prompt-keys pre-pass."""
+    heads of the key/value head, or [k, t ke] (CONCAT; t = _group_scale). Products on the input dtype's tensor
+    cores (PREC), float32 accumulation, as in the prompt-keys pre-pass."""
     _, offs_n, b, g = _program(Hkv, BLOCK_N)
     st, pk, offs_d, offs_p = _tile_and_prompts(S, PK, b, g, 0, N, offs_n, stride_sb, stride_sh, stride_sn, stride_pkb,
                                                stride_pkh, stride_pkp, P, HEAD_DIM, BLOCK_D, BLOCK_P)  # S: sim_keys, or k

@@ -423,7 +423,7 @@ def _add_gate_sums(c, e, r, l, ds, p, x):
 
 
 @triton.jit
-def _gate_x(c, e, r, l, x_scale, seen):
+def _gate_rows(c, e, r, l, x_scale, seen):
     """(l, g) per row: g_i = x_scale (c_i - r_i e_i / l_i) / l_i, row i's share of dgate[h] / softmax_scale
     (docs/design.md, "The gate gradient's precision"; c and e summed over x / x_scale, _bypass_scores). Rows not
     ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate) give l = 1, g = 0."""
@@ -574,7 +574,7 @@ def attention_bwd_dq_kernel(
         seen = (offs_m < M) & (N > 0)
         if CAUSAL:
             seen = seen & (offs_m >= -shift)  # not offs_m + shift: the loops' value, kept live across them
-        sl, rows_dgate = _gate_x(c, e, r, l, x_scale, seen)
+        sl, rows_dgate = _gate_rows(c, e, r, l, x_scale, seen)
         tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
         dq = dq / sl[:, None]  # sum_j ds*_ij k'_j, up to the row term r_i p_ij / l_i^2 (r is delta's rounding)
     dq *= softmax_scale
@@ -634,7 +634,7 @@ def excitor_gate_grad_kernel(
         ds = p * dot(do, tl.trans(vt), PREC)
         c, e, r, l = _add_gate_sums(c * alpha, e * alpha, r * alpha, l * alpha, ds, p, x)
         m_i = m_new
-    _, rows_dgate = _gate_x(c, e, r, l, x_scale, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
+    _, rows_dgate = _gate_rows(c, e, r, l, x_scale, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
     tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
 
 

@@ -61,9 +61,9 @@ def to_scaled(x, dtype: tl.constexpr):
 def split_scaled(x, dtype: tl.constexpr):
     """(hi, lo, scale) with x (float32) = scale (hi + lo), hi and lo in ``dtype`` (split) and scale =
     tile_scale(x): a float16 pair carries about 22 bits of x's entries whatever their range. float32 ``dtype``:
-    (x, x, 1), x itself is the pair's value."""
+    (x, 0, 1)."""
     if dtype == tl.float32:
-        hi, lo, scale = x, x, 1.0
+        hi, lo, scale = x, tl.zeros_like(x), 1.0
     else:
         scale = tile_scale(x)
         hi, lo = split(x / scale, dtype)

@@ -12,10 +12,10 @@ and so leaves each softmax, the output and every gradient unchanged; it keeps ``
 is nearly uniform, so that ``k'`` rounds well.
 
 The pre-pass writes ``ke`` in the input dtype (``B x Hkv x N x d``) and the centred weights ``a - 1/P``
-(``B x Hkv x N x pow2(P)``, times AT_SCALE; for half precision as float16 pairs, the rounded value and its rounding
-error), from which the dq kernel forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient (docs/design.md). The
-backward's key-tile programs reduce ``dk'`` over the group into ``dke_j = sum_h gate[h] dk'[h, j]``
-(float32, ``ke``'s shape), and the post-pass applies the chain rule, tile by tile:
+(``B x Hkv x N x pow2(P)``, times AT_SCALE; for half precision as float16 pairs, the rounded value and its
+rounding error), from which the dq kernel forms ``<q_i, ke_j>`` to about float32 accuracy for the gate gradient
+(docs/design.md). The backward's key-tile programs reduce ``dk'`` over the group into
+``dke_j = sum_h gate[h] dk'[h, j]`` (float32, ``ke``'s shape), and the post-pass applies the chain rule, tile by tile:
 
     da[j, n] = <dke_j, pk_n>,   dz = a (da - rowsum(a da))
     dsim_j   = prompt_scale sum_n dz[j, n] pk_n                              (to sim_keys, or added to dk)
