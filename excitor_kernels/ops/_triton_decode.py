@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .._alloc import new_output
 from .._validate import MAX_DECODE_QUERIES, check_cache_seqlens
-from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_attention, prompt_strides, store_rows
+from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
 from ._triton_prompt_keys import prompt_mixture
 
 
@@ -131,6 +131,31 @@ def decode_split_kernel(
 
 
 @triton.jit
+def _prompt_term(q, pk_base, pv_base, stride_pkp, stride_pvp, offs_d, P, qk_scale, HEAD_DIM: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """sum_n softmax_n(qk_scale <q_r, pk_n>) pv_n (base 2, float32) for the rows of a decode step (groups x at
+    most 16 queries), one prompt at a time with an online maximum: R x P x d float32 multiply-adds, once per
+    key/value head and step, and no (P, d) prompt tiles in registers (tensor-core dots over so few rows held them
+    per warp: 112 bytes spilled in float32 at P = 32, d = 128)."""
+    in_d = offs_d < HEAD_DIM
+    q32 = q.to(tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    op = tl.zeros(q.shape, tl.float32)
+    for n in range(0, P):
+        pk_n = tl.load(pk_base + n * stride_pkp + offs_d, mask=in_d, other=0.0).to(tl.float32)
+        z = tl.sum(q32 * pk_n[None, :], 1) * qk_scale
+        m_new = tl.maximum(m, z)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(z - m_new)
+        pv_n = tl.load(pv_base + n * stride_pvp + offs_d, mask=in_d, other=0.0).to(tl.float32)
+        l = l * alpha + w
+        op = op * alpha[:, None] + w[:, None] * pv_n[None, :]
+        m = m_new
+    return op / l[:, None]
+
+
+@triton.jit
 def decode_combine_kernel(
     Q, PK, PV, GATE, WS_ACC, WS_M, WS_L, O,
     stride_qb, stride_qh, stride_qm,
@@ -139,7 +164,6 @@ def decode_combine_kernel(
     stride_ob, stride_oh, stride_om,
     Hkv, M, P, GROUPS, NUM_SPLITS, qk_scale,
     BYPASS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """o = sum_s exp2(m_s - m) acc_s / sum_s exp2(m_s - m) l_s (+ gate[h] prompt attention) for one kv head."""
     bg = tl.program_id(0)
@@ -167,9 +191,8 @@ def decode_combine_kernel(
     if BYPASS == 2:  # Adapter: all rows of kv head g share its prompts: o_i += gate[h] softmax(q_i pk^T) pv
         q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
         q = load_rows(Q + b * stride_qb + g * GROUPS * stride_qh, q_rows, 1, offs_d, R, HEAD_DIM, False)
-        _, op, _, _ = prompt_attention(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh,
-                                       stride_pkp, stride_pvp, tl.arange(0, BLOCK_P), offs_d, P, qk_scale,
-                                        HEAD_DIM, PREC)
+        op = _prompt_term(q, PK + b * stride_pkb + g * stride_pkh, PV + b * stride_pvb + g * stride_pvh, stride_pkp,
+                          stride_pvp, offs_d, P, qk_scale, HEAD_DIM, BLOCK_R)
         gate_r = tl.load(GATE + g * GROUPS + offs_r // M, mask=offs_r < R, other=0.0).to(tl.float32)
         o += gate_r[:, None] * op
     o_rows = _packed_offsets(offs_r, R, M, stride_oh, stride_om)
@@ -243,7 +266,7 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
         q, prompt_keys, pv, gate, ws_acc, ws_m, ws_l, o,
         *q.stride()[:3], *prompt_strides(prompt_keys), *prompt_strides(pv), *o.stride()[:3],
         Hkv, M, P, groups, S, softmax_scale * LOG2E,
-        BYPASS=bypass, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
+        BYPASS=bypass, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, **launch,
     )
     return o
 
