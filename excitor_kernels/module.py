@@ -34,8 +34,8 @@ at zero the layer computes exactly the original layer.
 
 KV cache: the layer updates its cache itself. With ``sim_rank`` the cache it is given is wrapped so that
 its key cache holds ``[k | sim]`` concatenated on the head dimension (2d), so cached tokens keep their
-similarity keys; the two halves are read back as strided views (a dynamic cache is needed: a static cache
-preallocated at width d refuses the 2d keys).
+similarity keys; the two halves are read back as strided views. A static cache's unfilled slots are cut off
+before the attention (:func:`excitor_kernels.padding.filled_keys`).
 
 Padding and packing: see :mod:`excitor_kernels.padding` (batched causal call when exact, per-sample
 calls on the kept tokens otherwise; packed sequences, from ``DataCollatorWithFlattening`` for instance,
@@ -52,7 +52,7 @@ from torch import nn
 
 from ._dispatch import BACKENDS
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import PACKING_KWARGS, attention_layout
+from .padding import PACKING_KWARGS, attention_layout, filled_keys
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -408,6 +408,12 @@ class ExcitorAttention(nn.Module):
                          None if sim is None else keys(sim), gate, scaling)
         return out.index_copy(1, q_index, o[0])
 
+    def _mask_none_is_upper_left(self) -> bool:
+        """Whether the model's masks follow transformers' sdpa convention, in which a None mask over more keys
+        than queries means SDPA's upper-left causal mask (an empty static cache); flash-attention masks mean
+        bottom-right alignment."""
+        return "flash" not in str(getattr(self.original_config, "_attn_implementation", "sdpa"))
+
     def attention(self, call: _Call, q, k, v, attention_mask, scaling, kwargs):
         """``(B, M, Hq, d)`` attention output of queries ``q (B, Hq, M, d)`` over keys/values ``(B, Hkv, N, d)``."""
         B, _, M, _ = q.shape
@@ -424,6 +430,11 @@ class ExcitorAttention(nn.Module):
                                      f"sim_rank needs the layer's cache to go through its update")
                 sim = k + call.delta.to(k.dtype)
             sim = sim.to(q.dtype)
+        if not any(kwargs.get(n) is not None for n in PACKING_KWARGS):
+            keep, attention_mask = filled_keys(attention_mask, B, M, N, self._mask_none_is_upper_left())
+            if keep < N:  # a static cache's unfilled slots
+                k, v, N = k[:, :, :keep], v[:, :, :keep], keep
+                sim = None if sim is None else sim[:, :, :keep]
         packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N)
         pk = call.pk.to(q.dtype)
         pv = None if call.pv is None else call.pv.to(q.dtype)

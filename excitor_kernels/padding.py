@@ -3,7 +3,7 @@
 The operators know one mask: bottom-right aligned causal (query ``i`` of ``M`` sees key ``j`` of ``N``
 iff ``j <= i + N - M``). transformers hands an attention layer one of
 
-* ``None`` -- plain causal, nothing to do;
+* ``None`` -- plain causal, nothing to do (but see :func:`filled_keys` for a static cache's empty slots);
 * a 4-D ``(B, 1 | H, M, N)`` mask, boolean (True = visible, the sdpa format) or additive float
   (0 = visible, a large negative number = hidden, the eager format);
 * a 2-D ``(B, N)`` padding mask of ones and zeros (the flash-attention format).
@@ -168,6 +168,35 @@ def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
             "packed sequences (a block-diagonal causal mask in a batch of one)"
         )
     return [(real[b].nonzero().squeeze(1), valid[b].nonzero().squeeze(1)) for b in range(B)]
+
+
+def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upper_left: bool):
+    """(keys, mask): how many leading key slots of this call hold keys, and the mask cut to them (the same tensor
+    for every layer of a forward). A static cache hands the layer every slot it has, the unfilled ones after the
+    filled ones and hidden by the mask; the operators' causal mask is aligned to the last key, so the slots no
+    query sees at the end are cut off first. A None mask with 1 < M < N: in transformers' sdpa convention
+    (``none_is_upper_left``) the model skipped the mask on an empty static cache, meaning SDPA's upper-left causal
+    mask, so the M new tokens are the first M slots; in the flash-attention convention every key is filled."""
+    if attention_mask is None:
+        keep = q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len
+        return keep, None
+    if not isinstance(attention_mask, torch.Tensor) or kv_len <= q_len:
+        return kv_len, attention_mask
+
+    def cut():
+        allowed = visibility(attention_mask, batch, q_len, kv_len)
+        seen = allowed.any(dim=(0, 1)).nonzero()
+        keep = max(int(seen.max()) + 1 if seen.numel() else kv_len, q_len)
+        if keep < kv_len:  # a static cache's layout: every row that sees a key sees key keep - M + i, none after
+            rows = torch.arange(q_len, device=allowed.device)
+            diagonal = keep - q_len + rows
+            after = torch.arange(kv_len, device=allowed.device)[None, :] > diagonal[:, None]
+            aligned = allowed[:, rows, diagonal] & ~(allowed & after).any(-1)
+            if not bool((aligned | ~allowed.any(-1)).all()):
+                keep = kv_len  # trailing keys hidden for another reason (right padding): left to padding_plan
+        return keep, (attention_mask if keep == kv_len else attention_mask[..., :keep])
+
+    return memo_on(attention_mask, "_excitor_filled", (attention_mask._version, batch, q_len, kv_len), cut)
 
 
 def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int

@@ -54,6 +54,21 @@ def test_zero_gate_padded_batch_and_cached_generation_equal_the_original(name, m
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mode,sim_rank", MODES)
+def test_static_cache_generation_equals_the_dynamic_cache(name, mode, sim_rank):
+    """Every family, prompts and gates randomised, a left-padded batch: cache_implementation="static" generates
+    the dynamic cache's tokens (the adapted layer attends the static cache's filled slots only)."""
+    x, mask = _batch()
+    model = randomize(apply_excitor(family_model(name), num_prompts=4, mode=mode, sim_rank=sim_rank,
+                                    backend="reference")).eval()
+    kw = dict(attention_mask=mask[:2], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(x[:2], **kw)
+        got = model.generate(x[:2], cache_implementation="static", **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode,sim_rank", MODES)
 def test_after_training_cached_chunks_equal_the_full_forward(name, mode, sim_rank):
     x, _ = _batch()
     model = apply_excitor(family_model(name), num_prompts=4, mode=mode, sim_rank=sim_rank,

@@ -171,6 +171,45 @@ def test_left_padded_batch_generation_matches_single_samples(device):
     assert torch.equal(out[0, 8:], alone[0, 5:])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_static_cache_generation_matches_the_dynamic_cache(device, impl, mode, sim_rank):
+    """cache_implementation="static" (the cache of compiled generation) hands the layer every slot, the unfilled
+    ones after the filled ones, hidden by the mask or, in the sdpa prefill, by a None mask that means SDPA's
+    upper-left causal mask: the adapted layer attends the filled keys only (before: the operators' bottom-right
+    causal mask reached the empty slots, and every generated token after the first could be wrong). A
+    left-padded batch; the same tokens and logits as with the dynamic cache."""
+    model = adapted(device, mode, sim_rank, attn_implementation=impl)
+    x = tokens(device, B=2, L=6)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    static = model.generate(x, cache_implementation="static", **kw)
+    dynamic = model.generate(x, **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert rel(torch.stack(static.logits), torch.stack(dynamic.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("form", ["2-D", "4-D"])
+def test_filled_keys_cuts_only_a_static_caches_empty_slots(form):
+    """filled_keys: a static cache's prefill (3 tokens in 5 slots, upper-left causal) keeps 3 keys; 3 new tokens
+    after 2 cached ones, the last of them padding (right padding with a dynamic cache), keep all 5 (their
+    alignment is the last key's; the padding plan handles the padding)."""
+    from excitor_kernels.padding import filled_keys
+    from excitor_kernels.reference import causal_mask
+
+    static = torch.ones(1, 1, 3, 5, dtype=torch.bool).tril()                        # row i sees keys <= i
+    right_padded = torch.tensor([[1, 1, 1, 1, 0]])
+    if form == "4-D":
+        right_padded = (causal_mask(3, 5, "cpu") & right_padded.bool()[:, None, :])[:, None]
+        assert filled_keys(static, 1, 3, 5, False)[0] == 3
+    assert filled_keys(right_padded, 1, 3, 5, False)[0] == 5
+    assert filled_keys(None, 1, 3, 5, True)[0] == 3 and filled_keys(None, 1, 3, 5, False)[0] == 5
+    assert filled_keys(None, 1, 1, 5, True)[0] == 5  # one query: every key (a dynamic cache's decode step)
+
+
 def test_unsupported_masks_are_rejected():
     model = adapted()
     layer = model.model.layers[-1].self_attn
