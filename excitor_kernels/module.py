@@ -60,6 +60,8 @@ IMPLEMENTATION = "excitor"  # the name registered in transformers' AttentionInte
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument across transformers releases
 # Keyword arguments a layer may pass its attention function that do not change the attention (or that the
 # padding analysis reads); anything else that is not None is an option this function cannot silently drop.
+# what transformers' continuous batching (paged attention) passes its attention function
+PAGED_KWARGS = ("block_table", "read_index", "write_index")
 BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_items_in_batch",
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
@@ -475,6 +477,10 @@ def _attention_function(module, query, key, value, attention_mask, scaling=None,
     if window is not None and key.shape[2] > window:
         raise ValueError(f"{name} has sliding_window={window} and {key.shape[2]} keys; the operators implement "
                          f"full causal attention only (sequences up to the window are exact)")
+    paged = sorted(n for n in PAGED_KWARGS if kwargs.get(n) is not None)
+    if paged:
+        raise ValueError(f"{name} got a paged cache's {paged}: continuous batching (generate_batch, paged "
+                         f"attention) is not supported by ExcitorAttention; use generate()")
     if kwargs.pop("is_causal", None) is False:
         raise ValueError(f"{name} asks for non-causal attention (is_causal=False); the adapted layer is causal")
     if kwargs.pop("output_attentions", None):

@@ -163,6 +163,22 @@ def test_an_option_the_function_does_not_know_is_refused():
         _attention_function(layer, torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16), None)
 
 
+def test_continuous_batching_is_refused_by_name():
+    """generate_batch (continuous batching, paged attention) hands the attention function a paged cache's block
+    tables and read/write indices (transformers 5.25: block_table, read_index, write_index, with is_causal=False):
+    refused with an error that names continuous batching (transformers logs it and the requests come back empty),
+    before the is_causal refusal, which would not say why."""
+    from excitor_kernels.module import IMPLEMENTATION, _attention_function, _Call
+
+    model = apply_excitor(family_model("llama"), num_prompts=2, backend="reference")
+    layer = excitor_layers(model)[0]
+    q, kv = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 2, 16)
+    paged = dict(read_index=[torch.zeros(2, dtype=torch.long)], write_index=[torch.zeros(2, dtype=torch.long)],
+                 is_causal=False, **{IMPLEMENTATION: _Call(None, None, None)})
+    with pytest.raises(ValueError, match="continuous batching"):
+        _attention_function(layer, q, kv, kv, None, **paged)
+
+
 def test_layers_without_the_registry_are_refused():
     class Attention(torch.nn.Module):  # a layer that computes its own attention
         def __init__(self, config):
