@@ -58,10 +58,10 @@ MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
 IMPLEMENTATION = "excitor"  # the name registered in transformers' AttentionInterface
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the cache argument across transformers releases
-# Keyword arguments a layer may pass its attention function that do not change the attention (or that the
-# padding analysis reads); anything else that is not None is an option this function cannot silently drop.
 # what transformers' continuous batching (paged attention) passes its attention function
 PAGED_KWARGS = ("block_table", "read_index", "write_index")
+# Keyword arguments a layer may pass its attention function that do not change the attention (or that the
+# padding analysis reads); anything else that is not None is an option this function cannot silently drop.
 BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_items_in_batch",
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))

@@ -176,12 +176,16 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
     filled ones and hidden by the mask; the operators' causal mask is aligned to the last key, so the slots no
     query sees at the end are cut off first. A None mask with 1 < M < N: in transformers' sdpa convention
     (``none_is_upper_left``) the model skipped the mask on an empty static cache, meaning SDPA's upper-left causal
-    mask, so the M new tokens are the first M slots; in the flash-attention convention every key is filled."""
+    mask, so the M new tokens are the first M slots; in the flash-attention convention every key is filled, and a
+    2-D mask shorter than the keys (transformers' flash-attention mask over a static cache) covers the filled
+    slots."""
     if attention_mask is None:
         keep = q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len
         return keep, None
     if not isinstance(attention_mask, torch.Tensor) or kv_len <= q_len:
         return kv_len, attention_mask
+    if attention_mask.dim() == 2 and q_len <= attention_mask.shape[1] < kv_len:
+        return attention_mask.shape[1], attention_mask
 
     def cut():
         allowed = visibility(attention_mask, batch, q_len, kv_len)

@@ -208,6 +208,8 @@ def test_filled_keys_cuts_only_a_static_caches_empty_slots(form):
     assert filled_keys(right_padded, 1, 3, 5, False)[0] == 5
     assert filled_keys(None, 1, 3, 5, True)[0] == 3 and filled_keys(None, 1, 3, 5, False)[0] == 5
     assert filled_keys(None, 1, 1, 5, True)[0] == 5  # one query: every key (a dynamic cache's decode step)
+    # transformers' flash-attention mask over a static cache: 2-D, as long as the filled slots
+    assert filled_keys(torch.tensor([[0, 1, 1, 1]]), 1, 3, 6, False)[0] == 4
 
 
 def test_unsupported_masks_are_rejected():
