@@ -126,7 +126,7 @@ def allowed_errors(op: str, x: dict, causal: bool, do: torch.Tensor, ref_o, ref_
     return allowed
 
 
-def check_beside_rounding(op: str, x: dict, backend: str, causal: bool, do: torch.Tensor) -> dict:
+def check_beside_rounding(op: str, x: dict, backend: str, causal: bool, do: torch.Tensor) -> None:
     """For inputs whose exact gradients are below float16's normal range or far from 1 (tiny gates, huge prompts):
     the output and every gradient within the dtype's budget of the best any backend can return, the float64 value
     rounded to the tensor's dtype: ``e(X) <= budget + e(round(X64))``."""
