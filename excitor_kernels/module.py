@@ -52,7 +52,7 @@ from torch import nn
 
 from ._dispatch import BACKENDS
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import PACKING_KWARGS, attention_layout, filled_keys
+from .padding import PACKING_KWARGS, attention_layout
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -432,12 +432,11 @@ class ExcitorAttention(nn.Module):
                                      f"sim_rank needs the layer's cache to go through its update")
                 sim = k + call.delta.to(k.dtype)
             sim = sim.to(q.dtype)
-        if not any(kwargs.get(n) is not None for n in PACKING_KWARGS):
-            keep, attention_mask = filled_keys(attention_mask, B, M, N, self._mask_none_is_upper_left())
-            if keep < N:  # a static cache's unfilled slots
-                k, v, N = k[:, :, :keep], v[:, :, :keep], keep
-                sim = None if sim is None else sim[:, :, :keep]
-        packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N)
+        keys, packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N,
+                                               self._mask_none_is_upper_left())
+        if keys < N:  # a static cache's unfilled slots (padding.filled_keys)
+            k, v = k[:, :, :keys], v[:, :, :keys]
+            sim = None if sim is None else sim[:, :, :keys]
         pk = call.pk.to(q.dtype)
         pv = None if call.pv is None else call.pv.to(q.dtype)
         if pk.dim() == 4:

@@ -171,49 +171,52 @@ def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
 
 
 def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upper_left: bool):
-    """(keys, mask): how many leading key slots of this call hold keys, and the mask cut to them (the same tensor
-    for every layer of a forward). A static cache hands the layer every slot it has, the unfilled ones after the
-    filled ones and hidden by the mask; the operators' causal mask is aligned to the last key, so the slots no
-    query sees at the end are cut off first. A None mask with 1 < M < N: in transformers' sdpa convention
-    (``none_is_upper_left``) the model skipped the mask on an empty static cache, meaning SDPA's upper-left causal
-    mask, so the M new tokens are the first M slots; in the flash-attention convention every key is filled, and a
-    2-D mask shorter than the keys (transformers' flash-attention mask over a static cache) covers the filled
-    slots."""
+    """(keys, allowed): how many leading key slots of this call hold keys, and the :func:`visibility` of the mask
+    over them (None for a None mask). A static cache hands the layer every slot it has, the unfilled ones after
+    the filled ones and hidden by the mask; the operators' causal mask is aligned to the last key, so the slots no
+    query sees at the end are cut off, when every row that sees a key is aligned to the last kept key (trailing
+    keys hidden for another reason, right padding after a cache, stay for :func:`padding_plan`). A None mask with
+    1 < M < N: in transformers' sdpa convention (``none_is_upper_left``) the model skipped the mask on an empty
+    static cache, meaning SDPA's upper-left causal mask, so the M new tokens are the first M slots; in the
+    flash-attention convention every key is filled, and a 2-D mask shorter than the keys (transformers'
+    flash-attention mask over a static cache) covers the filled slots."""
     if attention_mask is None:
-        keep = q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len
-        return keep, None
-    if not isinstance(attention_mask, torch.Tensor) or kv_len <= q_len:
-        return kv_len, attention_mask
-    if attention_mask.dim() == 2 and q_len <= attention_mask.shape[1] < kv_len:
-        return attention_mask.shape[1], attention_mask
-
-    def cut():
-        allowed = visibility(attention_mask, batch, q_len, kv_len)
+        return (q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len), None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and q_len <= attention_mask.shape[1]:
+        kv_len = min(kv_len, attention_mask.shape[1])
+    allowed = visibility(attention_mask, batch, q_len, kv_len)
+    keep = kv_len
+    if kv_len > q_len:
         seen = allowed.any(dim=(0, 1)).nonzero()
         keep = max(int(seen.max()) + 1 if seen.numel() else kv_len, q_len)
-        if keep < kv_len:  # a static cache's layout: every row that sees a key sees key keep - M + i, none after
-            rows = torch.arange(q_len, device=allowed.device)
-            diagonal = keep - q_len + rows
-            after = torch.arange(kv_len, device=allowed.device)[None, :] > diagonal[:, None]
-            aligned = allowed[:, rows, diagonal] & ~(allowed & after).any(-1)
-            if not bool((aligned | ~allowed.any(-1)).all()):
-                keep = kv_len  # trailing keys hidden for another reason (right padding): left to padding_plan
-        return keep, (attention_mask if keep == kv_len else attention_mask[..., :keep])
-
-    return memo_on(attention_mask, "_excitor_filled", (attention_mask._version, batch, q_len, kv_len), cut)
+    if keep < kv_len:  # a static cache's layout: every row that sees a key sees key keep - M + i, none after
+        rows = torch.arange(q_len, device=allowed.device)
+        diagonal = keep - q_len + rows
+        after = torch.arange(kv_len, device=allowed.device)[None, :] > diagonal[:, None]
+        aligned = allowed[:, rows, diagonal] & ~(allowed & after).any(-1)
+        if not bool((aligned | ~allowed.any(-1)).all()):
+            keep = kv_len
+    return keep, allowed[..., :keep]
 
 
-def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int
-                     ) -> Tuple[Optional[Packing], Optional[List[SamplePlan]]]:
-    """(packing, padding plan) of one layer call: at most one is not None; both None means one batched
-    causal call. Every decoder layer gets the same mask object, so a mask's analysis (O(M * N) and a
-    device sync) is kept on it and done once per forward, not once per layer."""
+def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int,
+                     none_is_upper_left: bool = True) -> Tuple[int, Optional[Packing], Optional[List[SamplePlan]]]:
+    """(keys, packing, padding plan) of one layer call: the leading key slots that hold keys (:func:`filled_keys`;
+    packed sequences: all of them), and at most one of packing and plan not None; both None means one batched
+    causal call over those keys. Every decoder layer gets the same mask object, so a mask's analysis (O(M * N) and
+    a device sync) is kept on it and done once per forward, not once per layer."""
+    packed = any(kwargs.get(n) is not None for n in PACKING_KWARGS)
+
     def analyse():
-        allowed = visibility(attention_mask, batch, q_len, kv_len)
-        packing = sequence_packing(allowed, position_ids, kwargs, batch, q_len, kv_len)
+        if packed:
+            keys, allowed = kv_len, visibility(attention_mask, batch, q_len, kv_len)
+        else:
+            keys, allowed = filled_keys(attention_mask, batch, q_len, kv_len, none_is_upper_left)
+        packing = sequence_packing(allowed, position_ids, kwargs, batch, q_len, keys)
         plan = None if allowed is None or packing is not None else padding_plan(allowed)
-        return packing, plan
+        return keys, packing, plan
 
-    if not isinstance(attention_mask, torch.Tensor) or any(kwargs.get(n) is not None for n in PACKING_KWARGS):
+    if not isinstance(attention_mask, torch.Tensor) or packed:
         return analyse()
-    return memo_on(attention_mask, "_excitor_layout", (attention_mask._version, batch, q_len, kv_len), analyse)
+    return memo_on(attention_mask, "_excitor_layout",
+                   (attention_mask._version, batch, q_len, kv_len, none_is_upper_left), analyse)

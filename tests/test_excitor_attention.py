@@ -77,7 +77,7 @@ def test_one_head_gate_gradient_on_a_hard_draw(backend):
 def test_huge_prompt_products(dtype, backend):
     """q pk^T past float16's range (prompts scaled by 1e4: |q pk^T| ~ 1e5 > 65504; a gate of 1e-5 keeps the
     scores finite): the gate gradient's float16 pairs and the prompt post-pass's rounded gradients are scaled by a
-    power of two (split_scaled, to_scaled), not overflowed (before: NaN, and dpk 2.4x its rounding floor); the
+    power of two (split_scaled), not overflowed (before: NaN, and dpk 2.4x its rounding floor); the
     concat form's queries [q, gate q] are scaled too (_group_scale)."""
     case = Case(B=1, Hq=2, Hkv=1, M=40, N=40, d=64, P=8)
     x = make_inputs(case, OP, dtype, TRITON_DEVICE, gate_scale=1e-5)
@@ -89,7 +89,7 @@ def test_huge_prompt_products(dtype, backend):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS[OP])
 def test_tiny_gates_in_float16(backend):
     """Gates of 1e-6 (an Excitor early in training): the prompts' exact gradient is ~1e-5, float16's subnormal
-    range. The post-pass rounds dke and dz only after scaling them by a power of two (to_scaled), and the concat
+    range. The post-pass rounds dke and dz only after scaling them by a power of two (split_scaled), and the concat
     form attends with [q, (gate / t) q] and [k, t ke] (_group_scale), so the returned gradient is the float32 result
     rounded once (before: twice its rounding floor)."""
     case = Case(B=2, Hq=4, Hkv=2, M=40, N=40, d=64, P=8)

@@ -47,21 +47,11 @@ def tile_scale(x):
 
 
 @triton.jit
-def to_scaled(x, dtype: tl.constexpr):
-    """(x / scale rounded to ``dtype``, scale) with scale = tile_scale(x); float32 ``dtype``: (x, 1)."""
-    if dtype == tl.float32:
-        xt, scale = x, 1.0
-    else:
-        scale = tile_scale(x)
-        xt = (x / scale).to(dtype)
-    return xt, scale
-
-
-@triton.jit
 def split_scaled(x, dtype: tl.constexpr):
     """(hi, lo, scale) with x (float32) = scale (hi + lo), hi and lo in ``dtype`` (split) and scale =
-    tile_scale(x): a float16 pair carries about 22 bits of x's entries whatever their range. float32 ``dtype``:
-    (x, 0, 1)."""
+    tile_scale(x): a float16 pair carries about 22 bits of x's entries whatever their range, and hi alone is x
+    rounded once without overflow or subnormals (the low half then unused: the compiler drops it). float32
+    ``dtype``: (x, 0, 1)."""
     if dtype == tl.float32:
         hi, lo, scale = x, tl.zeros_like(x), 1.0
     else:

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .._alloc import new_output
 from ._triton_common import (AT_SCALE, LOG2E, GradSums, RowLayout, dot, dot_hi_lo, load_rows, pow2, precision,
-                             prompt_softmax, prompt_strides, sequence, split, store_rows, to_scaled)
+                             prompt_softmax, prompt_strides, sequence, split, split_scaled, store_rows)
 
 
 @triton.jit
@@ -60,13 +60,13 @@ def prompt_mixture(st, pk, offs_p, P, prompt_scale_log2, PREC: tl.constexpr, EXA
 @triton.jit
 def prompt_chain_rule(dke, a, st, pk, offs_p, P, prompt_scale, PREC: tl.constexpr):
     """(dsim, dpk) of one tile of rows, float32, from dke (float32) and the tile's (a, st); see the module doc. dke
-    and dz enter their products rounded to the input dtype after division by a power of two per tile (to_scaled):
+    and dz enter their products rounded to the input dtype after division by a power of two per tile (split_scaled):
     they are gradients, as small as the gates and prompts make them, and float16 would round them into its
     subnormal range (or past 65504)."""
-    dke_t, dke_scale = to_scaled(dke, pk.dtype)
+    dke_t, _, dke_scale = split_scaled(dke, pk.dtype)
     da = dot(dke_t, tl.trans(pk), PREC) * dke_scale
     dz = a * (da - tl.sum(a * da, 1)[:, None])
-    dz_t, dz_scale = to_scaled(dz, pk.dtype)
+    dz_t, _, dz_scale = split_scaled(dz, pk.dtype)
     dsim = (prompt_scale * dz_scale) * dot(dz_t, pk, PREC)
     dpk = dke_scale * dot(tl.trans(_centred(a, offs_p, P).to(pk.dtype)), dke_t, PREC)
     dpk += (prompt_scale * dz_scale) * dot(tl.trans(dz_t), st.to(pk.dtype), PREC)
