@@ -245,7 +245,7 @@ def triton_jobs(subset: str = "full"):
                     found.append((layout, job(pkeys.prompt_keys_bwd_kernel, prompt, flags, ADD_DS=flags["SIM_IS_K"],
                                               types={"DK": "*fp32"} if flags["SIM_IS_K"] else {})))
             block_n, block_r, launch = dec.decode_blocks(True, DECODE_GROUPS * DECODE_QUERIES, SEQ, d, itemsize)
-            flags = dict(common, HAS_SEQLENS=True, BLOCK_N=block_n, BLOCK_R=block_r)
+            flags = dict(common, HAS_SEQLENS=True, HAS_LEFTPAD=False, BLOCK_N=block_n, BLOCK_R=block_r)
             found.append(("decode", job(dec.decode_split_kernel, launch, flags)))
             found.append(("decode", job(dec.decode_combine_kernel, launch, flags)))
             # the sdpa backends' own kernels around SDPA's attention (padded batches)

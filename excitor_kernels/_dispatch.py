@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _tuning
-from ._validate import MAX_DECODE_QUERIES, Problem, check_cache_seqlens, check_inputs
+from ._validate import MAX_DECODE_QUERIES, Problem, check_cache_lengths, check_inputs
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "sdpa", "sdpa_concat", "torch")
 FUSED_ORDER = ("cuda", "triton", "sdpa", "sdpa_concat", "torch")  # the rule's order without a measured table
@@ -187,19 +187,38 @@ def select_backend(op: str, backend: str, p: Problem, *, stacklevel: int = 3) ->
     return choice.backend
 
 
-def select_path(op: str, backend: str, p: Problem, cache_seqlens=None) -> tuple[str, bool]:
+def serves_cache_lengths(backend: str, p: Problem) -> bool:
+    """Whether the path that ``backend`` (as :func:`select_backend` resolved it) takes for ``p`` serves
+    ``cache_seqlens`` / ``cache_leftpad``: the reference and torch backends at any M, the split-KV decode kernel
+    (triton on a decode-shaped call, ``Problem.decode``) among the fused ones."""
+    return backend in ("reference", "torch") or (backend == "triton" and p.decode)
+
+
+def select_path(op: str, backend: str, p: Problem, cache_seqlens=None, cache_leftpad=None) -> tuple[str, bool]:
     """(backend, decode) of a padded call: :func:`select_backend`'s choice and whether the call takes the
-    split-KV decode kernel (triton on a decode-shaped call, ``Problem.decode``). ``cache_seqlens`` is checked
-    here; the decode kernel, the torch backend and the reference serve it."""
-    if cache_seqlens is not None:
-        check_cache_seqlens(cache_seqlens, p.batch, p.kv_len, p.device)
+    split-KV decode kernel (triton on a decode-shaped call, ``Problem.decode``). ``cache_seqlens`` and
+    ``cache_leftpad`` are checked here; the decode kernel, the torch backend and the reference serve them."""
+    if cache_seqlens is not None or cache_leftpad is not None:
+        check_cache_lengths(cache_seqlens, cache_leftpad, p.batch, p.kv_len, p.device)
     backend = select_backend(op, backend, p, stacklevel=4)
     decode = backend == "triton" and p.decode
-    if cache_seqlens is not None and backend not in ("reference", "torch") and not decode:
-        raise ValueError(f"cache_seqlens is served by the decode path only among the fused backends (M <= "
-                         f"{MAX_DECODE_QUERIES} queries, no gradients, backend 'triton' or 'auto' on a GPU); backends "
-                         f"'torch' and 'reference' serve it at any M; got M={p.q_len}, backend={backend!r}")
+    given = [n for n, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)) if t is not None]
+    if given and not serves_cache_lengths(backend, p):
+        raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} served by the decode path only "
+                         f"among the fused backends (M <= {MAX_DECODE_QUERIES} queries, no gradients, backend 'triton' "
+                         f"or 'auto' on a GPU); backends 'torch' and 'reference' serve them at any M; got M={p.q_len}, "
+                         f"backend={backend!r}")
     return backend, decode
+
+
+def takes_cache_lengths(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,
+                        backend: str = "auto") -> bool:
+    """Whether ``excitor_attention`` (``op="excitor"``) or ``adapter_attention`` (``op="adapter"``) on these padded
+    inputs, under the current grad mode, takes a path that serves ``cache_seqlens`` and ``cache_leftpad``
+    (:func:`serves_cache_lengths`); the module asks before it runs a left-padded batch in one call."""
+    p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, sim_keys=sim_keys,
+                     needs_prompt_values=op == "adapter")
+    return serves_cache_lengths(choose(f"{op}_attention", backend, p).backend, p)
 
 
 def explain_backend(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,

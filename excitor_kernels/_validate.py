@@ -175,26 +175,41 @@ def check_inputs(
     )
 
 
-def check_cache_seqlens(cache_seqlens, batch: int, cache_len: int, device) -> None:
-    """``cache_seqlens`` must be an int32 tensor of shape (B,) on q's device with 0 <= L_b <= N (any stride; a
-    sample with L_b = 0 has no key: its rows see none, docs/contract.md).
+def _check_lengths(name: str, t, batch: int, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype int32; got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32; got {t.dtype}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},); got {tuple(t.shape)}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{name} must be on q's device {device}; got {t.device}")
 
-    The value check reads the tensor on the host (a device sync); it is skipped while a CUDA graph is captured.
+
+def check_cache_lengths(cache_seqlens, cache_leftpad, batch: int, cache_len: int, device) -> None:
+    """``cache_seqlens`` (``L_b``) and ``cache_leftpad`` (``s_b``), each None or an int32 tensor of shape (B,) on q's
+    device (any stride), with 0 <= s_b <= L_b <= N (``L_b = N`` without cache_seqlens, ``s_b = 0`` without
+    cache_leftpad): sample b's keys are ``[s_b, L_b)``; with s_b = L_b it has none and its rows see none
+    (docs/contract.md).
+
+    The value check reads the tensors on the host (a device sync); it is skipped while a CUDA graph is captured.
     """
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor of dtype int32; got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must have dtype torch.int32; got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must have shape (B,) = ({batch},); got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != torch.device(device):
-        raise ValueError(f"cache_seqlens must be on q's device {device}; got {cache_seqlens.device}")
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+        if t is not None:
+            _check_lengths(name, t, batch, device)
+    given = [t for t in (cache_seqlens, cache_leftpad) if t is not None]
+    if not given or (given[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if lo < 0 or hi > cache_len:
-        raise ValueError(f"cache_seqlens values must lie in [0, N] = [0, {cache_len}] (N = k.shape[2]); "
-                         f"got values in [{lo}, {hi}]")
+    if cache_seqlens is not None:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > cache_len:
+            raise ValueError(f"cache_seqlens values must lie in [0, N] = [0, {cache_len}] (N = k.shape[2]); "
+                             f"got values in [{lo}, {hi}]")
+    if cache_leftpad is not None:
+        ends = torch.full_like(cache_leftpad, cache_len) if cache_seqlens is None else cache_seqlens
+        if bool(((cache_leftpad < 0) | (cache_leftpad > ends)).any()):
+            raise ValueError(f"cache_leftpad values must lie in [0, L_b] (L_b = cache_seqlens[b], or N = {cache_len} "
+                             f"without it); got {cache_leftpad.tolist()} for L = {ends.tolist()}")
 
 
 def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._dispatch import BACKENDS
+from ._dispatch import BACKENDS, takes_cache_lengths
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .padding import PACKING_KWARGS, attention_layout
 
@@ -374,12 +374,17 @@ class ExcitorAttention(nn.Module):
 
     # -- the attention itself (called by the layer's forward through the registry) --
 
-    def _attend(self, q, k, v, pk, pv, sim, gate, scaling, causal=True):
-        """The operator on ``(B, H, L, d)`` views."""
+    def _attend(self, q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=None):
+        """The causal operator on ``(B, H, L, d)`` views (``cache_leftpad``: each sample's first key)."""
         if self.mode == "excitor":
-            return excitor_attention(q, k, v, pk, gate, sim_keys=sim, causal=causal, softmax_scale=scaling,
-                                     backend=self.backend)
-        return adapter_attention(q, k, v, pk, pv, gate, causal=causal, softmax_scale=scaling, backend=self.backend)
+            return excitor_attention(q, k, v, pk, gate, sim_keys=sim, softmax_scale=scaling, backend=self.backend,
+                                     cache_leftpad=cache_leftpad)
+        return adapter_attention(q, k, v, pk, pv, gate, softmax_scale=scaling, backend=self.backend,
+                                 cache_leftpad=cache_leftpad)
+
+    def _takes_leftpad(self, q, k, v, pk, pv, sim, gate) -> bool:
+        """Whether the backend's path for this call serves ``cache_leftpad`` (a left-padded batch in one call)."""
+        return takes_cache_lengths(self.mode, q, k, v, pk, gate, prompt_values=pv, sim_keys=sim, backend=self.backend)
 
     def _attend_packed(self, q, k, v, pk, pv, sim, gate, scaling, packing):
         """The varlen operator on a packed batch of one; returns ``(1, Hq, M, d)``."""
@@ -450,9 +455,12 @@ class ExcitorAttention(nn.Module):
             o = self._attend_packed(q, k, v, pk, pv, sim, gate, scaling, packing)
         elif plan is None:
             o = self._attend(q, k, v, pk, pv, sim, gate, scaling)
+        elif plan.leftpad is not None and self._takes_leftpad(q, k, v, pk, pv, sim, gate):
+            o = self._attend(q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=plan.leftpad)
+            o = o.masked_fill(~plan.real[:, None, :, None], 0.0)  # padding rows 0, as the per-sample path leaves them
         else:
             o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate, scaling)
-                             for b, (qi, ki) in enumerate(plan)])
+                             for b, (qi, ki) in enumerate(plan.samples)])
         return o.transpose(1, 2)
 
 

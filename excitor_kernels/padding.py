@@ -17,7 +17,8 @@ real iff it sees its own key ``i + N - M``. Rows of padding queries are never re
   Removing a key is the same as hiding it, because both operators treat keys one at a time (the
   Excitor bypass reconstructs every key from that key alone), and causality stays bottom-right aligned
   on the kept tokens because every kept key inside the query window is a kept query. The plan is one
-  ``(query_index, key_index)`` pair per sample.
+  ``(query_index, key_index)`` pair per sample; when each sample's valid keys are the cache's last ones (left
+  padding, the padded batches of ``generate()``), one call with ``cache_leftpad`` does the same.
 
 Packed sequences (several sequences concatenated in one row of a batch of one, as transformers'
 ``DataCollatorWithFlattening`` makes them) run the operators' varlen form; :func:`sequence_packing`
@@ -43,6 +44,28 @@ from .reference import causal_mask
 SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indices of valid keys)
 # what transformers' flash-attention path passes for packed sequences
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class PaddingPlan:
+    """How a padded batch runs, from its real queries ``real`` (B, M) and valid keys ``valid`` (B, N): per sample,
+    on its real queries and valid keys (:attr:`samples`), or, when every sample's valid keys are the last ones
+    (left padding, the padded batches of ``generate()``), in one call with the operators' ``cache_leftpad`` =
+    :attr:`leftpad`: query i then sees ``[leftpad[b], i + N - M]``, the causal set on the valid keys (a padding row
+    sees none; the caller zeroes the padding rows, as the per-sample path leaves them), where the backend serves it."""
+
+    def __init__(self, real: torch.Tensor, valid: torch.Tensor):
+        self.real, self._valid, self._samples = real, valid, None
+        N = valid.shape[1]
+        starts = N - valid.sum(dim=1)
+        suffix = bool((valid == (torch.arange(N, device=valid.device)[None, :] >= starts[:, None])).all())
+        self.leftpad: Optional[torch.Tensor] = starts.to(torch.int32) if suffix else None
+
+    @property
+    def samples(self) -> List[SamplePlan]:
+        """One ``(query_index, key_index)`` pair per sample (found on first use: a host sync per sample)."""
+        if self._samples is None:
+            self._samples = [(r.nonzero().squeeze(1), v.nonzero().squeeze(1)) for r, v in zip(self.real, self._valid)]
+        return self._samples
 
 
 class Packing(NamedTuple):
@@ -148,8 +171,8 @@ def visibility(attention_mask, batch: int, q_len: int, kv_len: int) -> Optional[
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
-    """None when one batched causal call is exact for ``allowed`` (B, M, N), else one plan per sample."""
+def padding_plan(allowed: torch.Tensor) -> Optional[PaddingPlan]:
+    """None when one batched causal call is exact for ``allowed`` (B, M, N), else the per-sample plan."""
     B, M, N = allowed.shape
     if M > N:
         raise ValueError(f"attention_mask has more queries (M={M}) than keys (N={N})")
@@ -167,7 +190,7 @@ def padding_plan(allowed: torch.Tensor) -> Optional[List[SamplePlan]]:
             "prefix-LM mask); excitor/adapter attention supports causal attention with left or right padding and "
             "packed sequences (a block-diagonal causal mask in a batch of one)"
         )
-    return [(real[b].nonzero().squeeze(1), valid[b].nonzero().squeeze(1)) for b in range(B)]
+    return PaddingPlan(real, valid)
 
 
 def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upper_left: bool):
@@ -200,7 +223,7 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
 
 
 def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int,
-                     none_is_upper_left: bool = True) -> Tuple[int, Optional[Packing], Optional[List[SamplePlan]]]:
+                     none_is_upper_left: bool = True) -> Tuple[int, Optional[Packing], Optional[PaddingPlan]]:
     """(keys, packing, padding plan) of one layer call: the leading key slots that hold keys (:func:`filled_keys`;
     packed sequences: all of them), and at most one of packing and plan not None; both None means one batched
     causal call over those keys. Every decoder layer gets the same mask object, so a mask's analysis (O(M * N) and

@@ -42,13 +42,15 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     return j <= i + (kv_len - q_len)
 
 
-def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, device=None) -> torch.Tensor | None:
+def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, device=None,
+                 cache_leftpad=None) -> torch.Tensor | None:
     """Boolean (B or 1, 1, M, N) mask of the keys each query sees, or None when it sees all of them.
 
-    Sample b holds L_b = cache_seqlens[b] keys (all N without cache_seqlens); key j is visible to query
-    i iff j < L_b and, when causal, j <= i + L_b - M (bottom-right aligned).
+    Sample b holds the keys [s_b, L_b), L_b = cache_seqlens[b] (N without cache_seqlens) and s_b =
+    cache_leftpad[b] (0 without it); key j is visible to query i iff s_b <= j < L_b and, when causal,
+    j <= i + L_b - M (bottom-right aligned to the last key).
     """
-    if not causal and cache_seqlens is None:
+    if not causal and cache_seqlens is None and cache_leftpad is None:
         return None
     lengths = (torch.tensor([kv_len], device=device) if cache_seqlens is None
                else cache_seqlens.to(device=device, dtype=torch.long))
@@ -56,19 +58,22 @@ def visible_keys(q_len: int, kv_len: int, causal: bool, cache_seqlens=None, devi
     j = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
     L = lengths.view(-1, 1, 1, 1)
     visible = j < L
+    if cache_leftpad is not None:
+        visible = visible & (j >= cache_leftpad.to(device=device, dtype=torch.long).view(-1, 1, 1, 1))
     if causal:
         visible = visible & (j <= i + L - q_len)
     return visible
 
 
-def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool, cache_seqlens=None) -> torch.Tensor:
+def _softmax_attention(scores: torch.Tensor, v: torch.Tensor, causal: bool, cache_seqlens=None,
+                       cache_leftpad=None) -> torch.Tensor:
     """softmax_j(scores) @ v over the visible keys; rows with no visible key give 0.
 
     Non-finite values propagate as in ``scaled_dot_product_attention``: a NaN score, or a +inf one, makes
     its row NaN. Only a row that sees no key is set to 0 (its softmax over nothing is 0/0), chosen by the
     mask and never by looking at the values, so a NaN from the inputs is never hidden.
     """
-    visible = visible_keys(scores.shape[-2], scores.shape[-1], causal, cache_seqlens, scores.device)
+    visible = visible_keys(scores.shape[-2], scores.shape[-1], causal, cache_seqlens, scores.device, cache_leftpad)
     if visible is None:
         return torch.softmax(scores, dim=-1) @ v
     empty = ~visible.any(dim=-1, keepdim=True)
@@ -88,6 +93,7 @@ def excitor_attention_reference(
     softmax_scale: float,
     prompt_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LLaMA-Excitor attention, exactly as docs/contract.md writes it.
@@ -108,7 +114,7 @@ def excitor_attention_reference(
     g = gate.to(ct).view(1, Hq, 1, 1)
     k_prime = _expand_kv_heads(kc, groups) + g * _expand_kv_heads(ke, groups)  # (B, Hq, N, d)
     scores = softmax_scale * (qc @ k_prime.transpose(-1, -2))
-    o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal, cache_seqlens)
+    o = _softmax_attention(scores, _expand_kv_heads(vc, groups), causal, cache_seqlens, cache_leftpad)
     return in_layout_of(o.to(q.dtype), q)  # q's layout: (B, M, H, d) buffers stay so
 
 
@@ -123,6 +129,7 @@ def adapter_attention_reference(
     causal: bool = True,
     softmax_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LLaMA-Adapter zero-init attention, exactly as docs/contract.md writes it.
@@ -137,7 +144,8 @@ def adapter_attention_reference(
     vc = _expand_kv_heads(v.to(ct), groups)
     pk = _expand_kv_heads(_per_batch(prompt_keys.to(ct), B), groups)   # (B, Hq, P, d)
     pv = _expand_kv_heads(_per_batch(prompt_values.to(ct), B), groups)
-    o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal, cache_seqlens)
+    o_tokens = _softmax_attention(softmax_scale * (qc @ kc.transpose(-1, -2)), vc, causal, cache_seqlens,
+                                  cache_leftpad)
     o_prompts = torch.softmax(softmax_scale * (qc @ pk.transpose(-1, -2)), -1) @ pv
     o = o_tokens + gate.to(ct).view(1, Hq, 1, 1) * o_prompts
     return in_layout_of(o.to(q.dtype), q)  # q's layout: (B, M, H, d) buffers stay so

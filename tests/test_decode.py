@@ -1,7 +1,7 @@
 """Split-KV decode forward (``_triton_decode.decode_forward``) against a float64 evaluation of docs/contract.md.
 
-Each sample's reference sees only its first ``L_b`` cache entries (``cache_seqlens``), with the causal mask
-bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned with NaN before the kernels run.
+Each sample's reference sees only its cache entries ``[s_b, L_b)`` (``cache_leftpad``, ``cache_seqlens``), sliced
+out of the cache, with the causal mask bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned with NaN before the kernels run.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Case:
     d: int = 64
     P: int = 5
     seqlens: tuple | str | None = None  # explicit lengths, "random" or None (L_b = N)
+    leftpad: tuple | str | None = None  # explicit first keys, "random" (0 <= s_b <= L_b) or None (s_b = 0)
     causal: bool = True
     per_sample: bool = False
     sim: bool = False
@@ -37,6 +38,7 @@ class Case:
     def __str__(self):
         flags = "".join(f"-{n}" for n in ("per_sample", "sim", "strided") if getattr(self, n))
         lens = "" if self.seqlens is None else f"-L{self.seqlens}".replace(" ", "")
+        lens += "" if self.leftpad is None else f"-s{self.leftpad}".replace(" ", "")
         return (f"M{self.M}-N{self.N}-B{self.B}-H{self.Hq}/{self.Hkv}-d{self.d}-P{self.P}{lens}"
                 f"-{'causal' if self.causal else 'full'}{flags}-S{self.splits}")
 
@@ -65,6 +67,13 @@ def make_inputs(c: Case, op: str, dtype, device) -> dict:
         x["cache_seqlens"] = torch.tensor(c.seqlens, dtype=torch.int32, device=device)
     else:
         x["cache_seqlens"] = None
+    ends = torch.full((c.B,), c.N) if x["cache_seqlens"] is None else x["cache_seqlens"].cpu()
+    if c.leftpad == "random":
+        x["cache_leftpad"] = (torch.rand(c.B) * (ends + 1)).floor().to(torch.int32).clamp(max=ends).to(device)
+    elif c.leftpad is not None:
+        x["cache_leftpad"] = torch.tensor(c.leftpad, dtype=torch.int32, device=device)
+    else:
+        x["cache_leftpad"] = None
     return x
 
 
@@ -72,26 +81,30 @@ def decode(op: str, x: dict, c: Case, scale: float, prompt_scale: float):
     with excitor_kernels.poisoned_outputs():
         return decode_forward(EXCITOR if op == "excitor" else ADAPTER, x["q"], x["k"], x["v"], x["prompt_keys"],
                               x["prompt_values"], x["gate"], x["sim_keys"], x["cache_seqlens"], c.causal, scale,
-                              prompt_scale, num_splits=c.splits)
+                              prompt_scale, cache_leftpad=x["cache_leftpad"], num_splits=c.splits)
 
 
 def oracle(op: str, x: dict, c: Case, scale: float, prompt_scale: float) -> torch.Tensor:
-    """Float64 reference, sample by sample on the first L_b cache entries."""
+    """Float64 reference, sample by sample on the cache entries [s_b, L_b) (an empty range: no key, as the
+    reference computes it with cache_seqlens = 0)."""
     x = {n: None if t is None else t.detach().cpu().double() for n, t in x.items()}
     lens = [c.N] * c.B if x["cache_seqlens"] is None else x["cache_seqlens"].long().tolist()
+    starts = [0] * c.B if x["cache_leftpad"] is None else x["cache_leftpad"].long().tolist()
     outs = []
-    for b, L in enumerate(lens):
-        kv = {n: x[n][b:b + 1, :, :L] for n in ("k", "v")}
+    for b, (s, L) in enumerate(zip(starts, lens)):
+        empty = {} if s < L else dict(cache_seqlens=torch.zeros(1, dtype=torch.int32))
+        s, L = (s, L) if s < L else (0, 1)
+        kv = {n: x[n][b:b + 1, :, s:L] for n in ("k", "v")}
         pk = x["prompt_keys"][b:b + 1] if c.per_sample else x["prompt_keys"]
         q = x["q"][b:b + 1]
         if op == "excitor":
-            sim = None if x["sim_keys"] is None else x["sim_keys"][b:b + 1, :, :L]
+            sim = None if x["sim_keys"] is None else x["sim_keys"][b:b + 1, :, s:L]
             outs.append(excitor_attention_reference(q, kv["k"], kv["v"], pk, x["gate"], sim_keys=sim, causal=c.causal,
-                                                    softmax_scale=scale, prompt_scale=prompt_scale))
+                                                    softmax_scale=scale, prompt_scale=prompt_scale, **empty))
         else:
             pv = x["prompt_values"][b:b + 1] if c.per_sample else x["prompt_values"]
             outs.append(adapter_attention_reference(q, kv["k"], kv["v"], pk, pv, x["gate"], causal=c.causal,
-                                                    softmax_scale=scale))
+                                                    softmax_scale=scale, **empty))
     return torch.cat(outs)
 
 
@@ -117,6 +130,11 @@ CASES = [
     Case(M=1, N=66, splits=7),                                          # more splits than tiles: empty splits
     Case(M=1, N=1, B=1, Hq=1, Hkv=1, P=2),                              # a one-token cache
     Case(M=16, N=5, Hkv=1, P=3),                                        # cache shorter than the queries
+    # cache_leftpad: a left-padded batch's first keys; empty ranges (s_b = L_b) see no key
+    Case(M=1, N=150, B=3, leftpad=(0, 37, 149), splits=4),
+    Case(M=4, N=90, seqlens=(90, 50), leftpad=(20, 50), sim=True, per_sample=True),
+    Case(M=16, N=120, seqlens="random", leftpad="random", causal=False, strided=True),
+    Case(M=3, N=64, leftpad=(63, 64), splits=2),
 ]
 
 
@@ -131,6 +149,7 @@ def test_decode_matches_oracle_fp32(case, op, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["excitor", "adapter"])
 @pytest.mark.parametrize("case", [Case(M=1, N=190, seqlens="random", per_sample=True),
+                                  Case(M=2, N=130, seqlens="random", leftpad="random", sim=True),
                                   Case(M=16, N=90, Hkv=1, sim=True, seqlens=(90, 30), strided=True)], ids=str)
 def test_decode_matches_oracle_half(case, op, dtype, device):
     check(op, case, dtype, device)
@@ -160,11 +179,11 @@ def test_decode_very_negative_scores(op, device):
     assert (o.double() - ref).norm().item() / ref.norm().item() <= BUDGET[torch.float32]
 
 
-def _call_with_seqlens(cache_seqlens, M=1):
+def _call_with_seqlens(cache_seqlens, M=1, cache_leftpad=None):
     c = Case(M=M, N=20, B=2, Hq=2, Hkv=1, d=32, P=2)
     x = make_inputs(c, "excitor", torch.float32, "cpu")
     return decode_forward(EXCITOR, x["q"], x["k"], x["v"], x["prompt_keys"], None, x["gate"], None, cache_seqlens,
-                          True, 0.2, 0.2)
+                          True, 0.2, 0.2, cache_leftpad=cache_leftpad)
 
 
 @pytest.mark.parametrize("bad, error, match", [
@@ -178,6 +197,20 @@ def _call_with_seqlens(cache_seqlens, M=1):
 def test_cache_seqlens_validation(bad, error, match):
     with pytest.raises(error, match=match):
         _call_with_seqlens(bad)
+
+
+@pytest.mark.parametrize("seqlens, bad, error, match", [
+    (None, torch.tensor([5, 6], dtype=torch.int64), TypeError, "cache_leftpad must have dtype torch.int32"),
+    (None, (5, 6), TypeError, "cache_leftpad must be a torch.Tensor"),
+    (None, torch.tensor([5], dtype=torch.int32), ValueError, r"cache_leftpad must have shape \(B,\)"),
+    (None, torch.tensor([5, 21], dtype=torch.int32), ValueError, r"cache_leftpad values must lie in \[0, L_b\]"),
+    (None, torch.tensor([-1, 6], dtype=torch.int32), ValueError, r"cache_leftpad values must lie in \[0, L_b\]"),
+    (torch.tensor([20, 6], dtype=torch.int32), torch.tensor([3, 7], dtype=torch.int32), ValueError,
+     r"cache_leftpad values must lie in \[0, L_b\]"),
+], ids=["int64", "tuple", "short", "above_N", "negative", "above_L"])
+def test_cache_leftpad_validation(seqlens, bad, error, match):
+    with pytest.raises(error, match=match):
+        _call_with_seqlens(seqlens, cache_leftpad=bad)
 
 
 def test_too_many_queries():
@@ -232,3 +265,49 @@ def test_cache_seqlens_needs_the_decode_path():
     with pytest.raises(ValueError, match="cache_seqlens is served by the decode path only"):
         excitor_attention(q, k, k, torch.randn(2, 3, 16), torch.randn(2), backend="triton",
                           cache_seqlens=torch.tensor([25], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_leftpad is served by the decode path only"):
+        excitor_attention(q, k, k, torch.randn(2, 3, 16), torch.randn(2), backend="sdpa",
+                          cache_leftpad=torch.tensor([3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_cache_leftpad_is_the_sliced_cache(op, backend):
+    """Every backend that serves cache_leftpad gives what each sample gives on its slice [s_b, L_b) of the cache
+    (the torch and reference backends also at M > 16 and with gradients; rows that see no key: 0, or the Adapter's
+    prompt term alone)."""
+    from excitor_kernels import adapter_attention, excitor_attention
+
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    grads = backend != "triton"  # the decode kernel is inference only
+    c = Case(M=20 if grads else 3, N=40, B=3, seqlens=(40, 25, 12), leftpad=(5, 0, 12), sim=op == "excitor",
+             per_sample=True)
+    x = make_inputs(c, op, torch.float32, device)
+    names = ["q", "k", "v", "prompt_keys"] + (["prompt_values"] if op == "adapter" else []) + ["gate"]
+    leaves = {n: x[n].detach().requires_grad_(grads) for n in names}
+    sim = x["sim_keys"]
+    lengths = dict(cache_seqlens=x["cache_seqlens"], cache_leftpad=x["cache_leftpad"])
+    f = excitor_attention if op == "excitor" else adapter_attention
+    kw = dict(sim_keys=sim) if op == "excitor" else {}
+    with torch.set_grad_enabled(grads), excitor_kernels.poisoned_outputs():
+        o = f(*leaves.values(), backend=backend, **kw, **lengths)
+    expected = {n: x[n].detach().cpu().double().requires_grad_(grads) for n in names}
+    outs = []
+    for b, (s, L) in enumerate(zip(c.leftpad, c.seqlens)):
+        keys = {n: expected[n][b:b + 1, :, s:L] for n in ("k", "v")} if s < L else \
+            {n: expected[n][b:b + 1] for n in ("k", "v")}
+        empty = {} if s < L else dict(cache_seqlens=torch.zeros(1, dtype=torch.int32))
+        prompts = [expected[n][b:b + 1] for n in names[3:-1]]
+        extra = {} if op == "adapter" else dict(sim_keys=sim[b:b + 1, :, s:L].cpu().double() if s < L
+                                                else sim[b:b + 1].cpu().double())
+        outs.append(f(expected["q"][b:b + 1], keys["k"], keys["v"], *prompts, expected["gate"], backend="reference",
+                      **extra, **empty))
+    ref = torch.cat(outs)
+    assert not torch.isnan(o).any()
+    assert ((o.detach().cpu().double() - ref).norm() / ref.norm()).item() <= 1e-5
+    if grads:
+        do = torch.randn_like(ref)
+        o.backward(do.to(o.dtype))
+        ref.backward(do)
+        for n in names:
+            assert ((leaves[n].grad.double() - expected[n].grad).norm() / expected[n].grad.norm()).item() <= 1e-5, n

@@ -171,6 +171,34 @@ def test_left_padded_batch_generation_matches_single_samples(device):
     assert torch.equal(out[0, 8:], alone[0, 5:])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_left_padded_generation_runs_one_call_per_layer(backend, mode, sim_rank, monkeypatch):
+    """generate() on a left-padded batch: every step of every layer is one operator call with cache_leftpad (the
+    decode kernel on triton; before: one call per sample, on copies of its keys), giving the per-sample path's
+    tokens and logits."""
+    from excitor_kernels.module import ExcitorAttention
+
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    model = adapted(device, mode, sim_rank, backend=backend)
+    x = tokens(device, B=3, L=7)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    per_sample = ExcitorAttention._attend_sample
+    calls = []
+    monkeypatch.setattr(ExcitorAttention, "_attend_sample", lambda *a: calls.append(1) or per_sample(*a))
+    one_call = model.generate(x, **kw)
+    assert not calls
+    monkeypatch.setattr(ExcitorAttention, "_takes_leftpad", lambda *a: False)
+    looped = model.generate(x, **kw)
+    assert calls
+    assert torch.equal(one_call.sequences, looped.sequences)
+    assert rel(torch.stack(one_call.logits), torch.stack(looped.logits)) <= 1e-5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode,sim_rank", VARIANTS)

@@ -19,8 +19,8 @@ non-finite value (below). Forward and backward run through autograd (notation of
 * **Adapter**: ``SDPA(q, k, v) + gate[h] softmax(softmax_scale q pk^T) pv``, the prompt term ``(B, Hq, M, P)`` in
   float32.
 
-Masks: bottom-right causal alignment (docs/contract.md) through :func:`attend`; ``cache_seqlens`` runs SDPA per
-sample on its first ``L_b`` keys (``L_b = 0``: rows of no key); packed (varlen) sequences run the padded operator
+Masks: bottom-right causal alignment (docs/contract.md) through :func:`attend`; ``cache_seqlens`` and
+``cache_leftpad`` run SDPA per sample on its keys ``[s_b, L_b)`` (none: rows of no key); packed (varlen) sequences run the padded operator
 per sequence (one SDPA call each, a host loop).
 
 **Non-finite inputs.** PyTorch's CPU flash kernel gives a finite row where a score is NaN (pytorch/pytorch#141128),
@@ -59,14 +59,14 @@ def _finite(*tensors) -> bool:
     return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)
 
 
-def _exact(q, k, v, causal, scale, enable_gqa, cache_seqlens=None):
+def _exact(q, k, v, causal, scale, enable_gqa):
     """The reference's masked softmax on the full score matrix (float32 for half inputs)."""
     groups = q.shape[1] // k.shape[1]
     if enable_gqa and groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     ct = _compute_dtype(q.dtype)
     scores = scale * (q.to(ct) @ k.to(ct).transpose(-1, -2))
-    return _softmax_attention(scores, v.to(ct), causal, cache_seqlens).to(q.dtype)
+    return _softmax_attention(scores, v.to(ct), causal).to(q.dtype)
 
 
 def attend(q, k, v, causal, scale, enable_gqa=False):
@@ -101,13 +101,19 @@ def _per_batch(prompts: torch.Tensor, batch: int) -> torch.Tensor:
     return prompts.unsqueeze(0).expand(batch, *prompts.shape) if prompts.dim() == 3 else prompts
 
 
-def _per_sample(attention, q, k, v, cache_seqlens):
-    """``attention(q_b, k_b, v_b)`` for each sample on its first ``cache_seqlens[b]`` keys, concatenated."""
-    lengths = cache_seqlens.tolist()
-    return torch.cat([attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n]) for b, n in enumerate(lengths)])
+def _per_sample(attention, q, k, v, cache_seqlens, cache_leftpad, rows: int = 1):
+    """``attention(q_b, k_b, v_b)`` for each sample on its keys ``[cache_leftpad[b], cache_seqlens[b])`` (either
+    None: 0, N), concatenated; sample b owns the ``rows`` leading entries ``[b * rows, (b + 1) * rows)``. With the
+    causal mask aligned to the last key, that is the visibility of docs/contract.md."""
+    B, N = len(q) // rows, k.shape[-2]
+    ends = [N] * B if cache_seqlens is None else cache_seqlens.tolist()
+    starts = [0] * B if cache_leftpad is None else cache_leftpad.tolist()
+    return torch.cat([attention(q[b * rows:(b + 1) * rows], k[b * rows:(b + 1) * rows, :, s:e],
+                                v[b * rows:(b + 1) * rows, :, s:e]) for b, (s, e) in enumerate(zip(starts, ends))])
 
 
-def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, cache_seqlens=None):
+def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale, cache_seqlens=None,
+                      cache_leftpad=None):
     """docs/contract.md excitor_attention on validated padded inputs; differentiable in every tensor input."""
     B, Hq, M, d = q.shape
     Hkv = k.shape[1]
@@ -129,15 +135,15 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     def attention(qb, kb, vb):
         return attend(qb, kb, vb, causal, softmax_scale)
 
-    if cache_seqlens is None:
+    if cache_seqlens is None and cache_leftpad is None:
         o = attention(qg, kg, vg)
-    else:
-        lengths = cache_seqlens.repeat_interleave(Hkv)                             # per (b, kv head)
-        o = _per_sample(attention, qg, kg, vg, lengths)
+    else:  # sample b owns the Hkv entries (b, kv head) of SDPA's batch axis
+        o = _per_sample(attention, qg, kg, vg, cache_seqlens, cache_leftpad, rows=Hkv)
     return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2).to(q.dtype), q)
 
 
-def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, cache_seqlens=None):
+def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale, cache_seqlens=None,
+                      cache_leftpad=None):
     """docs/contract.md adapter_attention on validated padded inputs; differentiable in every tensor input."""
     B, Hq, M, d = q.shape
     Hkv = k.shape[1]
@@ -149,7 +155,8 @@ def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax
 
     sd = _sdpa_dtype(q)
     qs, ks, vs = q.to(sd), k.to(sd), v.to(sd)
-    o_tokens = attention(qs, ks, vs) if cache_seqlens is None else _per_sample(attention, qs, ks, vs, cache_seqlens)
+    o_tokens = (attention(qs, ks, vs) if cache_seqlens is None and cache_leftpad is None
+                else _per_sample(attention, qs, ks, vs, cache_seqlens, cache_leftpad))
     pk = _per_batch(prompt_keys.to(ct), B).repeat_interleave(G, 1)                 # (B, Hq, P, d)
     pv = _per_batch(prompt_values.to(ct), B).repeat_interleave(G, 1)
     ap = torch.softmax(softmax_scale * (q.to(ct) @ pk.transpose(-1, -2)), -1)      # (B, Hq, M, P)

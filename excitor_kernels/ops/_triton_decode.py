@@ -16,10 +16,11 @@ query heads) has too few programs to fill a GPU and reads the cache once per *qu
   would have to be kept in step with ``k``), while rebuilding from ``k`` adds no bytes (with ``sim_keys`` it
   reads ``s`` instead, the same d elements a cached ``ke`` would cost) and ``4 P d`` flops on the half
   tensor cores, which the memory time hides.
-* Per sample ``L_b = cache_seqlens[b]`` (``N`` without it); causal bottom-right alignment:
-      query i sees key j  iff  j < L_b  and  j <= i + L_b - M.
-  Split ``s`` of sample ``b`` covers keys ``[s * C_b, min((s + 1) * C_b, L_b))`` with
-  ``C_b = ceil(ceil(L_b / S) / BLOCK_N) * BLOCK_N``; keys ``>= L_b`` in the cache tensor are never read.
+* Per sample the keys ``[s_b, L_b)``, ``L_b = cache_seqlens[b]`` (``N`` without it), ``s_b = cache_leftpad[b]``
+  (0 without it: a left-padded batch's pads); causal bottom-right alignment:
+      query i sees key j  iff  s_b <= j < L_b  and  j <= i + L_b - M.
+  Split ``s`` of sample ``b`` covers keys ``[s_b + s * C_b, min(s_b + (s + 1) * C_b, L_b))`` with
+  ``C_b = ceil(ceil((L_b - s_b) / S) / BLOCK_N) * BLOCK_N``; keys outside ``[s_b, L_b)`` are never read.
 
 Split/combine invariants (base-2 scores ``t_ij = softmax_scale * log2(e) * <q_i, k'_j>``): split ``s`` writes
       m_s = max_{j in s} t_ij,   l_s = sum_{j in s} exp2(t_ij - m_s),   acc_s = sum_{j in s} exp2(t_ij - m_s) v_j
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._validate import MAX_DECODE_QUERIES, check_cache_seqlens
+from .._validate import MAX_DECODE_QUERIES, check_cache_lengths
 from ._triton_common import LOG2E, dot, load_rows, pow2, precision, prompt_strides, store_rows
 from ._triton_prompt_keys import prompt_mixture
 
@@ -53,7 +54,7 @@ def _packed_offsets(r, R, M, stride_h, stride_m):
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, S, PK, GATE, SEQLENS, WS_ACC, WS_M, WS_L,
+    Q, K, V, S, PK, GATE, SEQLENS, LEFTPAD, WS_ACC, WS_M, WS_L,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -61,7 +62,7 @@ def decode_split_kernel(
     stride_pkb, stride_pkh, stride_pkp,
     Hkv, M, N, P, GROUPS, NUM_SPLITS, qk_scale, prompt_scale_log2,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """Partial (acc, m, l) of one cache chunk for every query row of one key/value head."""
@@ -77,8 +78,11 @@ def decode_split_kernel(
         L = tl.load(SEQLENS + b)
     else:
         L = N
-    chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = tl.minimum(split * chunk, L)
+    start = 0
+    if HAS_LEFTPAD:
+        start = tl.load(LEFTPAD + b)
+    chunk = tl.cdiv(tl.cdiv(L - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(start + split * chunk, L)
     hi = tl.minimum(lo + chunk, L)
 
     q_rows = _packed_offsets(offs_r, R, M, stride_qh, stride_qm)
@@ -222,11 +226,11 @@ def decode_blocks(on_gpu: bool, R: int, N: int, d: int, itemsize: int = 2) -> tu
 
 
 def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
-                   prompt_scale, *, num_splits=None):
+                   prompt_scale, *, cache_leftpad=None, num_splits=None):
     """Decode forward of ``bypass`` (``EXCITOR`` or ``ADAPTER``) for ``M <= 16`` queries; returns ``o``.
 
     Shapes as in SPEC.md; ``cache_seqlens`` (int32 ``(B,)``, or None for ``L_b = N``) gives each sample's
-    valid cache length. Inference only (no lse, no backward). ``num_splits`` overrides the heuristic.
+    valid cache length, ``cache_leftpad`` (likewise) the first valid key of each. Inference only (no lse, no backward). ``num_splits`` overrides the heuristic.
     Two launches: ``decode_split_kernel`` (grid ``(S, B * Hkv)``) and ``decode_combine_kernel`` (grid
     ``(B * Hkv,)``); extra memory is the float32 workspace ``S * B * Hq * M * (d + 2)``.
 
@@ -238,9 +242,9 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     Hkv, N, P = k.shape[1], k.shape[2], prompt_keys.shape[-2]
     if M > MAX_DECODE_QUERIES:
         raise ValueError(f"decode_forward takes at most {MAX_DECODE_QUERIES} queries; got q.shape[2] = {M}")
-    if cache_seqlens is not None:
-        check_cache_seqlens(cache_seqlens, B, N, q.device)
-        cache_seqlens = cache_seqlens.contiguous()  # the kernel reads L_b at cache_seqlens + b
+    check_cache_lengths(cache_seqlens, cache_leftpad, B, N, q.device)
+    # the kernel reads L_b at cache_seqlens + b, s_b at cache_leftpad + b
+    cache_seqlens, cache_leftpad = (None if t is None else t.contiguous() for t in (cache_seqlens, cache_leftpad))
     gate = gate.contiguous()  # the kernels index gate[h] with unit stride
     groups = Hq // Hkv
     R = groups * M
@@ -254,11 +258,12 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     ws_l = new_output((S, B * Hkv, R), dtype=torch.float32, device=q.device)
     s = k if sim_keys is None else sim_keys
     decode_split_kernel[(S, B * Hkv)](
-        q, k, v, s, prompt_keys, gate, q if cache_seqlens is None else cache_seqlens, ws_acc, ws_m, ws_l,
+        q, k, v, s, prompt_keys, gate, q if cache_seqlens is None else cache_seqlens,
+        q if cache_leftpad is None else cache_leftpad, ws_acc, ws_m, ws_l,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3], *prompt_strides(prompt_keys),
         Hkv, M, N, P, groups, S, softmax_scale * LOG2E, prompt_scale * LOG2E,
         CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim_keys is None, HAS_SEQLENS=cache_seqlens is not None,
-        HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
+        HAS_LEFTPAD=cache_leftpad is not None, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
     )
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     pv = prompt_keys if prompt_values is None else prompt_values
@@ -274,14 +279,14 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
 @torch.library.custom_op("excitor_kernels::attention_decode", mutates_args=())
 def attention_decode(bypass: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_keys: torch.Tensor,
                      prompt_values: Optional[torch.Tensor], gate: torch.Tensor, sim_keys: Optional[torch.Tensor],
-                     cache_seqlens: Optional[torch.Tensor], causal: bool, softmax_scale: float,
-                     prompt_scale: float) -> torch.Tensor:
+                     cache_seqlens: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor], causal: bool,
+                     softmax_scale: float, prompt_scale: float) -> torch.Tensor:
     """:func:`decode_forward` as an opaque op, so ``torch.compile`` keeps generation graphs whole."""
     return decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal,
-                          softmax_scale, prompt_scale)
+                          softmax_scale, prompt_scale, cache_leftpad=cache_leftpad)
 
 
 @attention_decode.register_fake
-def _(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, causal, softmax_scale,
+def _(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, cache_seqlens, cache_leftpad, causal, softmax_scale,
       prompt_scale):
     return torch.empty_like(q)

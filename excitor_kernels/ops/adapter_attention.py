@@ -94,6 +94,7 @@ def adapter_attention(
     backend: str = "auto",
     deterministic: bool = False,
     cache_seqlens: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
 ) -> Tensor:
     """Causal attention plus LLaMA-Adapter's gated prompt attention, in one pass.
 
@@ -101,23 +102,23 @@ def adapter_attention(
     Shapes as :func:`excitor_attention`, with ``prompt_values`` shaped like ``prompt_keys``. Prompts are
     visible to every query and carry no position. ``gate`` is used as is: pass ``tanh(raw)`` for the
     official LLaMA-Adapter formulation or PEFT's plain scalar broadcast to ``(Hq,)``. Inference calls
-    (at most 16 queries, no gradient) take the split-KV decode kernel and accept ``cache_seqlens`` as
-    :func:`excitor_attention` does.
+    (at most 16 queries, no gradient) take the split-KV decode kernel and accept ``cache_seqlens`` and
+    ``cache_leftpad`` as :func:`excitor_attention` does.
     """
     p = check_inputs(q, k, v, prompt_keys, gate, prompt_values=prompt_values, softmax_scale=softmax_scale,
                      needs_prompt_values=True)
     softmax_scale, _ = resolve_scales(p, causal, softmax_scale, deterministic=deterministic)
-    backend, decode = select_path(OP, backend, p, cache_seqlens)
+    backend, decode = select_path(OP, backend, p, cache_seqlens, cache_leftpad)
     gate = gate.contiguous()  # (Hq,): kernels index gate[h] with unit stride; the copy passes its gradient back
     if backend == "reference":
         return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
-                                           softmax_scale=softmax_scale, cache_seqlens=cache_seqlens)
+                                           softmax_scale=softmax_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
     if backend == "torch":
         return _torch.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
-                                        cache_seqlens)
+                                        cache_seqlens, cache_leftpad)
     if decode:
         return dec.attention_decode(tri.ADAPTER, q, k, v, prompt_keys, prompt_values, gate, None, cache_seqlens,
-                                    causal, softmax_scale, softmax_scale)
+                                    cache_leftpad, causal, softmax_scale, softmax_scale)
     if backend == "cuda":
         from .. import _cuda
 

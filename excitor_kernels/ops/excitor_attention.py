@@ -100,6 +100,7 @@ def excitor_attention(
     backend: str = "auto",
     deterministic: bool = False,
     cache_seqlens: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
 ) -> Tensor:
     """Causal attention whose keys carry LLaMA-Excitor's gated, prompt-reconstructed bypass.
 
@@ -115,24 +116,29 @@ def excitor_attention(
     ``<q, k + g ke> = <[q, g q], [k, ke]>``) or ``"auto"`` (see :func:`excitor_kernels.explain_backend`). ``deterministic=True`` makes the fused backward sum the prompt and gate
     gradients in a fixed order (one float32 slice per key tile, summed afterwards) instead of atomics.
 
+    ``cache_seqlens`` and ``cache_leftpad`` (int32 ``(B,)`` or None; FlashAttention's ``flash_attn_with_kvcache``
+    names): sample ``b``'s keys are ``[cache_leftpad[b], cache_seqlens[b])`` of ``k, v`` (a partly filled cache, a
+    left-padded batch), the causal mask aligned to ``cache_seqlens[b]``; served by the split-KV decode kernel (at
+    most 16 queries, no gradient) and by the torch and reference backends at any ``M``.
+
     Returns ``o`` with ``q``'s shape, dtype and memory layout. Differentiable in ``q, k, v,
     prompt_keys, gate`` and ``sim_keys``.
     """
     p = check_inputs(q, k, v, prompt_keys, gate, sim_keys=sim_keys, softmax_scale=softmax_scale,
                      prompt_scale=prompt_scale)
     softmax_scale, prompt_scale = resolve_scales(p, causal, softmax_scale, prompt_scale, deterministic=deterministic)
-    backend, decode = select_path(OP, backend, p, cache_seqlens)
+    backend, decode = select_path(OP, backend, p, cache_seqlens, cache_leftpad)
     gate = gate.contiguous()  # (Hq,): kernels index gate[h] with unit stride; the copy passes its gradient back
     if backend == "reference":
         return excitor_attention_reference(q, k, v, prompt_keys, gate, sim_keys=sim_keys, causal=causal,
                                            softmax_scale=softmax_scale, prompt_scale=prompt_scale,
-                                           cache_seqlens=cache_seqlens)
+                                           cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
     if backend == "torch":
         return _torch.excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scale, prompt_scale,
-                                        cache_seqlens)
+                                        cache_seqlens, cache_leftpad)
     if decode:
-        return dec.attention_decode(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, cache_seqlens, causal,
-                                    softmax_scale, prompt_scale)
+        return dec.attention_decode(tri.EXCITOR, q, k, v, prompt_keys, None, gate, sim_keys, cache_seqlens,
+                                    cache_leftpad, causal, softmax_scale, prompt_scale)
     if backend == "cuda":
         from .. import _cuda
 
