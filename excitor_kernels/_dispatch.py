@@ -211,6 +211,12 @@ def select_path(op: str, backend: str, p: Problem, cache_seqlens=None, cache_lef
     return backend, decode
 
 
+def takes_varlen(backend: str) -> bool:
+    """Whether the ``*_varlen`` operators run with ``backend`` (reference, triton, torch, and auto, which picks
+    among them; cuda and the sdpa backends have no varlen path)."""
+    return backend in ("auto", "reference", "triton", "torch")
+
+
 def takes_cache_lengths(op: str, q, k, v, prompt_keys, gate, *, prompt_values=None, sim_keys=None,
                         backend: str = "auto") -> bool:
     """Whether ``excitor_attention`` (``op="excitor"``) or ``adapter_attention`` (``op="adapter"``) on these padded

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._dispatch import BACKENDS, takes_cache_lengths
+from ._dispatch import BACKENDS, takes_cache_lengths, takes_varlen
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
 from .padding import PACKING_KWARGS, attention_layout
 
@@ -386,18 +386,34 @@ class ExcitorAttention(nn.Module):
         """Whether the backend's path for this call serves ``cache_leftpad`` (a left-padded batch in one call)."""
         return takes_cache_lengths(self.mode, q, k, v, pk, gate, prompt_values=pv, sim_keys=sim, backend=self.backend)
 
+    def _attend_varlen(self, q, k, v, pk, pv, sim, gate, scaling, packing):
+        """The varlen operator on packed ``(total, H, d)`` operands."""
+        if self.mode == "excitor":
+            return excitor_attention_varlen(q, k, v, pk, gate, *packing, sim_keys=sim, softmax_scale=scaling,
+                                            backend=self.backend)
+        return adapter_attention_varlen(q, k, v, pk, pv, gate, *packing, softmax_scale=scaling, backend=self.backend)
+
     def _attend_packed(self, q, k, v, pk, pv, sim, gate, scaling, packing):
         """The varlen operator on a packed batch of one; returns ``(1, Hq, M, d)``."""
         def flat(t):  # (1, H, L, d) view -> (L, H, d) view
             return None if t is None else t[0].transpose(0, 1)
 
-        if self.mode == "excitor":
-            o = excitor_attention_varlen(flat(q), flat(k), flat(v), pk, gate, *packing, sim_keys=flat(sim),
-                                         softmax_scale=scaling, backend=self.backend)
-        else:
-            o = adapter_attention_varlen(flat(q), flat(k), flat(v), pk, pv, gate, *packing,
-                                         softmax_scale=scaling, backend=self.backend)
+        o = self._attend_varlen(flat(q), flat(k), flat(v), pk, pv, flat(sim), gate, scaling, packing)
         return o.transpose(0, 1).unsqueeze(0)
+
+    def _attend_unpadded(self, plan, q, k, v, pk, pv, sim, gate, scaling):
+        """A padded batch as one varlen call on its real queries and valid keys, gathered into a pack (a sequence
+        per sample; its prompts, when per sample, are per sequence) and scattered back; padding rows are 0.
+        Returns ``(B, Hq, M, d)``."""
+        (qb, qi), (kb, kj), packing = plan.unpadded()
+
+        def rows(t, b, i):  # (B, H, L, d) -> the (total, H, d) rows (b, i)
+            return None if t is None else t.transpose(1, 2)[b, i]
+
+        o = self._attend_varlen(rows(q, qb, qi), rows(k, kb, kj), rows(v, kb, kj), pk, pv, rows(sim, kb, kj), gate,
+                                scaling, packing)
+        B, Hq, M, _ = q.shape
+        return o.new_zeros(B, M, Hq, o.shape[-1]).index_put((qb, qi), o).transpose(1, 2)
 
     def _attend_sample(self, b, q_index, k_index, q, k, v, pk, pv, sim, gate, scaling):
         """Sample ``b`` on its real queries and valid keys; padding query rows are 0. Returns (Hq, M, d)."""
@@ -457,7 +473,9 @@ class ExcitorAttention(nn.Module):
             o = self._attend(q, k, v, pk, pv, sim, gate, scaling)
         elif plan.leftpad is not None and self._takes_leftpad(q, k, v, pk, pv, sim, gate):
             o = self._attend(q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=plan.leftpad)
-            o = o.masked_fill(~plan.real[:, None, :, None], 0.0)  # padding rows 0, as the per-sample path leaves them
+            o = o.masked_fill(~plan.real[:, None, :, None], 0.0)  # padding rows 0, as the other paths leave them
+        elif takes_varlen(self.backend):
+            o = self._attend_unpadded(plan, q, k, v, pk, pv, sim, gate, scaling)
         else:
             o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate, scaling)
                              for b, (qi, ki) in enumerate(plan.samples)])

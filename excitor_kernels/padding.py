@@ -46,28 +46,6 @@ SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indi
 PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-class PaddingPlan:
-    """How a padded batch runs, from its real queries ``real`` (B, M) and valid keys ``valid`` (B, N): per sample,
-    on its real queries and valid keys (:attr:`samples`), or, when every sample's valid keys are the last ones
-    (left padding, the padded batches of ``generate()``), in one call with the operators' ``cache_leftpad`` =
-    :attr:`leftpad`: query i then sees ``[leftpad[b], i + N - M]``, the causal set on the valid keys (a padding row
-    sees none; the caller zeroes the padding rows, as the per-sample path leaves them), where the backend serves it."""
-
-    def __init__(self, real: torch.Tensor, valid: torch.Tensor):
-        self.real, self._valid, self._samples = real, valid, None
-        N = valid.shape[1]
-        starts = N - valid.sum(dim=1)
-        suffix = bool((valid == (torch.arange(N, device=valid.device)[None, :] >= starts[:, None])).all())
-        self.leftpad: Optional[torch.Tensor] = starts.to(torch.int32) if suffix else None
-
-    @property
-    def samples(self) -> List[SamplePlan]:
-        """One ``(query_index, key_index)`` pair per sample (found on first use: a host sync per sample)."""
-        if self._samples is None:
-            self._samples = [(r.nonzero().squeeze(1), v.nonzero().squeeze(1)) for r, v in zip(self.real, self._valid)]
-        return self._samples
-
-
 class Packing(NamedTuple):
     """The varlen arguments of a packed batch of one: rows cu_seqlens[s]:cu_seqlens[s + 1] are sequence s."""
 
@@ -79,6 +57,38 @@ class Packing(NamedTuple):
     @property
     def num_sequences(self) -> int:
         return self.cu_seqlens_q.numel() - 1
+
+
+class PaddingPlan:
+    """How a padded batch runs, from its real queries ``real`` (B, M) and valid keys ``valid`` (B, N): each sample
+    attends on its real queries and valid keys. When every sample's valid keys are its last ones (left padding, the
+    padded batches of ``generate()``), that is one call with the operators' ``cache_leftpad`` = :attr:`leftpad`
+    (query i sees ``[leftpad[b], i + N - M]``, the causal set on the valid keys; a padding row sees none, and the
+    caller zeroes padding rows); else one varlen pack of them (:meth:`unpadded`) or one call per sample
+    (:attr:`samples`); whichever the backend serves."""
+
+    def __init__(self, real: torch.Tensor, valid: torch.Tensor):
+        self.real, self._valid, self._samples = real, valid, None
+        N = valid.shape[1]
+        starts = N - valid.sum(dim=1)
+        suffix = bool((valid == (torch.arange(N, device=valid.device)[None, :] >= starts[:, None])).all())
+        self.leftpad: Optional[torch.Tensor] = starts.to(torch.int32) if suffix else None
+
+    def unpadded(self) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor], Packing]:
+        """The real queries and valid keys as one varlen pack, a sequence per sample: ((b, i) of each packed query
+        row, (b, j) of each packed key row, their Packing). Two host syncs, whatever the batch."""
+        q_rows, k_rows = self.real.nonzero().unbind(1), self._valid.nonzero().unbind(1)
+        counts = torch.stack([self.real.sum(1), self._valid.sum(1)])       # (2, B)
+        cu = torch.nn.functional.pad(counts.cumsum(1), (1, 0)).to(torch.int32)
+        longest = counts.max(1).values.tolist()
+        return q_rows, k_rows, Packing(cu[0], cu[1], longest[0], longest[1])
+
+    @property
+    def samples(self) -> List[SamplePlan]:
+        """One ``(query_index, key_index)`` pair per sample (found on first use: a host sync per sample)."""
+        if self._samples is None:
+            self._samples = [(r.nonzero().squeeze(1), v.nonzero().squeeze(1)) for r, v in zip(self.real, self._valid)]
+        return self._samples
 
 
 def _packing_from_starts(starts: torch.Tensor) -> Packing:

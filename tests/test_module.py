@@ -193,10 +193,47 @@ def test_left_padded_generation_runs_one_call_per_layer(backend, mode, sim_rank,
     one_call = model.generate(x, **kw)
     assert not calls
     monkeypatch.setattr(ExcitorAttention, "_takes_leftpad", lambda *a: False)
+    monkeypatch.setattr("excitor_kernels.module.takes_varlen", lambda backend: False)
     looped = model.generate(x, **kw)
     assert calls
     assert torch.equal(one_call.sequences, looped.sequences)
     assert rel(torch.stack(one_call.logits), torch.stack(looped.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_padding_the_decode_path_cannot_take_runs_as_one_varlen_call(backend, mode, sim_rank, monkeypatch):
+    """Training on left padding (no decode path: triton; the torch and reference backends would take cache_leftpad,
+    refused here to reach the same path) and a cache with holes (right padding, then a cached chunk): one varlen call
+    per layer on the gathered real queries and valid keys, with the per-sample path's logits and gradients."""
+    from excitor_kernels.module import ExcitorAttention
+
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    x = tokens(device, B=3, L=9)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0    # left padding
+    mask[1, 4:6] = 0   # right padding, then 3 real tokens: holes in the cache
+    mask[2, :1] = 0
+    per_sample = ExcitorAttention._attend_sample
+    calls = []
+    monkeypatch.setattr(ExcitorAttention, "_attend_sample", lambda *a: calls.append(1) or per_sample(*a))
+    monkeypatch.setattr(ExcitorAttention, "_takes_leftpad", lambda *a: False)
+    results = []
+    for varlen in (True, False):
+        monkeypatch.setattr("excitor_kernels.module.takes_varlen", lambda b, v=varlen: v)
+        model = adapted(device, mode, sim_rank, backend=backend).train()
+        out = model(input_ids=x[:, :6], attention_mask=mask[:, :6], labels=x[:, :6], use_cache=True)
+        out.loss.backward()
+        with torch.no_grad():  # 3 more tokens on the cache of the first 6 (sample 1: holes at keys 4, 5)
+            more = model(input_ids=x[:, 6:], attention_mask=mask, past_key_values=out.past_key_values).logits
+        results.append((out.logits, more, [p.grad for p in model.parameters() if p.requires_grad]))
+        assert bool(calls) == (not varlen)
+    (logits, more, grads), (ref_logits, ref_more, ref_grads) = results
+    real = mask[:, :6].bool()
+    assert rel(logits[real], ref_logits[real]) <= 1e-5
+    assert rel(more[mask[:, 6:].bool()], ref_more[mask[:, 6:].bool()]) <= 1e-5
+    for g, e in zip(grads, ref_grads):
+        assert rel(g, e) <= 1e-4
 
 
 @pytest.mark.parametrize("device", DEVICES)
