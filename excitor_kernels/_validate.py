@@ -192,24 +192,34 @@ def check_cache_lengths(cache_seqlens, cache_leftpad, batch: int, cache_len: int
     cache_leftpad): sample b's keys are ``[s_b, L_b)``; with s_b = L_b it has none and its rows see none
     (docs/contract.md).
 
-    The value check reads the tensors on the host (a device sync); it is skipped while a CUDA graph is captured.
+    The value check reads one flag on the host (a device sync), once per tensor and version (:func:`memo_on`: the
+    layers of one forward share the tensors); it is skipped while a CUDA graph is captured.
     """
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if t is not None:
             _check_lengths(name, t, batch, device)
-    given = [t for t in (cache_seqlens, cache_leftpad) if t is not None]
-    if not given or (given[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+    anchor = cache_leftpad if cache_leftpad is not None else cache_seqlens
+    if anchor is None or (anchor.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if cache_seqlens is not None:
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < 0 or hi > cache_len:
-            raise ValueError(f"cache_seqlens values must lie in [0, N] = [0, {cache_len}] (N = k.shape[2]); "
-                             f"got values in [{lo}, {hi}]")
+    other = cache_seqlens if anchor is cache_leftpad else None
+    key = (cache_len, anchor._version) + ((id(other), other._version) if other is not None else ())
+    memo_on(anchor, "_excitor_lengths_checked", key,
+            lambda: _check_length_values(cache_seqlens, cache_leftpad, cache_len))
+
+
+def _check_length_values(cache_seqlens, cache_leftpad, cache_len: int) -> bool:
+    ends = cache_seqlens if cache_seqlens is not None else torch.full_like(cache_leftpad, cache_len)
+    bad = (ends < 0) | (ends > cache_len)
     if cache_leftpad is not None:
-        ends = torch.full_like(cache_leftpad, cache_len) if cache_seqlens is None else cache_seqlens
-        if bool(((cache_leftpad < 0) | (cache_leftpad > ends)).any()):
-            raise ValueError(f"cache_leftpad values must lie in [0, L_b] (L_b = cache_seqlens[b], or N = {cache_len} "
-                             f"without it); got {cache_leftpad.tolist()} for L = {ends.tolist()}")
+        bad |= (cache_leftpad < 0) | (cache_leftpad > ends)
+    if not bool(bad.any()):
+        return True
+    if cache_seqlens is not None and bool(((cache_seqlens < 0) | (cache_seqlens > cache_len)).any()):
+        raise ValueError(f"cache_seqlens values must lie in [0, N] = [0, {cache_len}] (N = k.shape[2]); "
+                         f"got values in [{int(cache_seqlens.min())}, {int(cache_seqlens.max())}]")
+    b = int(bad.nonzero()[0, 0])
+    raise ValueError(f"cache_leftpad values must lie in [0, L_b] (L_b = cache_seqlens[b], or N = {cache_len} "
+                     f"without it); got cache_leftpad[{b}] = {int(cache_leftpad[b])} with L_{b} = {int(ends[b])}")
 
 
 def _require_cu_seqlens(name: str, cu, q: torch.Tensor) -> torch.Tensor:

@@ -311,3 +311,24 @@ def test_cache_leftpad_is_the_sliced_cache(op, backend):
         ref.backward(do)
         for n in names:
             assert ((leaves[n].grad.double() - expected[n].grad).norm() / expected[n].grad.norm()).item() <= 1e-5, n
+
+
+def test_cache_lengths_are_checked_once_per_version(monkeypatch):
+    """The value check of cache_seqlens / cache_leftpad (a device sync) runs once for the tensors every layer of a
+    forward shares, and again when they change in place (a bad value written later is caught)."""
+    from excitor_kernels import _validate
+
+    checks = []
+    original = _validate._check_length_values
+    monkeypatch.setattr(_validate, "_check_length_values", lambda *a: checks.append(1) or original(*a))
+    lengths, starts = torch.tensor([20, 12], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)
+    for _ in range(3):
+        _call_with_seqlens(lengths, cache_leftpad=starts)
+    assert len(checks) == 1
+    starts[1] = 13  # past L_1 = 12
+    with pytest.raises(ValueError, match=r"cache_leftpad\[1\] = 13 with L_1 = 12"):
+        _call_with_seqlens(lengths, cache_leftpad=starts)
+    starts[1] = 0
+    lengths[0] = 21
+    with pytest.raises(ValueError, match=r"cache_seqlens values must lie in \[0, N\]"):
+        _call_with_seqlens(lengths, cache_leftpad=starts)
