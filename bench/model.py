@@ -108,17 +108,30 @@ def train_step(model: nn.Module, optimizer, input_ids: torch.Tensor):
     return step
 
 
-def decode_step(model: nn.Module, context_ids: torch.Tensor):
-    """Prefill ``context_ids`` into a cache (not timed), then return one greedy decode step per call."""
+def left_padding_mask(batch: int, context: int, device) -> torch.Tensor:
+    """The attention mask of a left-padded batch as ``generate()`` gets it: sample b has ``b * context // (2 *
+    batch)`` pads before its tokens (the longest none, the shortest about half the context)."""
+    mask = torch.ones(batch, context, dtype=torch.long, device=device)
+    for b in range(batch):
+        mask[b, :b * context // (2 * batch)] = 0
+    return mask
+
+
+def decode_step(model: nn.Module, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Prefill ``context_ids`` into a cache (not timed), then return one greedy decode step per call (with
+    ``attention_mask``, a padded batch: the mask grows by one real token per step, as in generation)."""
     from transformers import DynamicCache
 
     with torch.no_grad():
-        out = model(input_ids=context_ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
-                    logits_to_keep=1)
-    state = dict(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+        out = model(input_ids=context_ids, attention_mask=attention_mask,
+                    past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    state = dict(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1), mask=attention_mask)
 
     def step():
+        mask = state["mask"]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         with torch.no_grad():
-            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
-        state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=state["next"], attention_mask=mask, past_key_values=state["cache"], use_cache=True)
+        state["cache"], state["next"], state["mask"] = out.past_key_values, out.logits[:, -1:].argmax(-1), mask
     return step

@@ -186,14 +186,15 @@ def _attention_lines(results: dict) -> list[str]:
 
 def _model_lines(results: dict) -> list[str]:
     rows = sorted((r for r in results.values() if r["kind"] == "model"),
-                  key=lambda r: (r["phase"], r["mode"], r["seq"], r["batch"], r["provider"]))
+                  key=lambda r: (r["phase"], r.get("padded", False), r["mode"], r["seq"], r["batch"], r["provider"]))
     if not rows:
         return []
     lines = ["", "| phase | mode | provider | B | N (context) | tokens/s | peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         figures = (f"{r['tokens_per_s']:.0f} | {_fmt(r.get('peak_mib'), '.0f')}" if r["status"] == "ok"
                    else f"{r['status']} |")
-        lines.append(f"| {r['phase']} | {r['mode']} | {r['provider']} | {r['batch']} | {r['seq']} | {figures} |")
+        phase = r["phase"] + (" (left-padded)" if r.get("padded") else "")
+        lines.append(f"| {phase} | {r['mode']} | {r['provider']} | {r['batch']} | {r['seq']} | {figures} |")
     return lines
 
 

@@ -3,7 +3,8 @@
 * train: one optimisation step (forward, backward, AdamW on prompts and gates) over B*N = 16k tokens,
   N in {2k, 8k}; tokens/s = B*N / median step time; peak memory of one step.
 * decode: one greedy token per sequence after a 4k-token prefill, batch 1 and 16; tokens/s = batch /
-  median step time (the cache grows by one token per step, as in generation).
+  median step time (the cache grows by one token per step, as in generation); batch 16 also left-padded as
+  ``generate()`` pads a batch (``bench.model.left_padding_mask``: sample b has b/32 of the context as pads).
 On the CPU the same code runs on a tiny model (hidden 256) as a smoke test.
 """
 import importlib.util
@@ -67,17 +68,23 @@ def test_train_step(provider, mode, batch, seq, benchmark, record):
     _run(benchmark, record, base, factory, batch * seq)
 
 
-@pytest.mark.parametrize("batch,context", DECODE, ids=[f"B{b}-ctx{n}" for b, n in DECODE])
+DECODE_CASES = [(b, n, False) for b, n in DECODE] + [(b, n, True) for b, n in DECODE if b > 1]
+
+
+@pytest.mark.parametrize("batch,context,padded", DECODE_CASES,
+                         ids=[f"B{b}-ctx{n}" + ("-leftpad" if p else "") for b, n, p in DECODE_CASES])
 @pytest.mark.parametrize("provider,mode", SUBJECTS, ids=[f"{p}-{m}" for p, m in SUBJECTS])
-def test_decode(provider, mode, batch, context, benchmark, record):
+def test_decode(provider, mode, batch, context, padded, benchmark, record):
     if why := _unavailable(provider):
         pytest.skip(f"{provider}: {why}")
-    base = dict(key=f"model/decode/{mode}/{provider}/B{batch}-ctx{context}", kind="model", phase="decode", mode=mode,
-                provider=provider, batch=batch, seq=context)
+    pad = "-leftpad" if padded else ""
+    base = dict(key=f"model/decode/{mode}/{provider}/B{batch}-ctx{context}{pad}", kind="model", phase="decode",
+                mode=mode, provider=provider, batch=batch, seq=context, padded=padded)
 
     def factory():
         model = _subject(provider, mode, context + 256)
         ids = torch.randint(0, model.config.vocab_size, (batch, context), device=DEVICE)
-        return subjects.decode_step(model, ids)
+        mask = subjects.left_padding_mask(batch, context, DEVICE) if padded else None
+        return subjects.decode_step(model, ids, mask)
 
     _run(benchmark, record, base, factory, batch)
