@@ -52,7 +52,7 @@ from torch import nn
 
 from ._dispatch import BACKENDS, takes_cache_lengths, takes_varlen
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import PACKING_KWARGS, attention_layout
+from .padding import PACKING_KWARGS, attention_layout, position_restarts
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -479,6 +479,9 @@ class ExcitorAttention(nn.Module):
         else:
             o = torch.stack([self._attend_sample(b, qi, ki, q, k, v, pk, pv, sim, gate, scaling)
                              for b, (qi, ki) in enumerate(plan.samples)])
+        restarts = position_restarts(attention_mask, kwargs.get("position_ids"), kwargs, B, M, keys)
+        if restarts is not None:  # under torch.compile: packed position_ids the graph cannot honour give NaN
+            o = o + torch.where(restarts, float("nan"), 0.0).to(o.dtype)
         return o.transpose(1, 2)
 
 

@@ -140,19 +140,41 @@ def sequence_packing(allowed: Optional[torch.Tensor], position_ids, kwargs: dict
         return packing
     if allowed is not None:
         return _packing_from_mask(allowed)
-    if position_ids is None or batch != 1 or q_len != kv_len or q_len < 2:
-        return None
-    if position_ids.numel() != q_len:
-        return None
+    if not _positions_may_pack(position_ids, batch, q_len, kv_len) or torch.compiler.is_compiling():
+        return None  # under torch.compile the positions are not read: see position_restarts
     return memo_on(position_ids, "_excitor_packing", (position_ids._version,),
                    lambda: _packing_from_positions(position_ids))
 
 
-def _packing_from_positions(position_ids: torch.Tensor) -> Optional[Packing]:
+def _positions_may_pack(position_ids, batch: int, q_len: int, kv_len: int) -> bool:
+    """Whether ``position_ids`` can mark packed sequences: one row of at least 2 tokens and no cached keys."""
+    return position_ids is not None and batch == 1 and q_len == kv_len >= 2 and position_ids.numel() == q_len
+
+
+def _position_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(L,) bool: where a sequence starts (token 0, and every position that is not its predecessor's + 1)."""
     positions = position_ids.reshape(-1)
     starts = torch.ones(positions.numel(), dtype=torch.bool, device=positions.device)
     starts[1:] = positions[1:] - positions[:-1] != 1
+    return starts
+
+
+def _packing_from_positions(position_ids: torch.Tensor) -> Optional[Packing]:
+    starts = _position_starts(position_ids)
     return _packing_from_starts(starts) if bool(starts[1:].any()) else None
+
+
+def position_restarts(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int,
+                      kv_len: int) -> Optional[torch.Tensor]:
+    """Under ``torch.compile``, where :func:`sequence_packing` cannot read ``position_ids`` (a value-dependent
+    branch), a 0-d bool tensor on the device that is True when they restart (packed sequences the traced graph
+    runs as one causal sequence; the caller makes that call's output NaN, never silently wrong); None where the
+    positions decide nothing (a mask, ``cu_seq_lens_*``, more than one row, cached keys) or outside a trace."""
+    if (not torch.compiler.is_compiling() or attention_mask is not None
+            or any(kwargs.get(n) is not None for n in PACKING_KWARGS)
+            or not _positions_may_pack(position_ids, batch, q_len, kv_len)):
+        return None
+    return _position_starts(position_ids)[1:].any()
 
 
 def visibility(attention_mask, batch: int, q_len: int, kv_len: int) -> Optional[torch.Tensor]:

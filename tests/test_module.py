@@ -519,14 +519,17 @@ def test_save_pretrained_round_trips_in_one_call(mode, sim_rank, tmp_path):
         from_pretrained(str(tmp_path / "base"))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
-def test_torch_compile_fullgraph_with_auto(mode, sim_rank):
+def test_torch_compile_fullgraph_with_auto(mode, sim_rank, batch):
     """No graph break from the package: the module, the registry call and backend='auto' (its fall-back
-    warning is given outside traces only). Padded batches still break the graph (per-sample calls), and so
-    does a mask that transformers materialises under compile (older releases): then without fullgraph."""
+    warning is given outside traces only), a batch of one row included (its position_ids, which may mark packed
+    sequences, are not read on the host under compile: position_restarts). Padded batches still break the graph
+    (per-sample calls), and so does a mask that transformers materialises under compile (older releases): then
+    without fullgraph."""
     torch._dynamo.reset()
     model = adapted("cpu", mode, sim_rank, backend="auto").train()
-    x = tokens("cpu", B=2, L=8)
+    x = tokens("cpu", B=batch, L=8)
     eager = model(input_ids=x, labels=x)
     eager.loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -537,6 +540,25 @@ def test_torch_compile_fullgraph_with_auto(mode, sim_rank):
     assert rel(out.logits, eager.logits) <= 1e-5
     for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
         assert rel(g, e) <= 1e-4
+
+
+def test_packed_position_ids_under_compile_give_nan_not_crossed_sequences():
+    """Restarting position_ids with no mask and a cache (transformers then builds no block mask): eager runs the
+    packed sequences apart (varlen); a compiled graph cannot branch on the positions, and its output is NaN rather
+    than the sequences attending across each other."""
+    torch._dynamo.reset()
+    model = adapted("cpu", "excitor", 4, num_layers=None, backend="auto")  # no frozen layer mixes the sequences
+    x = tokens("cpu", B=1, L=9)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with torch.no_grad():
+        eager = model(input_ids=x, position_ids=positions, use_cache=True).logits
+        alone = model(input_ids=x[:, 4:7]).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        traced = compiled(input_ids=x, position_ids=positions, use_cache=True).logits
+        plain = compiled(input_ids=x, position_ids=torch.arange(9)[None], use_cache=True).logits
+    assert rel(eager[:, 4:7], alone) <= 1e-5
+    assert torch.isnan(traced).all()
+    assert rel(plain, model(input_ids=x).logits) <= 1e-5
 
 
 def test_deepcopy_and_pickle_keep_the_adapted_layers(tmp_path):
