@@ -1,7 +1,8 @@
 """Split-KV decode forward (``_triton_decode.decode_forward``) against a float64 evaluation of docs/contract.md.
 
 Each sample's reference sees only its cache entries ``[s_b, L_b)`` (``cache_leftpad``, ``cache_seqlens``), sliced
-out of the cache, with the causal mask bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned with NaN before the kernels run.
+out of the cache, with the causal mask bottom-right aligned to ``L_b``. Outputs and the split workspace are poisoned
+with NaN before the kernels run.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ non-finite value (below). Forward and backward run through autograd (notation of
   float32.
 
 Masks: bottom-right causal alignment (docs/contract.md) through :func:`attend`; ``cache_seqlens`` and
-``cache_leftpad`` run SDPA per sample on its keys ``[s_b, L_b)`` (none: rows of no key); packed (varlen) sequences run the padded operator
-per sequence (one SDPA call each, a host loop).
+``cache_leftpad`` run SDPA per sample on its keys ``[s_b, L_b)`` (none: rows of no key); packed (varlen) sequences
+run the padded operator per sequence (one SDPA call each, a host loop).
 
 **Non-finite inputs.** PyTorch's CPU flash kernel gives a finite row where a score is NaN (pytorch/pytorch#141128),
 and SDPA's math kernel (its fall-back on every device) adds the causal mask to the scores, so a NaN key makes rows

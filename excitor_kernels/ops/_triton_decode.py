@@ -62,8 +62,8 @@ def decode_split_kernel(
     stride_pkb, stride_pkh, stride_pkp,
     Hkv, M, N, P, GROUPS, NUM_SPLITS, qk_scale, prompt_scale_log2,
     CAUSAL: tl.constexpr, BYPASS: tl.constexpr, SIM_IS_K: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-    HAS_LEFTPAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """Partial (acc, m, l) of one cache chunk for every query row of one key/value head."""
     split = tl.program_id(0)
@@ -230,7 +230,8 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
     """Decode forward of ``bypass`` (``EXCITOR`` or ``ADAPTER``) for ``M <= 16`` queries; returns ``o``.
 
     Shapes as in SPEC.md; ``cache_seqlens`` (int32 ``(B,)``, or None for ``L_b = N``) gives each sample's
-    valid cache length, ``cache_leftpad`` (likewise) the first valid key of each. Inference only (no lse, no backward). ``num_splits`` overrides the heuristic.
+    valid cache length, ``cache_leftpad`` (likewise) the first valid key of each. Inference only (no lse, no
+    backward). ``num_splits`` overrides the heuristic.
     Two launches: ``decode_split_kernel`` (grid ``(S, B * Hkv)``) and ``decode_combine_kernel`` (grid
     ``(B * Hkv,)``); extra memory is the float32 workspace ``S * B * Hq * M * (d + 2)``.
 
@@ -263,7 +264,8 @@ def decode_forward(bypass, q, k, v, prompt_keys, prompt_values, gate, sim_keys, 
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s.stride()[:3], *prompt_strides(prompt_keys),
         Hkv, M, N, P, groups, S, softmax_scale * LOG2E, prompt_scale * LOG2E,
         CAUSAL=causal, BYPASS=bypass, SIM_IS_K=sim_keys is None, HAS_SEQLENS=cache_seqlens is not None,
-        HAS_LEFTPAD=cache_leftpad is not None, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PREC=prec, **launch,
+        HAS_LEFTPAD=cache_leftpad is not None, HEAD_DIM=d, BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        BLOCK_P=BLOCK_P, PREC=prec, **launch,
     )
     o = new_output(q.shape, dtype=q.dtype, device=q.device, like=q)
     pv = prompt_keys if prompt_values is None else prompt_values

@@ -112,7 +112,8 @@ def adapter_attention(
     gate = gate.contiguous()  # (Hq,): kernels index gate[h] with unit stride; the copy passes its gradient back
     if backend == "reference":
         return adapter_attention_reference(q, k, v, prompt_keys, prompt_values, gate, causal=causal,
-                                           softmax_scale=softmax_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
+                                           softmax_scale=softmax_scale, cache_seqlens=cache_seqlens,
+                                           cache_leftpad=cache_leftpad)
     if backend == "torch":
         return _torch.adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax_scale,
                                         cache_seqlens, cache_leftpad)
