@@ -333,3 +333,29 @@ def test_cache_lengths_are_checked_once_per_version(monkeypatch):
     lengths[0] = 21
     with pytest.raises(ValueError, match=r"cache_seqlens values must lie in \[0, N\]"):
         _call_with_seqlens(lengths, cache_leftpad=starts)
+
+
+@pytest.mark.parametrize("op", ["excitor", "adapter"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_outside_the_cache_range_reaches_no_row(op, backend):
+    """NaN in the keys, values and similarity keys outside [cache_leftpad[b], cache_seqlens[b]) (a left-padded
+    batch's pads, a cache's unfilled slots): the decode kernel and the torch backend attend the range only."""
+    from excitor_kernels import adapter_attention, excitor_attention
+
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    c = Case(M=2, N=50, B=3, seqlens=(50, 30, 41), leftpad=(7, 0, 40), sim=op == "excitor")
+    x = make_inputs(c, op, torch.float32, device)
+    for name in ("k", "v", "sim_keys"):
+        if x[name] is not None:
+            for b, (s, L) in enumerate(zip(c.leftpad, c.seqlens)):
+                x[name][b, :, :s] = float("nan")
+                x[name][b, :, L:] = float("nan")
+    lengths = dict(cache_seqlens=x["cache_seqlens"], cache_leftpad=x["cache_leftpad"])
+    with torch.no_grad(), excitor_kernels.poisoned_outputs():
+        if op == "excitor":
+            o = excitor_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["gate"], sim_keys=x["sim_keys"],
+                                  backend=backend, **lengths)
+        else:
+            o = adapter_attention(x["q"], x["k"], x["v"], x["prompt_keys"], x["prompt_values"], x["gate"],
+                                  backend=backend, **lengths)
+    assert torch.isfinite(o).all()
