@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import ddp_worker
 from excitor_kernels import adapter_attention_reference, excitor_attention_reference
+from excitor_kernels._dispatch import triton_installed
 from excitor_kernels.patch import (apply_excitor, excitor_layers, load_excitor, prompt_context, save_excitor,
                                    set_backend)
 
@@ -465,15 +466,7 @@ def test_non_llama_models_are_rejected_before_modifying():
         apply_excitor(adapted_model)
 
 
-def _has_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
 @pytest.mark.parametrize("fused", ["triton", "sdpa"])

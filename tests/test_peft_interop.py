@@ -7,6 +7,7 @@ from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from excitor_kernels._dispatch import triton_installed
 from excitor_kernels.patch import apply_excitor, excitor_layers
 from excitor_kernels.peft_interop import from_peft_adaption_prompt, to_peft_adaption_prompt
 from tiny_models import DEVICES, HIDDEN, rel, tiny_model, tokens
@@ -125,15 +126,7 @@ def test_official_llama_adapter_formula(kv_heads):
     assert rel(got, official_adapter_layer(layer, x, cos, sin)) <= 1e-5
 
 
-def _has_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+@pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 def test_from_peft_with_the_fused_backend():
     device = DEVICES[-1]
     x = tokens(device, L=8)
