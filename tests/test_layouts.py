@@ -66,10 +66,12 @@ def _offsets(lengths, device, strided=False):
     return torch.stack([cu, torch.full_like(cu, -7)], 1).flatten()[::2] if strided else cu
 
 
-def _call(op, t, backend, varlen=False, cache_seqlens=None, strided_offsets=False):
+def _call(op, t, backend, varlen=False, cache_seqlens=None, strided_offsets=False, cache_leftpad=None):
     kw = dict(backend=backend, causal=True)
     if cache_seqlens is not None:
         kw["cache_seqlens"] = cache_seqlens
+    if cache_leftpad is not None:
+        kw["cache_leftpad"] = cache_leftpad
     if varlen:
         device = t["q"].device
         lens = (_offsets([3, 1, 5], device, strided_offsets), _offsets(LENGTHS, device, strided_offsets), 5,
@@ -85,16 +87,18 @@ def _call(op, t, backend, varlen=False, cache_seqlens=None, strided_offsets=Fals
     return adapter_attention(t["q"], t["k"], t["v"], t["prompt_keys"], t["prompt_values"], t["gate"], **kw)
 
 
-def _check(op, x, backend, *, varlen=False, grads=True, cache_seqlens=None, strided_offsets=False):
+def _check(op, x, backend, *, varlen=False, grads=True, cache_seqlens=None, strided_offsets=False,
+           cache_leftpad=None):
     views = {n: view(leaf) for n, (leaf, view) in x.items()}
     leaves = [leaf for leaf, _ in x.values()]
     do = torch.randn(views["q"].shape, device=views["q"].device)
     with excitor_kernels.poisoned_outputs(), torch.set_grad_enabled(grads):
-        o = _call(op, views, backend, varlen, cache_seqlens, strided_offsets)
+        o = _call(op, views, backend, varlen, cache_seqlens, strided_offsets, cache_leftpad)
         got = torch.autograd.grad(o, leaves, do) if grads else ()
     x64 = {n: (leaf.detach().double().cpu().requires_grad_(True), view) for n, (leaf, view) in x.items()}
-    lens64 = None if cache_seqlens is None else cache_seqlens.cpu()
-    o64 = _call(op, {n: view(leaf) for n, (leaf, view) in x64.items()}, "reference", varlen, lens64)
+    lens64, pads64 = (None if t is None else t.cpu() for t in (cache_seqlens, cache_leftpad))
+    o64 = _call(op, {n: view(leaf) for n, (leaf, view) in x64.items()}, "reference", varlen, lens64,
+                cache_leftpad=pads64)
     want = torch.autograd.grad(o64, [leaf for leaf, _ in x64.values()], do.double().cpu()) if grads else ()
     errors = {"o": rel_err(o.cpu(), o64)}
     errors.update({f"d{n}": rel_err(g.cpu(), w) for n, g, w in zip(x, got, want)})
@@ -131,10 +135,12 @@ def _operand_params(extra=()):
 @pytest.mark.parametrize("op,operand", _operand_params())
 def test_strided_operand_decode(op, operand, layout, backend):
     """No-grad call with at most 16 queries (triton: the split-KV decode kernel) and strided cache_seqlens with
-    a 0 (a sample without keys): one operand strided at a time."""
+    a 0 (a sample without keys) and strided cache_leftpad: one operand strided at a time."""
     device = "cpu" if backend in ("reference", "torch") else TRITON_DEVICE
     lengths = torch.tensor([5, -1, 0, -1], dtype=torch.int32, device=device)[::2]  # stride 2
-    _check(op, _inputs(op, PADDED, operand, layout, device), backend, grads=False, cache_seqlens=lengths)
+    starts = torch.tensor([2, -1, 0, -1], dtype=torch.int32, device=device)[::2]
+    _check(op, _inputs(op, PADDED, operand, layout, device), backend, grads=False, cache_seqlens=lengths,
+           cache_leftpad=starts)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
