@@ -141,7 +141,10 @@ def _auto(op: str, p: Problem) -> Choice:
     if "triton" in able and p.decode:
         return Choice("triton", f"decode-shaped call ({p.q_len} queries, no gradient): the split-KV decode kernel")
     case = _tuning.case_of(op, p)
-    gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0, *case.values())
+    (gpu, measured), entry = _tuning.measured_on(p.device.type, p.device.index or 0), None
+    if measured:  # (under compile, sizes become constants here: the table needs them)
+        gpu, entry = _tuning.nearest_times(p.device.type, p.device.index or 0,
+                                           *(int(v) if isinstance(v, torch.SymInt) else v for v in case.values()))
     timed = {} if entry is None else {n: ms for n, ms in entry[3] if n in able}
     where = f"{gpu} {case['op']} {case['mode']} {case['dtype']}"
     if timed:

@@ -92,6 +92,20 @@ def lookup(table: dict | None, gpu: str, case: dict) -> dict | None:
 
 
 @torch.compiler.assume_constant_result
+def measured_on(device_type: str, device_index: int) -> tuple:
+    """``(gpu, measured)``: the architecture name (the device type off CUDA) and whether the current table has
+    entries for it; a constant under ``torch.compile``, asked before :func:`nearest_times`, whose sizes may be
+    symbolic in a graph of dynamic shapes."""
+    gpu = _arch(device_index) if device_type == "cuda" else device_type
+    path = os.environ.get("EXCITOR_AUTO_TABLE") or _TABLE_STR
+    try:
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
+        return gpu, False
+    return gpu, bool(_read(Path(path), mtime).get("gpus", {}).get(gpu, {}).get("entries"))
+
+
+@torch.compiler.assume_constant_result
 def nearest_times(device_type: str, device_index: int, op: str, mode: str, dtype: str, head_dim: int, gqa: int,
                   seq: int) -> tuple:
     """``(gpu, entry)`` for a call: ``gpu`` the architecture name (the device type off CUDA) and ``entry`` the

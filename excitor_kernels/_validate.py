@@ -193,7 +193,8 @@ def check_cache_lengths(cache_seqlens, cache_leftpad, batch: int, cache_len: int
     (docs/contract.md).
 
     The value check reads one flag on the host (a device sync), once per tensor and version (:func:`memo_on`: the
-    layers of one forward share the tensors); it is skipped while a CUDA graph is captured.
+    layers of one forward share the tensors); inside ``torch.compile`` it is a device-side assertion
+    (``torch._assert_async``: no host read in the graph); it is skipped while a CUDA graph is captured.
     """
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if t is not None:
@@ -201,17 +202,28 @@ def check_cache_lengths(cache_seqlens, cache_leftpad, batch: int, cache_len: int
     anchor = cache_leftpad if cache_leftpad is not None else cache_seqlens
     if anchor is None or (anchor.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
+    if torch.compiler.is_compiling():
+        torch._assert_async(~_bad_lengths(cache_seqlens, cache_leftpad, cache_len)[0].any(),
+                            "cache_seqlens / cache_leftpad out of range (0 <= cache_leftpad[b] <= cache_seqlens[b] "
+                            "<= N)")
+        return
     other = cache_seqlens if anchor is cache_leftpad else None
     key = (cache_len, anchor._version) + ((id(other), other._version) if other is not None else ())
     memo_on(anchor, "_excitor_lengths_checked", key,
             lambda: _check_length_values(cache_seqlens, cache_leftpad, cache_len))
 
 
-def _check_length_values(cache_seqlens, cache_leftpad, cache_len: int) -> bool:
+def _bad_lengths(cache_seqlens, cache_leftpad, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bad, ends): the samples whose range breaks 0 <= s_b <= L_b <= N, and the L_b."""
     ends = cache_seqlens if cache_seqlens is not None else torch.full_like(cache_leftpad, cache_len)
     bad = (ends < 0) | (ends > cache_len)
     if cache_leftpad is not None:
-        bad |= (cache_leftpad < 0) | (cache_leftpad > ends)
+        bad = bad | (cache_leftpad < 0) | (cache_leftpad > ends)
+    return bad, ends
+
+
+def _check_length_values(cache_seqlens, cache_leftpad, cache_len: int) -> bool:
+    bad, ends = _bad_lengths(cache_seqlens, cache_leftpad, cache_len)
     if not bool(bad.any()):
         return True
     if cache_seqlens is not None and bool(((cache_seqlens < 0) | (cache_seqlens > cache_len)).any()):

@@ -52,7 +52,8 @@ from torch import nn
 
 from ._dispatch import BACKENDS, takes_cache_lengths, takes_varlen
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from .padding import PACKING_KWARGS, attention_layout, position_restarts
+from ._validate import MAX_DECODE_QUERIES
+from .padding import PACKING_KWARGS, attention_layout, position_restarts, traced_ranges
 
 MODES = ("excitor", "adapter")
 GATE_ACTIVATIONS = ("tanh", "identity")
@@ -374,17 +375,28 @@ class ExcitorAttention(nn.Module):
 
     # -- the attention itself (called by the layer's forward through the registry) --
 
-    def _attend(self, q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=None):
-        """The causal operator on ``(B, H, L, d)`` views (``cache_leftpad``: each sample's first key)."""
+    def _attend(self, q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=None, cache_seqlens=None):
+        """The causal operator on ``(B, H, L, d)`` views (``cache_leftpad``, ``cache_seqlens``: each sample's key
+        range)."""
+        lengths = dict(cache_leftpad=cache_leftpad, cache_seqlens=cache_seqlens)
         if self.mode == "excitor":
             return excitor_attention(q, k, v, pk, gate, sim_keys=sim, softmax_scale=scaling, backend=self.backend,
-                                     cache_leftpad=cache_leftpad)
-        return adapter_attention(q, k, v, pk, pv, gate, softmax_scale=scaling, backend=self.backend,
-                                 cache_leftpad=cache_leftpad)
+                                     **lengths)
+        return adapter_attention(q, k, v, pk, pv, gate, softmax_scale=scaling, backend=self.backend, **lengths)
 
     def _takes_leftpad(self, q, k, v, pk, pv, sim, gate) -> bool:
         """Whether the backend's path for this call serves ``cache_leftpad`` (a left-padded batch in one call)."""
         return takes_cache_lengths(self.mode, q, k, v, pk, gate, prompt_values=pv, sim_keys=sim, backend=self.backend)
+
+    def _traced_decode(self, q, k, v, pk, pv, sim, gate, attention_mask, kwargs) -> bool:
+        """Whether this call runs :func:`~excitor_kernels.padding.traced_ranges` instead of the host's mask analysis:
+        inside ``torch.compile``, an inference call of at most 16 queries (generation steps, a static cache's
+        decoding) with a mask and no packing, on a path that serves key ranges."""
+        B, _, M, _ = q.shape
+        return (torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor)
+                and not torch.is_grad_enabled() and M <= min(MAX_DECODE_QUERIES, k.shape[2])
+                and not any(kwargs.get(n) is not None for n in PACKING_KWARGS)
+                and self._takes_leftpad(q, k, v, pk, pv, sim, gate))
 
     def _attend_varlen(self, q, k, v, pk, pv, sim, gate, scaling, packing):
         """The varlen operator on packed ``(total, H, d)`` operands."""
@@ -431,6 +443,13 @@ class ExcitorAttention(nn.Module):
                          None if sim is None else keys(sim), gate, scaling)
         return out.index_copy(1, q_index, o[0])
 
+    def _check_context(self, pk, want: int) -> None:
+        """Per-sample prompt keys (a prompt context) need one entry per sample or packed sequence."""
+        if pk.dim() == 4 and pk.shape[0] != want:
+            raise ValueError(f"prompt context must have shape (B={want} samples or packed sequences, "
+                             f"num_prompts={self.num_prompts}, hidden={self.prompts.shape[1]}); got "
+                             f"{tuple(self.prompt_context.shape)}")
+
     def _mask_none_is_upper_left(self) -> bool:
         """Whether the model's masks follow transformers' sdpa convention, in which a None mask over more keys
         than queries means SDPA's upper-left causal mask (an empty static cache); flash-attention masks mean
@@ -453,20 +472,21 @@ class ExcitorAttention(nn.Module):
                                      f"sim_rank needs the layer's cache to go through its update")
                 sim = k + call.delta.to(k.dtype)
             sim = sim.to(q.dtype)
+        pk = call.pk.to(q.dtype)
+        pv = None if call.pv is None else call.pv.to(q.dtype)
+        gate = self.gate_values()
+        if self._traced_decode(q, k, v, pk, pv, sim, gate, attention_mask, kwargs):
+            self._check_context(pk, B)
+            starts, ends, keep, ok = traced_ranges(attention_mask, B, M, N)
+            o = self._attend(q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=starts, cache_seqlens=ends)
+            o = o.masked_fill(~keep[:, None, :, None], 0.0) + torch.where(ok, 0.0, float("nan")).to(o.dtype)
+            return o.transpose(1, 2)
         keys, packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N,
                                                self._mask_none_is_upper_left())
         if keys < N:  # a static cache's unfilled slots (padding.filled_keys)
             k, v = k[:, :, :keys], v[:, :, :keys]
             sim = None if sim is None else sim[:, :, :keys]
-        pk = call.pk.to(q.dtype)
-        pv = None if call.pv is None else call.pv.to(q.dtype)
-        if pk.dim() == 4:
-            want = B if packing is None else packing.num_sequences
-            if pk.shape[0] != want:
-                raise ValueError(f"prompt context must have shape (B={want} samples or packed sequences, "
-                                 f"num_prompts={self.num_prompts}, hidden={self.prompts.shape[1]}); got "
-                                 f"{tuple(self.prompt_context.shape)}")
-        gate = self.gate_values()
+        self._check_context(pk, B if packing is None else packing.num_sequences)
         if packing is not None:
             o = self._attend_packed(q, k, v, pk, pv, sim, gate, scaling, packing)
         elif plan is None:

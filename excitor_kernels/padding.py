@@ -254,6 +254,33 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
     return keep, allowed[..., :keep]
 
 
+def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
+    """Inside ``torch.compile``, where the mask's values cannot steer the host: each sample's keys as one range
+    ``[starts[b], ends[b])`` of the cache, computed on the device, for one call with ``cache_leftpad`` and
+    ``cache_seqlens``. Per sample, the first layout the mask is exact for (for its real rows, those that see their
+    own key): a window aligned to its last visible key (left padding, a static cache's filled slots) or, else, every
+    key with the causal mask (right padding: its pad keys are seen by pad rows only). Returns (starts, ends, keep,
+    ok): int32 (B,) ranges, ``keep`` (B, M) the rows whose output counts (a window sample's rows that see no key are
+    set to 0, as the host path leaves them), and ``ok`` a 0-d bool, False when a sample fits neither (holes in a
+    cache): the caller then makes the output NaN, never silently wrong."""
+    allowed = visibility(attention_mask, batch, q_len, kv_len)                 # (B, M, N)
+    j = torch.arange(kv_len, device=allowed.device)
+    i = torch.arange(q_len, device=allowed.device)[:, None]
+    valid = allowed.any(1)                                                     # (B, N): keys some row sees
+    ends = torch.where(valid, j + 1, 0).amax(1)
+    starts = torch.minimum(torch.where(valid, j, kv_len).amin(1), ends)
+    e, s = ends[:, None, None], starts[:, None, None]
+    window = (j >= s) & (j < e) & (j <= i + e - q_len)
+    seen = allowed.any(-1)                                                     # (B, M)
+    fits_window = ((allowed == window) | ~seen[..., None]).all(-1).all(-1)
+    real = allowed[:, i[:, 0], i[:, 0] + (kv_len - q_len)] if kv_len >= q_len else torch.zeros_like(seen)
+    fits_causal = ((allowed == causal_mask(q_len, kv_len, allowed.device)) | ~real[..., None]).all(-1).all(-1)
+    causal = ~fits_window & fits_causal
+    starts = torch.where(causal, 0, starts).to(torch.int32)
+    ends = torch.where(causal, kv_len, ends).to(torch.int32)
+    return starts, ends, causal[:, None] | seen, (fits_window | fits_causal).all()
+
+
 def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int,
                      none_is_upper_left: bool = True) -> Tuple[int, Optional[Packing], Optional[PaddingPlan]]:
     """(keys, packing, padding plan) of one layer call: the leading key slots that hold keys (:func:`filled_keys`;

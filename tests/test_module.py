@@ -554,6 +554,48 @@ def test_packed_position_ids_under_compile_give_nan_not_crossed_sequences():
     assert rel(plain, model(input_ids=x).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_compiled_static_cache_generation_is_one_graph(backend, mode, sim_rank):
+    """transformers' fast-generation recipe: a static cache and torch.compile(model.forward, fullgraph=True). Its
+    masks (a left-padded prefill, the unfilled slots of every step) cannot be analysed on the host inside the graph:
+    each sample's key range is found on the device (padding.traced_ranges) and served by cache_leftpad and
+    cache_seqlens. Before: a data-dependent guard error under fullgraph, a graph break per layer without it. The
+    dynamic cache's eager tokens and logits."""
+    torch._dynamo.reset()
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    model = adapted(device, mode, sim_rank, backend=backend)
+    x = tokens(device, B=2, L=6)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    eager = model.generate(x, **kw)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    compiled = model.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert rel(torch.stack(compiled.logits), torch.stack(eager.logits)) <= 1e-5
+
+
+def test_traced_masks_right_padding_and_holes():
+    """Inside torch.compile, inference calls of at most 16 queries: right padding runs causal over every key (the
+    eager logits at the real tokens); a cache with holes (right padding, then real tokens) fits no key range, and the
+    traced call's output is NaN, never silently wrong."""
+    torch._dynamo.reset()
+    model = adapted("cpu", "excitor", 4, backend="auto")
+    x = tokens("cpu", B=2, L=9)
+    mask = torch.ones_like(x)
+    mask[1, 4:6] = 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(input_ids=x[:, :6], attention_mask=mask[:, :6]).logits
+        traced = compiled(input_ids=x[:, :6], attention_mask=mask[:, :6]).logits
+        assert rel(traced[mask[:, :6].bool()], eager[mask[:, :6].bool()]) <= 1e-5
+        cache = model(input_ids=x[:, :6], attention_mask=mask[:, :6], use_cache=True).past_key_values
+        holes = compiled(input_ids=x[:, 6:], attention_mask=mask, past_key_values=cache).logits
+    assert torch.isnan(holes).all()
+
+
 def test_deepcopy_and_pickle_keep_the_adapted_layers(tmp_path):
     import copy
 

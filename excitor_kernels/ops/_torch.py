@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._alloc import in_layout_of
-from ..reference import _softmax_attention
+from ..reference import _softmax_attention, visible_keys
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +101,28 @@ def _per_batch(prompts: torch.Tensor, batch: int) -> torch.Tensor:
     return prompts.unsqueeze(0).expand(batch, *prompts.shape) if prompts.dim() == 3 else prompts
 
 
+def _in_range(q, k, v, causal, scale, cache_seqlens, cache_leftpad, rows: int = 1, enable_gqa=False):
+    """Attention of each sample on its keys ``[cache_leftpad[b], cache_seqlens[b])`` (either None: 0, N), the causal
+    mask aligned to the last one (docs/contract.md); sample b owns the ``rows`` leading entries ``[b * rows, (b + 1)
+    * rows)``. Outside a trace, SDPA per sample on its slice (the lengths read on the host); inside ``torch.compile``,
+    which cannot slice by values, one SDPA call with the ``(B, 1, M, N)`` boolean mask of the ranges (rows that see
+    no key: 0)."""
+    if not torch.compiler.is_compiling():
+        return _per_sample(lambda qb, kb, vb: attend(qb, kb, vb, causal, scale, enable_gqa), q, k, v, cache_seqlens,
+                           cache_leftpad, rows)
+    M, N = q.shape[-2], k.shape[-2]
+    ends, starts = (None if t is None else t.repeat_interleave(rows) for t in (cache_seqlens, cache_leftpad))
+    visible = visible_keys(M, N, causal, ends, q.device, starts)
+    visible = visible.expand(len(q), *visible.shape[1:])
+    gqa = dict(enable_gqa=True) if enable_gqa else {}
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, **gqa)
+    o = o.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    if q.device.type != "cuda":  # as attend() under a trace: a non-finite operand makes the output NaN
+        finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+        o = o + torch.where(finite, 0.0, float("nan")).to(o.dtype)
+    return o
+
+
 def _per_sample(attention, q, k, v, cache_seqlens, cache_leftpad, rows: int = 1):
     """``attention(q_b, k_b, v_b)`` for each sample on its keys ``[cache_leftpad[b], cache_seqlens[b])`` (either
     None: 0, N), concatenated; sample b owns the ``rows`` leading entries ``[b * rows, (b + 1) * rows)``. With the
@@ -138,7 +160,7 @@ def excitor_attention(q, k, v, prompt_keys, gate, sim_keys, causal, softmax_scal
     if cache_seqlens is None and cache_leftpad is None:
         o = attention(qg, kg, vg)
     else:  # sample b owns the Hkv entries (b, kv head) of SDPA's batch axis
-        o = _per_sample(attention, qg, kg, vg, cache_seqlens, cache_leftpad, rows=Hkv)
+        o = _in_range(qg, kg, vg, causal, softmax_scale, cache_seqlens, cache_leftpad, rows=Hkv)
     return in_layout_of(o.unflatten(0, (B, Hkv)).flatten(1, 2).to(q.dtype), q)
 
 
@@ -156,7 +178,7 @@ def adapter_attention(q, k, v, prompt_keys, prompt_values, gate, causal, softmax
     sd = _sdpa_dtype(q)
     qs, ks, vs = q.to(sd), k.to(sd), v.to(sd)
     o_tokens = (attention(qs, ks, vs) if cache_seqlens is None and cache_leftpad is None
-                else _per_sample(attention, qs, ks, vs, cache_seqlens, cache_leftpad))
+                else _in_range(qs, ks, vs, causal, softmax_scale, cache_seqlens, cache_leftpad, enable_gqa=G > 1))
     pk = _per_batch(prompt_keys.to(ct), B).repeat_interleave(G, 1)                 # (B, Hq, P, d)
     pv = _per_batch(prompt_values.to(ct), B).repeat_interleave(G, 1)
     ap = torch.softmax(softmax_scale * (q.to(ct) @ pk.transpose(-1, -2)), -1)      # (B, Hq, M, P)
