@@ -550,8 +550,11 @@ def test_packed_position_ids_under_compile_give_nan_not_crossed_sequences():
         traced = compiled(input_ids=x, position_ids=positions, use_cache=True).logits
         plain = compiled(input_ids=x, position_ids=torch.arange(9)[None], use_cache=True).logits
     assert rel(eager[:, 4:7], alone) <= 1e-5
-    assert torch.isnan(traced).all()
     assert rel(plain, model(input_ids=x).logits) <= 1e-5
+    if masks_materialised_under_compile():
+        pytest.skip("this transformers release materialises a causal mask under compile: the mask decides, as it "
+                    "does for a forward given that mask (the positions are not packing then)")
+    assert torch.isnan(traced).all()
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
