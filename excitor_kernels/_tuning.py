@@ -96,13 +96,18 @@ def measured_on(device_type: str, device_index: int) -> tuple:
     """``(gpu, measured)``: the architecture name (the device type off CUDA) and whether the current table has
     entries for it; a constant under ``torch.compile``, asked before :func:`nearest_times`, whose sizes may be
     symbolic in a graph of dynamic shapes."""
+    gpu, path, mtime = _table_of(device_type, device_index)
+    return gpu, mtime is not None and bool(_read(Path(path), mtime).get("gpus", {}).get(gpu, {}).get("entries"))
+
+
+def _table_of(device_type: str, device_index: int) -> tuple:
+    """(gpu, path, mtime) of the current table for a device (mtime None: no table)."""
     gpu = _arch(device_index) if device_type == "cuda" else device_type
     path = os.environ.get("EXCITOR_AUTO_TABLE") or _TABLE_STR
     try:
-        mtime = os.stat(path).st_mtime
+        return gpu, path, os.stat(path).st_mtime
     except FileNotFoundError:
-        return gpu, False
-    return gpu, bool(_read(Path(path), mtime).get("gpus", {}).get(gpu, {}).get("entries"))
+        return gpu, path, None
 
 
 @torch.compiler.assume_constant_result
@@ -112,13 +117,8 @@ def nearest_times(device_type: str, device_index: int, op: str, mode: str, dtype
     nearest entry of the current table as ``(head_dim, gqa, seq, ((backend, ms), ...))``, or None. A call costs
     one ``stat`` of the table; the search is cached per (table file and its mtime, gpu, case). Under
     ``torch.compile`` it runs once at trace time and its result is a constant (no file reads in the graph)."""
-    gpu = _arch(device_index) if device_type == "cuda" else device_type
-    path = os.environ.get("EXCITOR_AUTO_TABLE") or _TABLE_STR
-    try:
-        mtime = os.stat(path).st_mtime
-    except FileNotFoundError:
-        return gpu, None
-    return gpu, _nearest(path, mtime, gpu, (op, mode, dtype, head_dim, gqa, seq))
+    gpu, path, mtime = _table_of(device_type, device_index)
+    return gpu, None if mtime is None else _nearest(path, mtime, gpu, (op, mode, dtype, head_dim, gqa, seq))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -237,6 +237,15 @@ def test_padding_the_decode_path_cannot_take_runs_as_one_varlen_call(backend, mo
         assert rel(g, e) <= 1e-4
 
 
+def _left_padded_generation(device, max_new_tokens):
+    """Two prompts of 6 tokens, the first left-padded by 2, and greedy generate() options returning the logits."""
+    x = tokens(device, B=2, L=6)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    return x, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                   output_logits=True, return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode,sim_rank", VARIANTS)
@@ -247,11 +256,7 @@ def test_static_cache_generation_matches_the_dynamic_cache(device, impl, mode, s
     causal mask reached the empty slots, and every generated token after the first could be wrong). A
     left-padded batch; the same tokens and logits as with the dynamic cache."""
     model = adapted(device, mode, sim_rank, attn_implementation=impl)
-    x = tokens(device, B=2, L=6)
-    mask = torch.ones_like(x)
-    mask[0, :2] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
-              return_dict_in_generate=True)
+    x, kw = _left_padded_generation(device, max_new_tokens=5)
     static = model.generate(x, cache_implementation="static", **kw)
     dynamic = model.generate(x, **kw)
     assert torch.equal(static.sequences, dynamic.sequences)
@@ -568,11 +573,7 @@ def test_compiled_static_cache_generation_is_one_graph(backend, mode, sim_rank):
     torch._dynamo.reset()
     device = DEVICES[0] if backend == "triton" else "cpu"
     model = adapted(device, mode, sim_rank, backend=backend)
-    x = tokens(device, B=2, L=6)
-    mask = torch.ones_like(x)
-    mask[0, :2] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-              return_dict_in_generate=True)
+    x, kw = _left_padded_generation(device, max_new_tokens=4)
     eager = model.generate(x, **kw)
     model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
     compiled = model.generate(x, cache_implementation="static", **kw)
