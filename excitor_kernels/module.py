@@ -392,9 +392,8 @@ class ExcitorAttention(nn.Module):
         """Whether this call runs :func:`~excitor_kernels.padding.traced_ranges` instead of the host's mask analysis:
         inside ``torch.compile``, an inference call of at most 16 queries (generation steps, a static cache's
         decoding) with a mask and no packing, on a path that serves key ranges."""
-        B, _, M, _ = q.shape
         return (torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor)
-                and not torch.is_grad_enabled() and M <= min(MAX_DECODE_QUERIES, k.shape[2])
+                and not torch.is_grad_enabled() and q.shape[2] <= min(MAX_DECODE_QUERIES, k.shape[2])
                 and not any(kwargs.get(n) is not None for n in PACKING_KWARGS)
                 and self._takes_leftpad(q, k, v, pk, pv, sim, gate))
 
