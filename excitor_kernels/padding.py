@@ -203,15 +203,24 @@ def visibility(attention_mask, batch: int, q_len: int, kv_len: int) -> Optional[
     return mask if mask.dtype == torch.bool else mask == 0
 
 
+def _causal_fit(allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(causal, real, fits) of ``allowed`` (B, M, N), M <= N: the (M, N) bottom-right causal mask, the real queries
+    (B, M) (those that see their own key ``i + N - M``), and per sample (B,) whether every real query sees exactly
+    the causal set (no padding, or right padding)."""
+    M, N = allowed.shape[1:]
+    causal = causal_mask(M, N, allowed.device)
+    rows = torch.arange(M, device=allowed.device)
+    real = allowed[:, rows, rows + (N - M)]
+    return causal, real, ((allowed == causal) | ~real[:, :, None]).all(-1).all(-1)
+
+
 def padding_plan(allowed: torch.Tensor) -> Optional[PaddingPlan]:
     """None when one batched causal call is exact for ``allowed`` (B, M, N), else the per-sample plan."""
     B, M, N = allowed.shape
     if M > N:
         raise ValueError(f"attention_mask has more queries (M={M}) than keys (N={N})")
-    causal = causal_mask(M, N, allowed.device)
-    rows = torch.arange(M, device=allowed.device)
-    real = allowed[:, rows, rows + (N - M)]                              # (B, M): sees its own key
-    if bool(((allowed == causal) | ~real[:, :, None]).all()):
+    causal, real, fits = _causal_fit(allowed)
+    if bool(fits.all()):
         return None
     valid = (allowed & real[:, :, None]).any(dim=1)                      # (B, N): seen by a real query
     expected = causal[None] & valid[:, None, :]
@@ -255,7 +264,7 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
 
 
 def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
-    """Inside ``torch.compile``, where the mask's values cannot steer the host: each sample's keys as one range
+    """Inside ``torch.compile`` (``q_len <= kv_len``), where the mask's values cannot steer the host: each sample's keys as one range
     ``[starts[b], ends[b])`` of the cache, computed on the device, for one call with ``cache_leftpad`` and
     ``cache_seqlens``. Per sample, the first layout the mask is exact for (for its real rows, those that see their
     own key): a window aligned to its last visible key (left padding, a static cache's filled slots) or, else, every
@@ -273,8 +282,7 @@ def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
     window = (j >= s) & (j < e) & (j <= i + e - q_len)
     seen = allowed.any(-1)                                                     # (B, M)
     fits_window = ((allowed == window) | ~seen[..., None]).all(-1).all(-1)
-    real = allowed[:, i[:, 0], i[:, 0] + (kv_len - q_len)] if kv_len >= q_len else torch.zeros_like(seen)
-    fits_causal = ((allowed == causal_mask(q_len, kv_len, allowed.device)) | ~real[..., None]).all(-1).all(-1)
+    fits_causal = _causal_fit(allowed)[2]
     causal = ~fits_window & fits_causal
     starts = torch.where(causal, 0, starts).to(torch.int32)
     ends = torch.where(causal, kv_len, ends).to(torch.int32)
