@@ -30,7 +30,9 @@ run through the layer's own forward with the identity rotation (``cos = 1, sin =
 position) and no cache, and the keys and values it hands to the attention function are taken: the prompts
 get exactly what the family does to keys and values before RoPE (projections, biases, norms). Mode
 ``"excitor"`` runs :func:`excitor_attention`, mode ``"adapter"`` :func:`adapter_attention`. With the gate
-at zero the layer computes exactly the original layer.
+at zero the layer computes exactly the original layer. An inference forward with a KV cache keeps its prompt keys
+and values with the cache for the cache's later forwards (``ExcitorAttention._prompts``: once per generation, not
+once per token).
 
 KV cache: the layer updates its cache itself. With ``sim_rank`` the cache it is given is wrapped so that
 its key cache holds ``[k | sim]`` concatenated on the head dimension (2d), so cached tokens keep their
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from typing import Optional
 
 import torch
@@ -67,6 +70,9 @@ BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_i
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
 _CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
+# KV cache -> {id(layer): (state, pk, pv, kept)}: the prompt keys and values an inference forward made, kept with the
+# cache for its later forwards (ExcitorAttention._prompts)
+_PROMPTS_OF_CACHE = weakref.WeakKeyDictionary()
 
 
 def _forward_source(cls) -> str:
@@ -345,9 +351,43 @@ class ExcitorAttention(nn.Module):
             keys, values = keys[0], values[0]
         return keys, values
 
+    def _prompt_state(self, hidden_states) -> tuple:
+        """What the prompt keys and values are made from, as identities and version counters (an in-place
+        update, an optimizer step or ``load_state_dict``, changes a version; a replaced tensor its identity), and
+        the tensors themselves, kept alive so that their identities stay theirs."""
+        kept = (*self.parameters(), *([] if self.prompt_context is None else [self.prompt_context]))
+        device = hidden_states.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        state = (hidden_states.dtype, hidden_states.device, autocast, self.prompt_context is None,
+                 tuple((id(t), t._version) for t in kept))
+        return state, kept
+
+    def _prompts(self, hidden_states, position_embeddings, cache):
+        """The prompt keys and values of this forward (:meth:`_prompt_projections`). An inference forward with a
+        KV cache keeps them with the cache, and the cache's later forwards (the decoding steps) reuse them while
+        nothing they are made from has changed: the layer's prompt pass (its projections on ``P`` rows) runs
+        once per generation instead of once per generated token. Recomputed whenever gradients are on, without
+        a cache, under ``torch.compile``, and when a parameter or the prompt context was replaced or updated in
+        place (its version); a write through ``.data`` bumps no version: like the cache's own keys and values,
+        the kept prompt keys and values are then those of the weights the cache was filled with."""
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._prompt_projections(hidden_states, position_embeddings)
+        try:
+            memo = _PROMPTS_OF_CACHE.setdefault(cache, {})
+        except TypeError:  # a cache object that cannot be a weak dictionary's key
+            return self._prompt_projections(hidden_states, position_embeddings)
+        state, kept = self._prompt_state(hidden_states)
+        entry = memo.get(id(self))
+        if entry is not None and entry[0] == state:
+            return entry[1], entry[2]
+        pk, pv = self._prompt_projections(hidden_states, position_embeddings)
+        memo[id(self)] = (state, pk, pv, kept)
+        return pk, pv
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         named = self._named_arguments(args, kwargs)
-        pk, pv = self._prompt_projections(hidden_states, named.get("position_embeddings"))
+        cache = next((named[n] for n in CACHE_ARGS if named.get(n) is not None), None)
+        pk, pv = self._prompts(hidden_states, named.get("position_embeddings"), cache)
         delta = None
         if self.sim_rank is not None:
             B, M, _ = hidden_states.shape

@@ -1,6 +1,7 @@
 """ExcitorAttention inside tiny random Llama-family models (nothing downloaded)."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import ddp_worker
 from excitor_kernels import adapter_attention_reference, excitor_attention_reference
 from excitor_kernels._dispatch import triton_installed
 from excitor_kernels.patch import (apply_excitor, excitor_layers, load_excitor, prompt_context, save_excitor,
-                                   set_backend)
+                                   set_backend, set_prompt_context)
 
 from tiny_models import (DEVICES, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, adapted, masks_materialised_under_compile,
                          randomize, rel, tiny_model, tokens)
@@ -135,6 +136,83 @@ def test_greedy_generation_with_and_without_cache_agree(device, mode, sim_rank):
     without = model.generate(x, use_cache=False, **kw)
     assert with_cache.shape == (2, 14)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_generation_runs_the_prompt_pass_once_per_layer(mode, sim_rank, monkeypatch):
+    """generate() makes the prompt keys and values once per layer (its prefill) and its decoding steps reuse them
+    from the cache; tokens and logits equal generation without a cache, which makes them every forward."""
+    from excitor_kernels.module import ExcitorAttention
+
+    model = adapted("cpu", mode, sim_rank)
+    x = tokens("cpu", B=2, L=6)
+    kw = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True, attention_mask=torch.ones_like(x))
+    passes, original = [], ExcitorAttention._prompt_projections
+    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
+                        lambda self, *a: passes.append(self) or original(self, *a))
+    cached = model.generate(x, use_cache=True, **kw)
+    assert len(passes) == len(excitor_layers(model))
+    passes.clear()
+    fresh = model.generate(x, use_cache=False, **kw)
+    assert len(passes) == 7 * len(excitor_layers(model))
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert rel(torch.stack(cached.logits), torch.stack(fresh.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("change", ["in place", "optimizer step", "replaced parameter", "new context",
+                                    "context in place"])
+def test_kept_prompt_keys_follow_every_change(change):
+    """Prompt keys kept with a cache are made again when what they are made from changes: a parameter updated in
+    place (its version) or replaced, the prompt context. The step after the change equals a model that never kept
+    them (its cache filled and its step run with gradients on)."""
+    model = adapted("cpu", "excitor", 4)
+    layer = excitor_layers(model)[-1]
+    x = tokens("cpu", B=2, L=9)
+    ctx = torch.randn(2, 5, HIDDEN)
+
+    def run(keep: bool):
+        torch.manual_seed(3)
+        m = copy.deepcopy(model)
+        lay = excitor_layers(m)[-1]
+        if change.startswith("context"):
+            set_prompt_context(m, ctx.clone())
+        with torch.set_grad_enabled(not keep):
+            cache = m(input_ids=x[:, :6], use_cache=True).past_key_values
+        with torch.no_grad():
+            if change == "in place":  # (a shift of every prompt alike changes no Excitor output)
+                lay.prompts.add_(torch.randn_like(lay.prompts))
+            elif change == "optimizer step":
+                lay.prompts.grad = torch.randn_like(lay.prompts)
+                torch.optim.SGD([lay.prompts], lr=1.0).step()
+            elif change == "replaced parameter":
+                lay.k_proj.weight = torch.nn.Parameter(lay.k_proj.weight * 1.5, requires_grad=False)
+            elif change == "new context":
+                set_prompt_context(m, ctx * 2)
+            elif change == "context in place":
+                lay.prompt_context.mul_(2)
+        with torch.set_grad_enabled(not keep):
+            return m(input_ids=x[:, 6:], past_key_values=cache, use_cache=True).logits.detach().float()
+
+    kept, made = run(keep=True), run(keep=False)
+    assert torch.isfinite(kept).all()
+    assert rel(kept, made) <= 1e-5, change
+
+
+def test_prompt_pass_runs_every_forward_without_a_cache_or_with_gradients(monkeypatch):
+    from excitor_kernels.module import ExcitorAttention
+
+    model = adapted("cpu", "adapter", None)
+    x = tokens("cpu", B=2, L=5)
+    passes, original = [], ExcitorAttention._prompt_projections
+    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
+                        lambda self, *a: passes.append(self) or original(self, *a))
+    out = model(input_ids=x, use_cache=True)  # gradients on: made, not kept
+    model(input_ids=x[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+        model(input_ids=x, use_cache=False)
+    assert len(passes) == 4 * len(excitor_layers(model))
 
 
 @pytest.mark.parametrize("device", DEVICES)
