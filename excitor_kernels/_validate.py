@@ -288,7 +288,8 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
 
     ``q (total_q, Hq, d)``, ``k, v, sim_keys (total_k, Hkv, d)``, prompts ``(Hkv, P, d)`` or ``(S, Hkv, P, d)``,
     ``cu_seqlens_q/k (S + 1,)`` int32/int64 offsets from 0 to the totals, non-decreasing, and
-    ``max_seqlen_q/k`` at least the longest sequence. Reads the offsets on the host (one device sync).
+    ``max_seqlen_q/k`` at least the longest sequence. Reads the offsets on the host (one device sync; inside
+    ``torch.compile`` a device-side assertion instead, and ``max_seqlen_q/k`` must be ints).
     """
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("sim_keys", sim_keys),) if sim_keys is not None else ()):
         _require_rank(name, _require_tensor(name, t), (3,), f"({'total_q, Hq' if name == 'q' else 'total_k, Hkv'}, d)")
@@ -299,8 +300,16 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
                          f"{_shape(cu_q)} and {_shape(cu_k)}")
     S = cu_q.numel() - 1
     totals = (q.shape[0], k.shape[0])
-    longest = memo_on(cu_q, "_excitor_longest", (cu_q._version, id(cu_k), cu_k._version, totals),
-                      lambda: _longest_sequences(cu_q, cu_k, totals))
+    if torch.compiler.is_compiling():  # no host read in a graph: the offsets checked on the device, the bounds trusted
+        longest = (0, 0)
+        for cu, total, bound in ((cu_q, totals[0], max_seqlen_q), (cu_k, totals[1], max_seqlen_k)):
+            lengths = cu[1:] - cu[:-1]
+            torch._assert_async((cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= bound).all(),
+                                "cu_seqlens_q / cu_seqlens_k must start at 0, never decrease, end at the packed "
+                                "length, and their sequences be at most max_seqlen_q / max_seqlen_k long")
+    else:
+        longest = memo_on(cu_q, "_excitor_longest", (cu_q._version, id(cu_k), cu_k._version, totals),
+                          lambda: _longest_sequences(cu_q, cu_k, totals))
     max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q, longest[0])
     max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k, longest[1])
 

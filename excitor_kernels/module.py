@@ -193,10 +193,11 @@ class _Capture:
 
 
 class _Call:
-    """What one adapted forward hands its attention function: prompt keys/values and the sim-key terms."""
+    """What one adapted forward hands its attention function: prompt keys/values, the sim-key terms and whether the
+    forward was given a KV cache."""
 
-    def __init__(self, pk, pv, delta):
-        self.pk, self.pv, self.delta, self.sim = pk, pv, delta, None
+    def __init__(self, pk, pv, delta, cached: bool = False):
+        self.pk, self.pv, self.delta, self.sim, self.cached = pk, pv, delta, None, cached
 
 
 class _SimCache:
@@ -393,7 +394,7 @@ class ExcitorAttention(nn.Module):
             B, M, _ = hidden_states.shape
             delta = self.sim_up(self.sim_down(hidden_states.to(self.sim_down.weight.dtype)))
             delta = delta.view(B, M, -1, self.head_dim).transpose(1, 2)
-        call = _Call(pk, pv if self.mode == "adapter" else None, delta)
+        call = _Call(pk, pv if self.mode == "adapter" else None, delta, cache is not None)
         if delta is not None:
             for name in CACHE_ARGS:
                 if named.get(name) is not None:
@@ -428,14 +429,49 @@ class ExcitorAttention(nn.Module):
         """Whether the backend's path for this call serves ``cache_leftpad`` (a left-padded batch in one call)."""
         return takes_cache_lengths(self.mode, q, k, v, pk, gate, prompt_values=pv, sim_keys=sim, backend=self.backend)
 
-    def _traced_decode(self, q, k, v, pk, pv, sim, gate, attention_mask, kwargs) -> bool:
-        """Whether this call runs :func:`~excitor_kernels.padding.traced_ranges` instead of the host's mask analysis:
-        inside ``torch.compile``, an inference call of at most 16 queries (generation steps, a static cache's
-        decoding) with a mask and no packing, on a path that serves key ranges."""
-        return (torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor)
-                and not torch.is_grad_enabled() and q.shape[2] <= min(MAX_DECODE_QUERIES, k.shape[2])
+    def _traced_layout(self, call, q, k, v, pk, pv, sim, gate, attention_mask, kwargs) -> Optional[str]:
+        """How this call runs without the host's mask analysis, or None: inside ``torch.compile``, a call with a mask
+        and no packing, with at most as many queries as keys, that is either an inference call of at most 16
+        queries (generation steps, a static cache's decoding) or a forward given a KV cache (a prefill: transformers
+        builds packed sequences' block masks only without a cache, and those the ranges cannot express) finds each
+        sample's keys as one range on the device (:func:`~excitor_kernels.padding.traced_ranges`); ``"ranges"``: one
+        call with ``cache_leftpad`` / ``cache_seqlens`` where the path serves them, ``"varlen"``: one varlen call
+        over three segments per sample (:meth:`_attend_ranges_varlen`) where the backend has a varlen path."""
+        M, N = q.shape[2], k.shape[2]
+        if not (torch.compiler.is_compiling() and isinstance(attention_mask, torch.Tensor) and M <= N
                 and not any(kwargs.get(n) is not None for n in PACKING_KWARGS)
-                and self._takes_leftpad(q, k, v, pk, pv, sim, gate))
+                and (call.cached or (not torch.is_grad_enabled() and M <= MAX_DECODE_QUERIES))):
+            return None
+        if self._takes_leftpad(q, k, v, pk, pv, sim, gate):
+            return "ranges"
+        return "varlen" if takes_varlen(self.backend) else None
+
+    def _attend_ranges_varlen(self, q, k, v, pk, pv, sim, gate, scaling, starts, ends):
+        """Sample ``b`` attending to keys ``[starts[b], ends[b])``, causal aligned to ``ends[b]``, as one varlen call
+        with no host read: the batch flattened into a pack of three sequences per sample, the padding queries (rows
+        before ``starts[b] + M - ends[b]``, which see no key) with the keys before ``starts[b]``, the real queries
+        with the range's keys, and no query with the keys from ``ends[b]`` on. The first sequence's rows are
+        padding (the caller sets them to 0). Returns ``(B, Hq, M, d)``."""
+        B, Hq, M, d = q.shape
+        N = k.shape[2]
+        first = (starts + M - ends).clamp(0, M)
+
+        def offsets(*lengths):  # (3B + 1,) int32 offsets of the sequences' lengths, sample by sample
+            cu = torch.stack(lengths, 1).reshape(-1).cumsum(0)
+            return torch.cat([cu.new_zeros(1), cu]).to(torch.int32)
+
+        cu_q = offsets(first, M - first, torch.zeros_like(first))
+        cu_k = offsets(starts, ends - starts, N - ends)
+
+        def flat(t):  # (B, H, L, d) -> (B * L, H, d)
+            return None if t is None else t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+        def per_sequence(t):  # per-sample prompts (B, Hkv, P, d): the sample's for each of its three sequences
+            return t.repeat_interleave(3, 0) if t is not None and t.dim() == 4 else t
+
+        o = self._attend_varlen(flat(q), flat(k), flat(v), per_sequence(pk), per_sequence(pv), flat(sim), gate,
+                                scaling, (cu_q, cu_k, M, N))
+        return o.view(B, M, Hq, -1).transpose(1, 2)
 
     def _attend_varlen(self, q, k, v, pk, pv, sim, gate, scaling, packing):
         """The varlen operator on packed ``(total, H, d)`` operands."""
@@ -514,10 +550,14 @@ class ExcitorAttention(nn.Module):
         pk = call.pk.to(q.dtype)
         pv = None if call.pv is None else call.pv.to(q.dtype)
         gate = self.gate_values()
-        if self._traced_decode(q, k, v, pk, pv, sim, gate, attention_mask, kwargs):
+        traced = self._traced_layout(call, q, k, v, pk, pv, sim, gate, attention_mask, kwargs)
+        if traced is not None:
             self._check_context(pk, B)
             starts, ends, keep, ok = traced_ranges(attention_mask, B, M, N)
-            o = self._attend(q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=starts, cache_seqlens=ends)
+            if traced == "ranges":
+                o = self._attend(q, k, v, pk, pv, sim, gate, scaling, cache_leftpad=starts, cache_seqlens=ends)
+            else:
+                o = self._attend_ranges_varlen(q, k, v, pk, pv, sim, gate, scaling, starts, ends)
             o = o.masked_fill(~keep[:, None, :, None], 0.0) + torch.where(ok, 0.0, float("nan")).to(o.dtype)
             return o.transpose(1, 2)
         keys, packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N,

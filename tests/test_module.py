@@ -659,6 +659,79 @@ def test_compiled_static_cache_generation_is_one_graph(backend, mode, sim_rank):
     assert rel(torch.stack(compiled.logits), torch.stack(eager.logits)) <= 1e-5
 
 
+PADDED_TRACES = [("triton", "excitor", None), ("triton", "excitor", 4), ("triton", "adapter", None),
+                 ("torch", "excitor", 4), ("reference", "adapter", None)]
+
+
+@pytest.mark.parametrize("backend,mode,sim_rank", PADDED_TRACES)
+def test_compiled_padded_forward_with_a_cache_is_one_graph(backend, mode, sim_rank, monkeypatch):
+    """A padded forward given a KV cache (transformers' default, a prefill) of more than 16 queries, with gradients,
+    under torch.compile(fullgraph=True): each sample's key range is found on the device and served in one graph,
+    by cache_leftpad / cache_seqlens where the path serves them (reference, torch) and otherwise (triton's training
+    kernels) by one varlen call over three sequences per sample. Logits at the real tokens and every adapter
+    gradient equal eager mode (the host's mask analysis); before: a graph break per layer, fullgraph failed."""
+    from excitor_kernels.module import ExcitorAttention
+
+    torch._dynamo.reset()
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    model = adapted(device, mode, sim_rank, backend=backend).train()
+    x = tokens(device, B=3, L=20)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0   # left padding
+    mask[1, 17:] = 0  # right padding
+    real = mask.bool()
+
+    def run(forward):
+        model.zero_grad()
+        logits = forward(input_ids=x, attention_mask=mask, use_cache=True).logits
+        (logits[real] ** 2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager_logits, eager_grads = run(model)
+    varlen, original = [], ExcitorAttention._attend_ranges_varlen
+    monkeypatch.setattr(ExcitorAttention, "_attend_ranges_varlen",
+                        lambda self, *a: varlen.append(self) or original(self, *a))
+    logits, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert len(varlen) == (len(excitor_layers(model)) if backend == "triton" else 0)
+    assert rel(logits[real], eager_logits[real]) <= 1e-5
+    for g, e in zip(grads, eager_grads):
+        assert rel(g, e) <= 1e-4
+
+
+def test_compiled_long_left_padded_prefill_on_triton():
+    """transformers' fast-generation recipe with a left-padded prompt longer than the decode kernel's 16 queries:
+    the prefill runs triton's training kernels through the traced varlen call, in the same graph; the tokens and
+    logits of eager dynamic-cache generation."""
+    torch._dynamo.reset()
+    model = adapted(DEVICES[0], "excitor", 4, backend="triton")
+    x = tokens(DEVICES[0], B=2, L=21)
+    mask = torch.ones_like(x)
+    mask[0, :7] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    eager = model.generate(x, **kw)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    compiled = model.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert rel(torch.stack(compiled.logits), torch.stack(eager.logits)) <= 1e-5
+
+
+def test_traced_varlen_call_with_holes_gives_nan():
+    """A traced padded forward with a cache whose mask fits no key range (a hole in a sample) makes the output NaN
+    on the varlen path too (the host analysis, outside a trace, runs it exactly)."""
+    torch._dynamo.reset()
+    model = adapted(DEVICES[0], "adapter", None, backend="triton")
+    x = tokens(DEVICES[0], B=2, L=18)
+    mask = torch.ones_like(x)
+    mask[1, 4:6] = 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(input_ids=x, attention_mask=mask, use_cache=True).logits
+        traced = compiled(input_ids=x, attention_mask=mask, use_cache=True).logits
+    assert torch.isfinite(eager).all()
+    assert torch.isnan(traced).all()
+
+
 def test_traced_masks_right_padding_and_holes():
     """Inside torch.compile, inference calls of at most 16 queries: right padding runs causal over every key (the
     eager logits at the real tokens); a cache with holes (right padding, then real tokens) fits no key range, and the

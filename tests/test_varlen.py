@@ -233,3 +233,22 @@ def test_varlen_custom_ops_pass_opcheck(op):
         fwd = torch.ops.excitor_kernels.adapter_attention_fwd
     torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
+
+
+def test_varlen_call_traces_in_one_graph_and_checks_offsets_on_the_device():
+    """Inside torch.compile the offsets cannot be read on the host: the triton varlen call traces with
+    fullgraph=True (max_seqlen_* as given) and checks the offsets with a device-side assertion: right offsets
+    give eager's result, a sequence longer than max_seqlen_q raises when the graph runs."""
+    torch._dynamo.reset()
+    args = _excitor_args(TRITON_DEVICE)
+
+    def call(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        return excitor_attention_varlen(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, backend="triton")
+
+    traced = torch.compile(call, fullgraph=True, backend="aot_eager")
+    assert rel_err(traced(**args), call(**args).double()) < 1e-6
+    torch._dynamo.reset()
+    short = dict(args, max_seqlen_q=args["max_seqlen_q"] - 1)
+    with pytest.raises(RuntimeError, match="at most max_seqlen_q"):
+        torch.compile(call, fullgraph=True, backend="aot_eager")(**short)
