@@ -208,10 +208,15 @@ def _causal_fit(allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
     (B, M) (those that see their own key ``i + N - M``), and per sample (B,) whether every real query sees exactly
     the causal set (no padding, or right padding)."""
     M, N = allowed.shape[1:]
-    causal = causal_mask(M, N, allowed.device)
-    rows = torch.arange(M, device=allowed.device)
-    real = allowed[:, rows, rows + (N - M)]
+    causal, real = causal_mask(M, N, allowed.device), _real_rows(allowed)
     return causal, real, ((allowed == causal) | ~real[:, :, None]).all(-1).all(-1)
+
+
+def _real_rows(allowed: torch.Tensor) -> torch.Tensor:
+    """(B, M): the queries of ``allowed`` (B, M, N), M <= N, that see their own key ``i + N - M``."""
+    M, N = allowed.shape[1:]
+    rows = torch.arange(M, device=allowed.device)
+    return allowed[:, rows, rows + (N - M)]
 
 
 def padding_plan(allowed: torch.Tensor) -> Optional[PaddingPlan]:
@@ -266,12 +271,13 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
 def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
     """Inside ``torch.compile`` (``q_len <= kv_len``), where the mask's values cannot steer the host: each sample's keys as one range
     ``[starts[b], ends[b])`` of the cache, computed on the device, for one call with ``cache_leftpad`` and
-    ``cache_seqlens``. Per sample, the first layout the mask is exact for (for its real rows, those that see their
-    own key): a window aligned to its last visible key (left padding, a static cache's filled slots) or, else, every
-    key with the causal mask (right padding: its pad keys are seen by pad rows only). Returns (starts, ends, keep,
-    ok): int32 (B,) ranges, ``keep`` (B, M) the rows whose output counts (a window sample's rows that see no key are
-    set to 0, as the host path leaves them), and ``ok`` a 0-d bool, False when a sample fits neither (holes in a
-    cache): the caller then makes the output NaN, never silently wrong."""
+    ``cache_seqlens``. ``starts[b]`` is the first key a row sees; per sample, the first layout the mask is exact for:
+    a window aligned to its last visible key (left padding, a static cache's filled slots), or, for its real rows
+    (those that see their own key), the causal mask from ``starts[b]`` over every later key (right padding, whose pad
+    keys only pad rows see, beside left padding or not). Returns (starts, ends, keep, ok): int32 (B,) ranges, ``keep``
+    (B, M) the rows whose output counts (a window sample's rows that see no key are set to 0, as the host path
+    leaves them), and ``ok`` a 0-d bool, False when a sample fits neither (holes in a cache): the caller then makes
+    the output NaN, never silently wrong."""
     allowed = visibility(attention_mask, batch, q_len, kv_len)                 # (B, M, N)
     j = torch.arange(kv_len, device=allowed.device)
     i = torch.arange(q_len, device=allowed.device)[:, None]
@@ -282,11 +288,11 @@ def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
     window = (j >= s) & (j < e) & (j <= i + e - q_len)
     seen = allowed.any(-1)                                                     # (B, M)
     fits_window = ((allowed == window) | ~seen[..., None]).all(-1).all(-1)
-    fits_causal = _causal_fit(allowed)[2]
-    causal = ~fits_window & fits_causal
-    starts = torch.where(causal, 0, starts).to(torch.int32)
+    tail = (j >= s) & (j <= i + kv_len - q_len)
+    fits_tail = ((allowed == tail) | ~_real_rows(allowed)[..., None]).all(-1).all(-1)
+    causal = ~fits_window & fits_tail
     ends = torch.where(causal, kv_len, ends).to(torch.int32)
-    return starts, ends, causal[:, None] | seen, (fits_window | fits_causal).all()
+    return starts.to(torch.int32), ends, causal[:, None] | seen, (fits_window | fits_tail).all()
 
 
 def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int,

@@ -668,17 +668,20 @@ def test_compiled_padded_forward_with_a_cache_is_one_graph(backend, mode, sim_ra
     """A padded forward given a KV cache (transformers' default, a prefill) of more than 16 queries, with gradients,
     under torch.compile(fullgraph=True): each sample's key range is found on the device and served in one graph,
     by cache_leftpad / cache_seqlens where the path serves them (reference, torch) and otherwise (triton's training
-    kernels) by one varlen call over three sequences per sample. Logits at the real tokens and every adapter
-    gradient equal eager mode (the host's mask analysis); before: a graph break per layer, fullgraph failed."""
+    kernels) by one varlen call over three sequences per sample. Samples padded on the left, the right, both sides
+    and not at all: logits at the real tokens and every adapter gradient equal eager mode (the host's mask
+    analysis); before: a graph break per layer, fullgraph failed."""
     from excitor_kernels.module import ExcitorAttention
 
     torch._dynamo.reset()
     device = DEVICES[0] if backend == "triton" else "cpu"
     model = adapted(device, mode, sim_rank, backend=backend).train()
-    x = tokens(device, B=3, L=20)
+    x = tokens(device, B=4, L=20)
     mask = torch.ones_like(x)
     mask[0, :5] = 0   # left padding
     mask[1, 17:] = 0  # right padding
+    mask[2, :3] = 0   # both
+    mask[2, 16:] = 0
     real = mask.bool()
 
     def run(forward):
