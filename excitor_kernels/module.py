@@ -452,7 +452,7 @@ class ExcitorAttention(nn.Module):
         before ``starts[b] + M - ends[b]``, which see no key) with the keys before ``starts[b]``, the real queries
         with the range's keys, and no query with the keys from ``ends[b]`` on. The first sequence's rows are
         padding (the caller sets them to 0). Returns ``(B, Hq, M, d)``."""
-        B, Hq, M, d = q.shape
+        B, Hq, M, _ = q.shape
         N = k.shape[2]
         first = (starts + M - ends).clamp(0, M)
 

@@ -167,7 +167,6 @@ def test_kept_prompt_keys_follow_every_change(change):
     place (its version) or replaced, the prompt context. The step after the change equals a model that never kept
     them (its cache filled and its step run with gradients on)."""
     model = adapted("cpu", "excitor", 4)
-    layer = excitor_layers(model)[-1]
     x = tokens("cpu", B=2, L=9)
     ctx = torch.randn(2, 5, HIDDEN)
 
