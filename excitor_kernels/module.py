@@ -70,8 +70,8 @@ BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_i
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
 _CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
-# KV cache -> {id(layer): (state, pk, pv, kept)}: the prompt keys and values an inference forward made, kept with the
-# cache for its later forwards (ExcitorAttention._prompts)
+# KV cache -> {id(layer): [state, pk, pv, kept, mark]}: the prompt keys and values an inference forward made, kept
+# with the cache for its later forwards (ExcitorAttention._prompts)
 _PROMPTS_OF_CACHE = weakref.WeakKeyDictionary()
 
 
@@ -363,32 +363,55 @@ class ExcitorAttention(nn.Module):
                  tuple((id(t), t._version) for t in kept))
         return state, kept
 
-    def _prompts(self, hidden_states, position_embeddings, cache):
-        """The prompt keys and values of this forward (:meth:`_prompt_projections`). An inference forward with a
-        KV cache keeps them with the cache, and the cache's later forwards (the decoding steps) reuse them while
-        nothing they are made from has changed: the layer's prompt pass (its projections on ``P`` rows) runs
-        once per generation instead of once per generated token. Recomputed whenever gradients are on, without
-        a cache, under ``torch.compile``, and when a parameter or the prompt context was replaced or updated in
-        place (its version); a write through ``.data`` bumps no version: like the cache's own keys and values,
-        the kept prompt keys and values are then those of the weights the cache was filled with."""
-        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._prompt_projections(hidden_states, position_embeddings)
+    def _cache_keys(self, cache) -> Optional[torch.Tensor]:
+        """This layer's key tensor in ``cache`` (transformers' ``cache.layers[i].keys``), or None."""
         try:
-            memo = _PROMPTS_OF_CACHE.setdefault(cache, {})
+            keys = cache.layers[self.layer_idx].keys
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+        return keys if isinstance(keys, torch.Tensor) else None
+
+    def _kept_prompts(self, cache) -> Optional[list]:
+        """The memo entry of this layer in ``cache`` for an inference forward, or None where nothing is kept."""
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        try:
+            return _PROMPTS_OF_CACHE.setdefault(cache, {}).setdefault(id(self), [None] * 5)
         except TypeError:  # a cache object that cannot be a weak dictionary's key
+            return None
+
+    def _prompts(self, hidden_states, position_embeddings, cache, entry):
+        """The prompt keys and values of this forward (:meth:`_prompt_projections`). An inference forward with a
+        KV cache keeps them with the cache (``entry``), and the cache's next forward (a decoding step) reuses them
+        when nothing they are made from has changed and the cache holds what this layer left in it: the layer's
+        prompt pass (its projections on ``P`` rows) runs once per generation instead of once per generated token.
+        Made again whenever gradients are on, without a cache, under ``torch.compile``, when a parameter or the
+        prompt context was replaced or updated in place (its version: an optimizer step, ``load_state_dict``), and
+        when the cache was changed by anything but this layer (reset and reused, as transformers reuses a static
+        cache across ``generate`` calls, cropped, reordered by beam search: the key tensor's identity or version).
+        Only a write through ``.data`` between two forwards of one cache bumps no version: the kept prompt keys
+        and values are then, like the keys and values the cache holds for its tokens, those of the weights the
+        cache was filled with."""
+        if entry is None:
             return self._prompt_projections(hidden_states, position_embeddings)
         state, kept = self._prompt_state(hidden_states)
-        entry = memo.get(id(self))
-        if entry is not None and entry[0] == state:
+        keys, mark = self._cache_keys(cache), entry[4]
+        if (entry[0] == state and keys is not None and mark is not None and mark[0]() is keys
+                and mark[1] == keys._version):
             return entry[1], entry[2]
-        pk, pv = self._prompt_projections(hidden_states, position_embeddings)
-        memo[id(self)] = (state, pk, pv, kept)
-        return pk, pv
+        entry[:4] = state, *self._prompt_projections(hidden_states, position_embeddings), kept
+        return entry[1], entry[2]
+
+    def _mark_cache(self, cache, entry) -> None:
+        """After the forward: what this layer left in the cache (its key tensor, weakly, and the tensor's version)."""
+        keys = self._cache_keys(cache)
+        entry[4] = None if keys is None else (weakref.ref(keys), keys._version)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         named = self._named_arguments(args, kwargs)
         cache = next((named[n] for n in CACHE_ARGS if named.get(n) is not None), None)
-        pk, pv = self._prompts(hidden_states, named.get("position_embeddings"), cache)
+        entry = self._kept_prompts(cache)
+        pk, pv = self._prompts(hidden_states, named.get("position_embeddings"), cache, entry)
         delta = None
         if self.sim_rank is not None:
             B, M, _ = hidden_states.shape
@@ -400,7 +423,10 @@ class ExcitorAttention(nn.Module):
                 if named.get(name) is not None:
                     named[name] = _SimCache(named[name], call, self.head_dim)
         named[IMPLEMENTATION] = call
-        return self.attention_class.forward(self, hidden_states, **named)
+        out = self.attention_class.forward(self, hidden_states, **named)
+        if entry is not None:
+            self._mark_cache(cache, entry)
+        return out
 
     def original_attention(self) -> nn.Module:
         """An instance of the adapted class holding the same (shared) children, without the prompts."""

@@ -198,6 +198,39 @@ def test_kept_prompt_keys_follow_every_change(change):
     assert rel(kept, made) <= 1e-5, change
 
 
+def test_a_cache_reset_and_used_again_makes_the_prompt_keys_again():
+    """A static cache given to generate(), reset and given again (its tensors kept, their values zeroed): the prompt
+    keys are made again for the second generation, even after a write through .data (which bumps no version). The
+    second generation equals a model that only ever had the new prompts."""
+    from transformers import StaticCache
+
+    model = adapted("cpu", "excitor", 4)
+    x, kw = _left_padded_generation("cpu", max_new_tokens=5)
+    new = [torch.randn_like(layer.prompts) for layer in excitor_layers(model)]
+    fresh = copy.deepcopy(model)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    first = model.generate(x, past_key_values=cache, **kw)
+    cache.reset()
+    for m in (model, fresh):
+        for layer, p in zip(excitor_layers(m), new):
+            layer.prompts.data.copy_(p)
+    second = model.generate(x, past_key_values=cache, **kw)
+    expected = fresh.generate(x, past_key_values=StaticCache(config=model.config, max_cache_len=16), **kw)
+    assert rel(torch.stack(second.logits), torch.stack(first.logits)) > 1e-3
+    assert torch.equal(second.sequences, expected.sequences)
+    assert rel(torch.stack(second.logits), torch.stack(expected.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
+def test_beam_search_with_the_cache_equals_beam_search_without(mode, sim_rank):
+    """Beam search reorders the cache between steps (its tensors replaced): the prompt keys are made again then,
+    and the beams equal beam search without a cache (every forward makes them)."""
+    model = adapted("cpu", mode, sim_rank)
+    x, kw = _left_padded_generation("cpu", max_new_tokens=6)
+    kw.update(num_beams=3, num_return_sequences=2, output_logits=False, return_dict_in_generate=False)
+    assert torch.equal(model.generate(x, use_cache=True, **kw), model.generate(x, use_cache=False, **kw))
+
+
 def test_prompt_pass_runs_every_forward_without_a_cache_or_with_gradients(monkeypatch):
     from excitor_kernels.module import ExcitorAttention
 
