@@ -387,8 +387,8 @@ class ExcitorAttention(nn.Module):
         prompt pass (its projections on ``P`` rows) runs once per generation instead of once per generated token.
         Made again whenever gradients are on, without a cache, under ``torch.compile``, when a parameter or the
         prompt context was replaced or updated in place (its version: an optimizer step, ``load_state_dict``), and
-        when the cache was changed by anything but this layer (reset and reused, as transformers reuses a static
-        cache across ``generate`` calls, cropped, reordered by beam search: the key tensor's identity or version).
+        when the cache was changed by anything but this layer (reset and given to another ``generate`` call,
+        cropped, reordered by beam search: its key tensor's identity or version).
         Only a write through ``.data`` between two forwards of one cache bumps no version: the kept prompt keys
         and values are then, like the keys and values the cache holds for its tokens, those of the weights the
         cache was filled with."""
