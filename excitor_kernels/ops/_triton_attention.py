@@ -130,10 +130,15 @@ def _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_sr
     The masked tiles' last keys are formed after the unmasked loop (not live across it)."""
     lo = 0
     if not WARP_SPEC:
+        # pointer loads: the tiles' pointers advance by BLOCK_N rows per tile (the loop counter then stays 32-bit)
+        k_tile, v_tile = k_src, v_src
         for start_n in tl.range(0, full, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, offs_m, k_src, v_src,
-                                      stride_kn, stride_vn, offs_d, start_n, N, qk_scale, False, POS_SCALE, BLOCK_N,
-                                      HEAD_DIM, PREC, DESC, Q_CHUNK, TC_ROW_SUM)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, offs_m, k_tile, v_tile,
+                                      stride_kn, stride_vn, offs_d, start_n if DESC else 0, N, qk_scale, False,
+                                      POS_SCALE, BLOCK_N, HEAD_DIM, PREC, DESC, Q_CHUNK, TC_ROW_SUM)
+            if not DESC:
+                k_tile += BLOCK_N * stride_kn
+                v_tile += BLOCK_N * stride_vn
         lo = full
     last = _last_key(offs_m, N, shift, CAUSAL)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
