@@ -6,6 +6,7 @@ stride, device) naming the argument, what it got and what it needs, before any k
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -208,7 +209,7 @@ def check_cache_lengths(cache_seqlens, cache_leftpad, batch: int, cache_len: int
                             "<= N)")
         return
     other = cache_seqlens if anchor is cache_leftpad else None
-    key = (cache_len, anchor._version) + ((id(other), other._version) if other is not None else ())
+    key = (cache_len, version(anchor)) + ((id(other), version(other)) if other is not None else ())
     memo_on(anchor, "_excitor_lengths_checked", key,
             lambda: _check_length_values(cache_seqlens, cache_leftpad, cache_len))
 
@@ -255,11 +256,18 @@ def _require_max_seqlen(name: str, value, longest: int) -> int:
     return value
 
 
+def version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place change), or None for an inference tensor (made under
+    ``torch.inference_mode``), which has none: what is computed from it cannot be kept."""
+    return None if t.is_inference() else t._version
+
+
 def memo_on(t: torch.Tensor, name: str, key: tuple, compute):
     """``compute()``, kept on ``t`` itself under ``name`` and reused while ``key`` stays the same; ``key``
-    must hold the version counters of every tensor the result reads. Layers of one model forward get the
-    same offset tensors, so their host-side checks (a device sync each) run once, not once per layer."""
-    if torch.compiler.is_compiling():
+    must hold the version counters (:func:`version`) of every tensor the result reads, and nothing is kept where
+    one is None. Layers of one model forward get the same offset tensors, so their host-side checks (a device sync
+    each) run once, not once per layer."""
+    if torch.compiler.is_compiling() or any(k is None for k in key):
         return compute()
     cached = t.__dict__.get(name)
     if cached is not None and cached[0] == key:
@@ -308,7 +316,7 @@ def check_varlen_inputs(q, k, v, prompt_keys, gate, cu_seqlens_q, cu_seqlens_k, 
                                 "cu_seqlens_q / cu_seqlens_k must start at 0, never decrease, end at the packed "
                                 "length, and their sequences be at most max_seqlen_q / max_seqlen_k long")
     else:
-        longest = memo_on(cu_q, "_excitor_longest", (cu_q._version, id(cu_k), cu_k._version, totals),
+        longest = memo_on(cu_q, "_excitor_longest", (version(cu_q), id(cu_k), version(cu_k), totals),
                           lambda: _longest_sequences(cu_q, cu_k, totals))
     max_q = _require_max_seqlen("max_seqlen_q", max_seqlen_q, longest[0])
     max_k = _require_max_seqlen("max_seqlen_k", max_seqlen_k, longest[1])

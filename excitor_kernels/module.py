@@ -55,7 +55,7 @@ from torch import nn
 
 from ._dispatch import BACKENDS, takes_cache_lengths, takes_varlen
 from .ops import adapter_attention, adapter_attention_varlen, excitor_attention, excitor_attention_varlen
-from ._validate import MAX_DECODE_QUERIES
+from ._validate import MAX_DECODE_QUERIES, version
 from .padding import PACKING_KWARGS, attention_layout, position_restarts, traced_ranges
 
 MODES = ("excitor", "adapter")
@@ -70,8 +70,8 @@ BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_i
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
 _CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
-# KV cache -> {id(layer): [state, pk, pv, kept, mark]}: the prompt keys and values an inference forward made, kept
-# with the cache for its later forwards (ExcitorAttention._prompts)
+# KV cache -> {id(layer): [state, pk, pv, kept, mark, keys before the update]}: the prompt keys and values an inference
+# forward made, kept with the cache for its later forwards (ExcitorAttention._prompts)
 _PROMPTS_OF_CACHE = weakref.WeakKeyDictionary()
 
 
@@ -355,13 +355,15 @@ class ExcitorAttention(nn.Module):
     def _prompt_state(self, hidden_states) -> tuple:
         """What the prompt keys and values are made from, as identities and version counters (an in-place
         update, an optimizer step or ``load_state_dict``, changes a version; a replaced tensor its identity), and
-        the tensors themselves, kept alive so that their identities stay theirs."""
+        the tensors themselves, kept alive so that their identities stay theirs; None where one of them is an
+        inference tensor (no version counter: nothing made from it is kept)."""
         kept = (*self.parameters(), *([] if self.prompt_context is None else [self.prompt_context]))
+        versions = tuple((id(t), version(t)) for t in kept)
+        if any(v is None for _, v in versions):
+            return None, kept
         device = hidden_states.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        state = (hidden_states.dtype, hidden_states.device, autocast, self.prompt_context is None,
-                 tuple((id(t), t._version) for t in kept))
-        return state, kept
+        return (hidden_states.dtype, hidden_states.device, autocast, self.prompt_context is None, versions), kept
 
     def _cache_keys(self, cache) -> Optional[torch.Tensor]:
         """This layer's key tensor in ``cache`` (transformers' ``cache.layers[i].keys``), or None."""
@@ -376,7 +378,7 @@ class ExcitorAttention(nn.Module):
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         try:
-            return _PROMPTS_OF_CACHE.setdefault(cache, {}).setdefault(id(self), [None] * 5)
+            return _PROMPTS_OF_CACHE.setdefault(cache, {}).setdefault(id(self), [None] * 6)
         except TypeError:  # a cache object that cannot be a weak dictionary's key
             return None
 
@@ -396,16 +398,24 @@ class ExcitorAttention(nn.Module):
             return self._prompt_projections(hidden_states, position_embeddings)
         state, kept = self._prompt_state(hidden_states)
         keys, mark = self._cache_keys(cache), entry[4]
-        if (entry[0] == state and keys is not None and mark is not None and mark[0]() is keys
-                and mark[1] == keys._version):
+        entry[5] = keys  # (the key tensor before this forward's update, for _mark_cache)
+        if (state is not None and entry[0] == state and keys is not None and mark is not None
+                and mark[0]() is keys and mark[1] == version(keys)):
             return entry[1], entry[2]
         entry[:4] = state, *self._prompt_projections(hidden_states, position_embeddings), kept
         return entry[1], entry[2]
 
     def _mark_cache(self, cache, entry) -> None:
-        """After the forward: what this layer left in the cache (its key tensor, weakly, and the tensor's version)."""
-        keys = self._cache_keys(cache)
-        entry[4] = None if keys is None else (weakref.ref(keys), keys._version)
+        """After the forward: what this layer left in the cache, its key tensor (weakly) and that tensor's version.
+        An inference tensor has no version: it is marked only when this forward's update made it (a new tensor,
+        as a dynamic cache's concatenation), not when the update wrote into the same one (a static cache, whose
+        reset would then go unseen)."""
+        keys, before = self._cache_keys(cache), entry[5]
+        entry[5] = None
+        if keys is None or (keys.is_inference() and keys is before):
+            entry[4] = None
+        else:
+            entry[4] = (weakref.ref(keys), version(keys))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         named = self._named_arguments(args, kwargs)

@@ -38,7 +38,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._validate import memo_on
+from ._validate import memo_on, version
 from .reference import causal_mask
 
 SamplePlan = Tuple[torch.Tensor, torch.Tensor]  # (indices of real queries, indices of valid keys)
@@ -142,7 +142,7 @@ def sequence_packing(allowed: Optional[torch.Tensor], position_ids, kwargs: dict
         return _packing_from_mask(allowed)
     if not _positions_may_pack(position_ids, batch, q_len, kv_len) or torch.compiler.is_compiling():
         return None  # under torch.compile the positions are not read: see position_restarts
-    return memo_on(position_ids, "_excitor_packing", (position_ids._version,),
+    return memo_on(position_ids, "_excitor_packing", (version(position_ids),),
                    lambda: _packing_from_positions(position_ids))
 
 
@@ -300,7 +300,9 @@ def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_l
     """(keys, packing, padding plan) of one layer call: the leading key slots that hold keys (:func:`filled_keys`;
     packed sequences: all of them), and at most one of packing and plan not None; both None means one batched
     causal call over those keys. Every decoder layer gets the same mask object, so a mask's analysis (O(M * N) and
-    a device sync) is kept on it and done once per forward, not once per layer."""
+    a device sync) is kept on it and done once per forward, not once per layer (but for an inference tensor, made
+    under ``torch.inference_mode``: without a version counter an in-place change would go unseen, so every layer
+    analyses it)."""
     packed = any(kwargs.get(n) is not None for n in PACKING_KWARGS)
 
     def analyse():
@@ -315,4 +317,4 @@ def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_l
     if not isinstance(attention_mask, torch.Tensor) or packed:
         return analyse()
     return memo_on(attention_mask, "_excitor_layout",
-                   (attention_mask._version, batch, q_len, kv_len, none_is_upper_left), analyse)
+                   (version(attention_mask), batch, q_len, kv_len, none_is_upper_left), analyse)

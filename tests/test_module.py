@@ -198,10 +198,12 @@ def test_kept_prompt_keys_follow_every_change(change):
     assert rel(kept, made) <= 1e-5, change
 
 
-def test_a_cache_reset_and_used_again_makes_the_prompt_keys_again():
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_a_cache_reset_and_used_again_makes_the_prompt_keys_again(grad_mode):
     """A static cache given to generate(), reset and given again (its tensors kept, their values zeroed): the prompt
-    keys are made again for the second generation, even after a write through .data (which bumps no version). The
-    second generation equals a model that only ever had the new prompts."""
+    keys are made again for the second generation, even after a write through .data (which bumps no version), also
+    when the cache's tensors are inference tensors (no version counter at all). The second generation equals a model
+    that only ever had the new prompts."""
     from transformers import StaticCache
 
     model = adapted("cpu", "excitor", 4)
@@ -209,16 +211,49 @@ def test_a_cache_reset_and_used_again_makes_the_prompt_keys_again():
     new = [torch.randn_like(layer.prompts) for layer in excitor_layers(model)]
     fresh = copy.deepcopy(model)
     cache = StaticCache(config=model.config, max_cache_len=16)
-    first = model.generate(x, past_key_values=cache, **kw)
-    cache.reset()
+    mode = torch.inference_mode if grad_mode == "inference_mode" else torch.no_grad
+    with mode():
+        first = model.generate(x, past_key_values=cache, **kw)
+        cache.reset()
     for m in (model, fresh):
         for layer, p in zip(excitor_layers(m), new):
             layer.prompts.data.copy_(p)
-    second = model.generate(x, past_key_values=cache, **kw)
+    with mode():
+        second = model.generate(x, past_key_values=cache, **kw)
     expected = fresh.generate(x, past_key_values=StaticCache(config=model.config, max_cache_len=16), **kw)
     assert rel(torch.stack(second.logits), torch.stack(first.logits)) > 1e-3
     assert torch.equal(second.sequences, expected.sequences)
     assert rel(torch.stack(second.logits), torch.stack(expected.logits)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_generation_under_inference_mode(backend, monkeypatch):
+    """Under torch.inference_mode every tensor is an inference tensor, without a version counter: a left-padded
+    batch generates (before: the mask analysis read the mask's version and raised), with the dynamic and the static
+    cache, the tokens and logits of generation under no_grad; a dynamic cache still makes the prompt pass once per
+    layer (its key tensors are new at every update), a packed batch runs its varlen call."""
+    from excitor_kernels.module import ExcitorAttention
+
+    model = adapted(DEVICES[0] if backend == "triton" else "cpu", "excitor", 4, backend=backend)
+    device = next(model.parameters()).device
+    x, kw = _left_padded_generation(device, max_new_tokens=5)
+    expected = model.generate(x, **kw)
+    passes, original = [], ExcitorAttention._prompt_projections
+    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
+                        lambda self, *a: passes.append(self) or original(self, *a))
+    with torch.inference_mode():
+        dynamic = model.generate(x, **kw)
+        assert len(passes) == len(excitor_layers(model))
+        static = model.generate(x, cache_implementation="static", **kw)
+        packed_ids = torch.cat([x[1], x[1, :4]])[None]
+        positions = torch.cat([torch.arange(6), torch.arange(4)])[None].to(device)
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits
+    for out in (dynamic, static):
+        assert torch.equal(out.sequences, expected.sequences)
+        assert rel(torch.stack(out.logits), torch.stack(expected.logits)) <= 1e-5
+    with torch.no_grad():
+        alone = model(input_ids=x[1:, :4], use_cache=False).logits
+    assert rel(packed[:, 6:], alone) <= 1e-5
 
 
 @pytest.mark.parametrize("mode,sim_rank", [("excitor", 4), ("adapter", None)])
