@@ -70,8 +70,8 @@ BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_i
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
 _CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
-# KV cache -> {id(layer): [state, pk, pv, kept, mark, keys before the update]}: the prompt keys and values an inference
-# forward made, kept with the cache for its later forwards (ExcitorAttention._prompts)
+# KV cache -> {id(layer): [state, pk, pv, kept, mark, key tensor before the update (weakly)]}: the prompt keys and
+# values an inference forward made, kept with the cache for its later forwards (ExcitorAttention._prompts)
 _PROMPTS_OF_CACHE = weakref.WeakKeyDictionary()
 
 
@@ -398,7 +398,7 @@ class ExcitorAttention(nn.Module):
             return self._prompt_projections(hidden_states, position_embeddings)
         state, kept = self._prompt_state(hidden_states)
         keys, mark = self._cache_keys(cache), entry[4]
-        entry[5] = keys  # (the key tensor before this forward's update, for _mark_cache)
+        entry[5] = None if keys is None else weakref.ref(keys)  # (before this forward's update: _mark_cache)
         if (state is not None and entry[0] == state and keys is not None and mark is not None
                 and mark[0]() is keys and mark[1] == version(keys)):
             return entry[1], entry[2]
@@ -412,7 +412,7 @@ class ExcitorAttention(nn.Module):
         reset would then go unseen)."""
         keys, before = self._cache_keys(cache), entry[5]
         entry[5] = None
-        if keys is None or (keys.is_inference() and keys is before):
+        if keys is None or (keys.is_inference() and before is not None and before() is keys):
             entry[4] = None
         else:
             entry[4] = (weakref.ref(keys), version(keys))
