@@ -234,7 +234,6 @@ def test_varlen_custom_ops_pass_opcheck(op):
     torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-
 def test_varlen_call_traces_in_one_graph_and_checks_offsets_on_the_device():
     """Inside torch.compile the offsets cannot be read on the host: the triton varlen call traces with
     fullgraph=True (max_seqlen_* as given) and checks the offsets with a device-side assertion: right offsets
