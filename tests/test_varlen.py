@@ -251,3 +251,26 @@ def test_varlen_call_traces_in_one_graph_and_checks_offsets_on_the_device():
     short = dict(args, max_seqlen_q=args["max_seqlen_q"] - 1)
     with pytest.raises(RuntimeError, match="at most max_seqlen_q"):
         torch.compile(call, fullgraph=True, backend="aot_eager")(**short)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_offsets_and_cache_lengths_under_inference_mode(backend):
+    """Tensors made under torch.inference_mode have no version counter: the host checks of varlen offsets and of
+    cache_seqlens (kept per tensor version elsewhere) run each call there (before: they raised), with eager's
+    result."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    args = _excitor_args(device)
+    B, H, N, d = 2, 2, 20, 32
+    q, k, v = (torch.randn(B, H, n, d, device=device) for n in (4, N, N))
+    prompt_keys, gate = torch.randn(H, 3, d, device=device), torch.rand(H, device=device)
+    lengths = torch.tensor([13, 20], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        packed = excitor_attention_varlen(**args, backend=backend)
+        cached = excitor_attention(q, k, v, prompt_keys, gate, cache_seqlens=lengths, backend=backend)
+    with torch.inference_mode():
+        fresh = {name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+        assert fresh["cu_seqlens_q"].is_inference()
+        assert torch.equal(excitor_attention_varlen(**fresh, backend=backend), packed)
+        o = excitor_attention(q.clone(), k.clone(), v.clone(), prompt_keys.clone(), gate.clone(),
+                              cache_seqlens=lengths.clone(), backend=backend)
+        assert torch.equal(o, cached)
