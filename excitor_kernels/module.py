@@ -70,9 +70,20 @@ BENIGN_KWARGS = frozenset(("position_ids", "cache_position", "use_cache", "num_i
                            "output_hidden_states", "output_router_logits", "layer_idx", "position_embeddings",
                            *PACKING_KWARGS, *CACHE_ARGS))
 _CLASSES: dict = {}  # original attention class -> its ExcitorAttention subclass
-# KV cache -> {id(layer): [state, pk, pv, kept, mark, key tensor before the update (weakly)]}: the prompt keys and
-# values an inference forward made, kept with the cache for its later forwards (ExcitorAttention._prompts)
+# KV cache -> {id(layer): _KeptPrompts}: the prompt keys and values an inference forward made, kept with the cache
+# for its later forwards (ExcitorAttention._prompts)
 _PROMPTS_OF_CACHE = weakref.WeakKeyDictionary()
+
+
+class _KeptPrompts:
+    """One layer's prompt keys and values kept with a cache: ``state`` what they were made from
+    (``ExcitorAttention._prompt_state``, ``kept`` its tensors), ``mark`` the layer's key tensor in the cache (weakly)
+    and its version after the layer's last forward, ``before`` that tensor before this forward's update (weakly)."""
+
+    __slots__ = ("state", "pk", "pv", "kept", "mark", "before")
+
+    def __init__(self):
+        self.state = self.pk = self.pv = self.kept = self.mark = self.before = None
 
 
 def _forward_source(cls) -> str:
@@ -373,14 +384,18 @@ class ExcitorAttention(nn.Module):
             return None
         return keys if isinstance(keys, torch.Tensor) else None
 
-    def _kept_prompts(self, cache) -> Optional[list]:
-        """The memo entry of this layer in ``cache`` for an inference forward, or None where nothing is kept."""
+    def _kept_prompts(self, cache) -> Optional[_KeptPrompts]:
+        """This layer's kept prompt keys in ``cache`` for an inference forward, or None where nothing is kept."""
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         try:
-            return _PROMPTS_OF_CACHE.setdefault(cache, {}).setdefault(id(self), [None] * 6)
+            layers = _PROMPTS_OF_CACHE.setdefault(cache, {})
         except TypeError:  # a cache object that cannot be a weak dictionary's key
             return None
+        entry = layers.get(id(self))
+        if entry is None:
+            entry = layers[id(self)] = _KeptPrompts()
+        return entry
 
     def _prompts(self, hidden_states, position_embeddings, cache, entry):
         """The prompt keys and values of this forward (:meth:`_prompt_projections`). An inference forward with a
@@ -397,25 +412,26 @@ class ExcitorAttention(nn.Module):
         if entry is None:
             return self._prompt_projections(hidden_states, position_embeddings)
         state, kept = self._prompt_state(hidden_states)
-        keys, mark = self._cache_keys(cache), entry[4]
-        entry[5] = None if keys is None else weakref.ref(keys)  # (before this forward's update: _mark_cache)
-        if (state is not None and entry[0] == state and keys is not None and mark is not None
+        keys, mark = self._cache_keys(cache), entry.mark
+        entry.before = None if keys is None else weakref.ref(keys)
+        if (state is not None and entry.state == state and keys is not None and mark is not None
                 and mark[0]() is keys and mark[1] == version(keys)):
-            return entry[1], entry[2]
-        entry[:4] = state, *self._prompt_projections(hidden_states, position_embeddings), kept
-        return entry[1], entry[2]
+            return entry.pk, entry.pv
+        entry.pk, entry.pv = self._prompt_projections(hidden_states, position_embeddings)
+        entry.state, entry.kept = state, kept
+        return entry.pk, entry.pv
 
     def _mark_cache(self, cache, entry) -> None:
         """After the forward: what this layer left in the cache, its key tensor (weakly) and that tensor's version.
         An inference tensor has no version: it is marked only when this forward's update made it (a new tensor,
         as a dynamic cache's concatenation), not when the update wrote into the same one (a static cache, whose
         reset would then go unseen)."""
-        keys, before = self._cache_keys(cache), entry[5]
-        entry[5] = None
+        keys, before = self._cache_keys(cache), entry.before
+        entry.before = None
         if keys is None or (keys.is_inference() and before is not None and before() is keys):
-            entry[4] = None
+            entry.mark = None
         else:
-            entry[4] = (weakref.ref(keys), version(keys))
+            entry.mark = (weakref.ref(keys), version(keys))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         named = self._named_arguments(args, kwargs)

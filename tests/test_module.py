@@ -138,19 +138,24 @@ def test_greedy_generation_with_and_without_cache_agree(device, mode, sim_rank):
     assert torch.equal(with_cache, without)
 
 
+def _spy(monkeypatch, name: str) -> list:
+    """The layers that call ``ExcitorAttention.<name>`` from now on, one entry per call (the method still runs)."""
+    from excitor_kernels.module import ExcitorAttention
+
+    calls, original = [], getattr(ExcitorAttention, name)
+    monkeypatch.setattr(ExcitorAttention, name, lambda self, *a: calls.append(self) or original(self, *a))
+    return calls
+
+
 @pytest.mark.parametrize("mode,sim_rank", VARIANTS)
 def test_generation_runs_the_prompt_pass_once_per_layer(mode, sim_rank, monkeypatch):
     """generate() makes the prompt keys and values once per layer (its prefill) and its decoding steps reuse them
     from the cache; tokens and logits equal generation without a cache, which makes them every forward."""
-    from excitor_kernels.module import ExcitorAttention
-
     model = adapted("cpu", mode, sim_rank)
     x = tokens("cpu", B=2, L=6)
     kw = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True, attention_mask=torch.ones_like(x))
-    passes, original = [], ExcitorAttention._prompt_projections
-    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
-                        lambda self, *a: passes.append(self) or original(self, *a))
+    passes = _spy(monkeypatch, "_prompt_projections")
     cached = model.generate(x, use_cache=True, **kw)
     assert len(passes) == len(excitor_layers(model))
     passes.clear()
@@ -232,15 +237,11 @@ def test_generation_under_inference_mode(backend, monkeypatch):
     batch generates (before: the mask analysis read the mask's version and raised), with the dynamic and the static
     cache, the tokens and logits of generation under no_grad; a dynamic cache still makes the prompt pass once per
     layer (its key tensors are new at every update), a packed batch runs its varlen call."""
-    from excitor_kernels.module import ExcitorAttention
-
     model = adapted(DEVICES[0] if backend == "triton" else "cpu", "excitor", 4, backend=backend)
     device = next(model.parameters()).device
     x, kw = _left_padded_generation(device, max_new_tokens=5)
     expected = model.generate(x, **kw)
-    passes, original = [], ExcitorAttention._prompt_projections
-    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
-                        lambda self, *a: passes.append(self) or original(self, *a))
+    passes = _spy(monkeypatch, "_prompt_projections")
     with torch.inference_mode():
         dynamic = model.generate(x, **kw)
         assert len(passes) == len(excitor_layers(model))
@@ -267,13 +268,9 @@ def test_beam_search_with_the_cache_equals_beam_search_without(mode, sim_rank):
 
 
 def test_prompt_pass_runs_every_forward_without_a_cache_or_with_gradients(monkeypatch):
-    from excitor_kernels.module import ExcitorAttention
-
     model = adapted("cpu", "adapter", None)
     x = tokens("cpu", B=2, L=5)
-    passes, original = [], ExcitorAttention._prompt_projections
-    monkeypatch.setattr(ExcitorAttention, "_prompt_projections",
-                        lambda self, *a: passes.append(self) or original(self, *a))
+    passes = _spy(monkeypatch, "_prompt_projections")
     out = model(input_ids=x, use_cache=True)  # gradients on: made, not kept
     model(input_ids=x[:, :1], past_key_values=out.past_key_values, use_cache=True)
     with torch.no_grad():
@@ -738,8 +735,6 @@ def test_compiled_padded_forward_with_a_cache_is_one_graph(backend, mode, sim_ra
     kernels) by one varlen call over three sequences per sample. Samples padded on the left, the right, both sides
     and not at all: logits at the real tokens and every adapter gradient equal eager mode (the host's mask
     analysis); before: a graph break per layer, fullgraph failed."""
-    from excitor_kernels.module import ExcitorAttention
-
     torch._dynamo.reset()
     device = DEVICES[0] if backend == "triton" else "cpu"
     model = adapted(device, mode, sim_rank, backend=backend).train()
@@ -758,9 +753,7 @@ def test_compiled_padded_forward_with_a_cache_is_one_graph(backend, mode, sim_ra
         return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     eager_logits, eager_grads = run(model)
-    varlen, original = [], ExcitorAttention._attend_ranges_varlen
-    monkeypatch.setattr(ExcitorAttention, "_attend_ranges_varlen",
-                        lambda self, *a: varlen.append(self) or original(self, *a))
+    varlen = _spy(monkeypatch, "_attend_ranges_varlen")
     logits, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
     assert len(varlen) == (len(excitor_layers(model)) if backend == "triton" else 0)
     assert rel(logits[real], eager_logits[real]) <= 1e-5
