@@ -66,6 +66,28 @@ def _last_key(offs_m, N, shift, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _row_parts(x, PARTS: tl.constexpr):
+    """sum_j x_ij over a (rows, n) tile as (rows, PARTS) partial sums, column j added into column j mod PARTS.
+    PARTS = 8 (half inputs, row_parts): the tensor cores' accumulator layouts (mma.sync, wgmma) give each thread
+    the same 2 of every 8 columns of its rows, so these sums stay in the thread, and a row's sum is finished
+    once, after the key loop (tl.sum(., 1)), not by shuffles across the row's 4 threads per key tile
+    (FlashAttention's deferred reduction); 4 parts, 1 of 8 columns a thread, would move values between threads.
+    PARTS = 1: the whole row per tile."""
+    if PARTS == 1:
+        parts = tl.sum(x, 1)[:, None]
+    else:
+        parts = tl.sum(tl.reshape(x, [x.shape[0], x.shape[1] // PARTS, PARTS]), 1)
+    return parts
+
+
+@triton.jit
+def row_parts(T):
+    """The row sums' parts (_row_parts) for inputs like the tensor T points to: 8 for half types; 1 for float32,
+    whose FMA products' layouts give a thread no fixed columns (8 parts there spill, bench.static)."""
+    return 1 if T.dtype.element_ty == tl.float32 else 8
+
+
+@triton.jit
 def _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, N, MASKED: tl.constexpr,
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
             Q_CHUNK: tl.constexpr):
@@ -93,9 +115,9 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
     """Online softmax over key tile [start_n, start_n + BLOCK_N); MASKED keeps keys j <= last[i] (the causal
     and the j < N masks). POS_SCALE (qk_scale > 0): rowmax(qk_scale s) = qk_scale rowmax(s), so the scale is
     applied once, inside exp2's argument (one FFMA per score); otherwise the scores are scaled first.
-    The row sum l: float32 sums of the float32 weights (one FADD per score); TC_ROW_SUM: a (rows, 8) tile of
-    equal columns, the rounded weights (those p v uses) times a column of ones on the tensor cores
-    (docs/design.md, "The softmax's row sum")."""
+    The row sum l, (rows, row_parts(Q)): float32 sums of the float32 weights (one FADD per score) as
+    _row_parts' parts; TC_ROW_SUM: (rows, 8), 8 equal columns, the rounded weights (those p v uses) times a
+    column of ones on the tensor cores (docs/design.md, "The softmax's row sum")."""
     qk = _scores(q, q_base, stride_qm, offs_m, M, k_src, stride_kn, offs_d, start_n, N, MASKED, BLOCK_N, HEAD_DIM,
                  PREC, DESC, Q_CHUNK)
     scale = qk_scale
@@ -115,7 +137,7 @@ def _fwd_tile(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, last, k_src, v_src
         ones = tl.full([BLOCK_N, 8], 1.0, tl.float32).to(vt.dtype)  # (triton 3.8's interpreter has no bf16 full)
         l_i = dot(pr, ones, PREC, acc=l_i * alpha[:, None])
     else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha[:, None] + _row_parts(p, l_i.shape[1])
     acc = acc * alpha[:, None] + dot(pr, vt, PREC)
     return acc, l_i, m_new
 
@@ -223,10 +245,7 @@ def attention_fwd_kernel(
                                 BLOCK_N, BLOCK_D, HEAD_DIM, DESC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if TC_ROW_SUM:
-        l_i = tl.zeros([BLOCK_M, 8], tl.float32)
-    else:
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M, 8 if TC_ROW_SUM else row_parts(Q)], tl.float32)  # the row sum's parts (_fwd_tile)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, q_base, stride_qm, offs_m, M, shift, k_src, v_src, stride_kn,
@@ -234,6 +253,8 @@ def attention_fwd_kernel(
                               DESC, WARP_SPEC, Q_CHUNK, TC_ROW_SUM)
     if TC_ROW_SUM:
         l_i = tl.max(l_i, 1)  # its columns are equal
+    else:
+        l_i = tl.sum(l_i, 1)
     _, M = sequence(CU_Q, b, M, VARLEN, AGAIN=True)  # the stores' row masks, not kept from q's load (registers)
 
     # a row that sees no key outputs 0 and stores lse = +inf, whatever the tiles it skipped held; a row that
@@ -351,11 +372,12 @@ def attention_bwd_dkdv_kernel(
     PREC: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """dk'[h], dv[h] of one key tile for query head h = g * GROUPS + member of key/value head g (K: k, or the
-    Excitor's k' of this member, gated_keys), over every query tile; one launch per group member, so a program holds one head's two accumulators, as in
-    FlashAttention-2. Their sums over the group go into DK, DV (float32 under GQA: ACCUMULATE adds to what
-    the earlier members' launches wrote; this program owns those rows, so the order is fixed, _write_rows). Excitor
-    (BYPASS == 1): also DKE += gate[h] dk'[h]; the post-pass turns (DK, DKE) into dk, dprompt and dsim. The loop is
-    plain attention's for every operator (the gate gradient is the dq kernel's)."""
+    Excitor's k' of this member, gated_keys), over every query tile; one launch per group member, so a program
+    holds one head's two accumulators, as in FlashAttention-2. Their sums over the group go into DK, DV (float32
+    under GQA: ACCUMULATE adds to what the earlier members' launches wrote; this program owns those rows, so the
+    order is fixed, _write_rows). Excitor (BYPASS == 1): also DKE += gate[h] dk'[h]; the post-pass turns
+    (DK, DKE) into dk, dprompt and dsim. The loop is plain attention's for every operator (the gate gradient is
+    the dq kernel's)."""
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -422,16 +444,19 @@ def _bypass_scores(qp_hi, qp_lo, at_src, at_lo_src, stride_atn, offs_n, offs_p, 
 
 @triton.jit
 def _add_gate_sums(c, e, r, l, ds, p, x):
-    """The gate gradient's row sums, float32 throughout: c += sum_j ds_ij x_ij, e += sum_j p_ij x_ij,
-    r += sum_j ds_ij, l += sum_j p_ij."""
-    return c + tl.sum(ds * x, 1), e + tl.sum(p * x, 1), r + tl.sum(ds, 1), l + tl.sum(p, 1)
+    """The gate gradient's row sums, float32 throughout: c += sum_j ds_ij x_ij, e += sum_j p_ij x_ij (per key
+    tile), r += sum_j ds_ij, l += sum_j p_ij (row_parts(Q) parts, _row_parts: c and e as parts too would spill on
+    sm_90 at d = 128)."""
+    return (c + tl.sum(ds * x, 1), e + tl.sum(p * x, 1), r + _row_parts(ds, r.shape[1]), l + _row_parts(p, l.shape[1]))
 
 
 @triton.jit
 def _gate_rows(c, e, r, l, x_scale, seen):
     """(l, g) per row: g_i = x_scale (c_i - r_i e_i / l_i) / l_i, row i's share of dgate[h] / softmax_scale
-    (docs/design.md, "The gate gradient's precision"; c and e summed over x / x_scale, _bypass_scores). Rows not
-    ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate) give l = 1, g = 0."""
+    (docs/design.md, "The gate gradient's precision"; c and e summed over x / x_scale, _bypass_scores; r and l as
+    _row_parts' parts). Rows not ``seen`` (chosen by the mask, so that a NaN that reaches a row reaches dgate)
+    give l = 1, g = 0."""
+    r, l = tl.sum(r, 1), tl.sum(l, 1)
     sl = tl.where(seen, l, 1.0)
     return sl, tl.where(seen, x_scale * (c - r * e / sl) / sl, 0.0)
 
@@ -568,8 +593,8 @@ def attention_bwd_dq_kernel(
     at_rows = b * stride_atb + k0 * stride_atn + g * stride_ath
     c = tl.zeros([BLOCK_M], tl.float32)
     e = tl.zeros([BLOCK_M], tl.float32)
-    r = tl.zeros([BLOCK_M], tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    r = tl.zeros([BLOCK_M, row_parts(Q)], tl.float32)
+    l = tl.zeros([BLOCK_M, row_parts(Q)], tl.float32)
     full, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     dq, c, e, r, l = _dq_keys(dq, q, do, lse, delta, offs_m, shift, k_src, kg_src, v_src, stride_kn, stride_kgn,
                               stride_vn, offs_d, full, hi, N, qk_scale, gate_h * x_scale, qp_hi, qp_lo, AT + at_rows,
@@ -621,8 +646,8 @@ def excitor_gate_grad_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     c = tl.zeros([BLOCK_M], tl.float32)
     e = tl.zeros([BLOCK_M], tl.float32)
-    r = tl.zeros([BLOCK_M], tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    r = tl.zeros([BLOCK_M, row_parts(Q)], tl.float32)
+    l = tl.zeros([BLOCK_M, row_parts(Q)], tl.float32)
     _, hi = _causal_key_bounds(start_m, M, N, shift, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -637,7 +662,7 @@ def excitor_gate_grad_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         ds = p * dot(do, tl.trans(vt), PREC)
-        c, e, r, l = _add_gate_sums(c * alpha, e * alpha, r * alpha, l * alpha, ds, p, x)
+        c, e, r, l = _add_gate_sums(c * alpha, e * alpha, r * alpha[:, None], l * alpha[:, None], ds, p, x)
         m_i = m_new
     _, rows_dgate = _gate_rows(c, e, r, l, x_scale, (offs_m < M) & (_last_key(offs_m, N, shift, CAUSAL) >= 0))
     tl.store(DGATE + tl.program_id(0) * stride_dg_t + b * stride_dg_b + h, softmax_scale * tl.sum(rows_dgate, 0))
