@@ -282,6 +282,7 @@ class ExcitorAttention(nn.Module):
         self._shadowed = {k: v for k, v in vars(attention).items() if k in self.OWN_ATTRIBUTES}
         self.attention_class = type(attention)
         self.original_config = attention.config
+        self._mask_none_is_upper_left()  # refuses a model whose layers get no masks from transformers
         config = copy.copy(attention.config)  # this layer alone calls the registered function
         config._attn_implementation_internal = IMPLEMENTATION
         self.config = config
@@ -578,15 +579,29 @@ class ExcitorAttention(nn.Module):
                              f"{tuple(self.prompt_context.shape)}")
 
     def _mask_none_is_upper_left(self) -> bool:
-        """Whether the model's masks follow transformers' sdpa convention, in which a None mask over more keys
-        than queries means SDPA's upper-left causal mask (an empty static cache); flash-attention masks mean
-        bottom-right alignment."""
-        return "flash" not in str(getattr(self.original_config, "_attn_implementation", "sdpa"))
+        """Whether a None mask over more keys than queries means SDPA's upper-left causal mask (an empty static
+        cache: transformers' sdpa and eager masks) rather than every key filled, bottom-right aligned (its
+        flash-attention masks), read from the mask function transformers registers for the model's attention
+        implementation (AttentionMaskInterface; a hub kernel registers its own), not from the name. An
+        implementation with none gets no mask from transformers at all, so the layer could not see padding or
+        packed sequences: refused."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+        name = getattr(self.original_config, "_attn_implementation", None) or "sdpa"
+        make = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
+        if make is None:
+            raise ValueError(f"{type(self).__name__}: the model's attn_implementation {name!r} has no mask function in "
+                             f"transformers' AttentionMaskInterface, so transformers passes its layers no attention "
+                             f"mask and padding or packed sequences would be ignored; load the model with "
+                             f"attn_implementation='sdpa', 'eager' or a flash-attention one, or register a mask "
+                             f"function for {name!r}")
+        return make is not flash_attention_mask
 
     def attention(self, call: _Call, q, k, v, attention_mask, scaling, kwargs):
         """``(B, M, Hq, d)`` attention output of queries ``q (B, Hq, M, d)`` over keys/values ``(B, Hkv, N, d)``."""
         B, _, M, _ = q.shape
         N = k.shape[2]
+        none_is_upper_left = self._mask_none_is_upper_left()
         if torch.is_autocast_enabled(q.device.type):  # as autocast runs SDPA: all operands in its dtype
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -613,7 +628,7 @@ class ExcitorAttention(nn.Module):
             o = o.masked_fill(~keep[:, None, :, None], 0.0) + torch.where(ok, 0.0, float("nan")).to(o.dtype)
             return o.transpose(1, 2)
         keys, packing, plan = attention_layout(attention_mask, kwargs.get("position_ids"), kwargs, B, M, N,
-                                               self._mask_none_is_upper_left())
+                                               none_is_upper_left)
         if keys < N:  # a static cache's unfilled slots (padding.filled_keys)
             k, v = k[:, :, :keys], v[:, :, :keys]
             sim = None if sim is None else sim[:, :, :keys]

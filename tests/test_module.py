@@ -405,6 +405,52 @@ def test_static_cache_generation_matches_the_dynamic_cache(device, impl, mode, s
     assert rel(torch.stack(static.logits), torch.stack(dynamic.logits)) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["flash_attention_2", "hub_kernel"])
+@pytest.mark.parametrize("mode,sim_rank", VARIANTS)
+def test_flash_attention_masks_read_from_transformers_mask_registry(monkeypatch, impl, mode, sim_rank):
+    """A model whose attention implementation makes flash-attention masks (2-D, None when every key is real) under
+    any name: here a kernel registered as a hub kernel registers it, with transformers' flash mask function and no
+    "flash" in its name. Every layer adapted (nothing calls a flash kernel on the CPU): a chunk of 3 tokens after 6
+    cached ones (None mask, 3 queries over 9 keys: bottom-right, not SDPA's upper-left) equals the whole forward,
+    and left-padded generation with the dynamic and static caches equals the sdpa model's (before: the convention
+    was read from "flash" in the name, and the unnamed kernel's chunk attended its first 3 keys only)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, impl, flash_attention_mask)
+    reference = adapted("cpu", mode, sim_rank, num_layers=LAYERS)
+    model = adapted("cpu", mode, sim_rank, num_layers=LAYERS)
+    model.config._attn_implementation_internal = impl
+    x = tokens("cpu", B=2, L=9)
+    with torch.no_grad():
+        whole = model(input_ids=x).logits
+        first = model(input_ids=x[:, :6], use_cache=True)
+        rest = model(input_ids=x[:, 6:], past_key_values=first.past_key_values, use_cache=True).logits
+    assert rel(rest, whole[:, 6:]) <= 1e-5
+    assert rel(whole, reference(input_ids=x).logits.detach()) <= 1e-5
+    x, kw = _left_padded_generation("cpu", max_new_tokens=4)
+    expected = reference.generate(x, **kw)
+    for cache in (None, "static"):
+        got = model.generate(x, cache_implementation=cache, **kw)
+        assert torch.equal(got.sequences, expected.sequences), cache
+        assert rel(torch.stack(got.logits), torch.stack(expected.logits)) <= 1e-5, cache
+
+
+def test_attention_implementation_without_masks_is_refused():
+    """transformers passes no mask to the layers of a model whose attention implementation has no mask function
+    (AttentionMaskInterface): padding would be invisible to the adapted layers. Refused when the layer is made,
+    and at the forward if the model's implementation is changed after."""
+    model = tiny_model()
+    model.config._attn_implementation_internal = "unregistered_attention"
+    with pytest.raises(ValueError, match="'unregistered_attention' has no mask function"):
+        apply_excitor(model, num_prompts=3, num_layers=1)
+    model = adapted("cpu", num_layers=LAYERS)
+    model.config._attn_implementation_internal = "unregistered_attention"
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="'unregistered_attention' has no mask function"):
+        model(input_ids=tokens("cpu", B=2, L=6), attention_mask=mask)
+
+
 @pytest.mark.parametrize("form", ["2-D", "4-D"])
 def test_filled_keys_cuts_only_a_static_caches_empty_slots(form):
     """filled_keys: a static cache's prefill (3 tokens in 5 slots, upper-left causal) keeps 3 keys; 3 new tokens
