@@ -187,11 +187,15 @@ def visibility(attention_mask, batch: int, q_len: int, kv_len: int) -> Optional[
             f"{type(attention_mask).__name__}. Load the model with attn_implementation='sdpa' or 'eager'"
         )
     if attention_mask.dim() == 2:
-        if tuple(attention_mask.shape) != (batch, kv_len):
-            raise ValueError(f"a 2-D attention_mask must have shape (B={batch}, N={kv_len}); "
-                             f"got {tuple(attention_mask.shape)}")
+        # transformers' flash-attention mask over a static cache covers its filled slots only: (B, L), M <= L <= N,
+        # the causal mask aligned to slot L - 1, the slots after it unfilled
+        filled = attention_mask.shape[1]
+        if attention_mask.shape[0] != batch or not q_len <= filled <= kv_len:
+            raise ValueError(f"a 2-D attention_mask must have shape (B={batch}, N={kv_len}), or (B, L) with "
+                             f"M={q_len} <= L < N over a static cache's filled slots; got {tuple(attention_mask.shape)}")
         valid = attention_mask.bool()
-        return causal_mask(q_len, kv_len, valid.device)[None] & valid[:, None, :]
+        allowed = causal_mask(q_len, filled, valid.device)[None] & valid[:, None, :]
+        return torch.nn.functional.pad(allowed, (0, kv_len - filled)) if filled < kv_len else allowed
     if attention_mask.dim() != 4 or attention_mask.shape[0] != batch or tuple(attention_mask.shape[2:]) != (
             q_len, kv_len):
         raise ValueError(f"attention_mask must have shape (B={batch}, 1, M={q_len}, N={kv_len}) or "
@@ -247,12 +251,10 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
     keys hidden for another reason, right padding after a cache, stay for :func:`padding_plan`). A None mask with
     1 < M < N: in transformers' sdpa convention (``none_is_upper_left``) the model skipped the mask on an empty
     static cache, meaning SDPA's upper-left causal mask, so the M new tokens are the first M slots; in the
-    flash-attention convention every key is filled, and a 2-D mask shorter than the keys (transformers'
-    flash-attention mask over a static cache) covers the filled slots."""
+    flash-attention convention every key is filled (a 2-D mask shorter than the keys, transformers' flash-attention
+    mask over a static cache, covers the filled slots: :func:`visibility`)."""
     if attention_mask is None:
         return (q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len), None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and q_len <= attention_mask.shape[1]:
-        kv_len = min(kv_len, attention_mask.shape[1])
     allowed = visibility(attention_mask, batch, q_len, kv_len)
     keep = kv_len
     if kv_len > q_len:

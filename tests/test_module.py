@@ -471,6 +471,25 @@ def test_filled_keys_cuts_only_a_static_caches_empty_slots(form):
     assert filled_keys(torch.tensor([[0, 1, 1, 1]]), 1, 3, 6, False)[0] == 4
 
 
+def test_short_flash_mask_inside_a_trace():
+    """transformers' flash-attention mask over a static cache (2-D, as long as the filled slots) read where a
+    compiled graph reads masks (padding.traced_ranges): each sample's keys end at its last filled slot, left
+    padding starts them later, the rows that see nothing are dropped (before: refused as a 2-D mask of the wrong
+    length, so a compiled graph broke there). A mask longer than the keys, or shorter than the queries, is refused."""
+    from excitor_kernels.padding import traced_ranges, visibility
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # 6 filled slots of 9, the first sample left-padded
+    allowed = visibility(mask, 2, 4, 9)
+    assert allowed.shape == (2, 4, 9) and not allowed[..., 6:].any()
+    assert torch.equal(allowed[1, :, :6], torch.ones(4, 6, dtype=torch.bool).tril(2))
+    starts, ends, keep, ok = traced_ranges(mask, 2, 4, 9)
+    assert starts.tolist() == [2, 0] and ends.tolist() == [6, 6] and bool(ok)
+    assert keep.all()
+    for bad in (torch.ones(2, 10), torch.ones(2, 3)):
+        with pytest.raises(ValueError, match="2-D attention_mask"):
+            visibility(bad, 2, 4, 9)
+
+
 def test_unsupported_masks_are_rejected():
     model = adapted()
     layer = model.model.layers[-1].self_attn
