@@ -246,55 +246,50 @@ def padding_plan(allowed: torch.Tensor) -> Optional[PaddingPlan]:
 def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upper_left: bool):
     """(keys, allowed): how many leading key slots of this call hold keys, and the :func:`visibility` of the mask
     over them (None for a None mask). A static cache hands the layer every slot it has, the unfilled ones after
-    the filled ones and hidden by the mask; the operators' causal mask is aligned to the last key, so the slots no
-    query sees at the end are cut off, when every row that sees a key is aligned to the last kept key (trailing
-    keys hidden for another reason, right padding after a cache, stay for :func:`padding_plan`). A None mask with
-    1 < M < N: in transformers' sdpa convention (``none_is_upper_left``) the model skipped the mask on an empty
-    static cache, meaning SDPA's upper-left causal mask, so the M new tokens are the first M slots; in the
-    flash-attention convention every key is filled (a 2-D mask shorter than the keys, transformers' flash-attention
-    mask over a static cache, covers the filled slots: :func:`visibility`)."""
+    the filled ones and hidden by the mask, and the operators' causal mask is aligned to the last key: the keys
+    are cut after the new tokens' last slot. That is the least ``keep`` under which no row sees a key after its
+    diagonal ``keep - M + i``: a real row sees its own key, the M new tokens fill consecutive slots, so
+    ``keep = max_i(last key row i sees - i) + M`` over the rows that see a key puts every real row's diagonal on
+    its own key, and a padding row (its own key hidden) sees less, never more. A cut never hides a key some row
+    sees; with a dynamic cache (every slot filled) it keeps them all. A None mask with 1 < M < N: in transformers'
+    sdpa convention (``none_is_upper_left``) the model skipped the mask on an empty static cache, meaning SDPA's
+    upper-left causal mask, so the M new tokens are the first M slots; in the flash-attention convention every key
+    is filled (a 2-D mask shorter than the keys, transformers' flash-attention mask over a static cache, covers
+    the filled slots: :func:`visibility`)."""
     if attention_mask is None:
         return (q_len if none_is_upper_left and 1 < q_len < kv_len else kv_len), None
     allowed = visibility(attention_mask, batch, q_len, kv_len)
     keep = kv_len
     if kv_len > q_len:
-        seen = allowed.any(dim=(0, 1)).nonzero()
-        keep = max(int(seen.max()) + 1 if seen.numel() else kv_len, q_len)
-    if keep < kv_len:  # a static cache's layout: every row that sees a key sees key keep - M + i, none after
-        rows = torch.arange(q_len, device=allowed.device)
-        diagonal = keep - q_len + rows
-        after = torch.arange(kv_len, device=allowed.device)[None, :] > diagonal[:, None]
-        aligned = allowed[:, rows, diagonal] & ~(allowed & after).any(-1)
-        if not bool((aligned | ~allowed.any(-1)).all()):
-            keep = kv_len
+        j = torch.arange(kv_len, device=allowed.device)
+        i = torch.arange(q_len, device=allowed.device)[:, None]
+        # 0 where no row sees a key (nothing to align: keep every slot)
+        end = int(torch.where(allowed, j - i + q_len, 0).amax())
+        keep = min(max(end, q_len), kv_len) if end else kv_len
     return keep, allowed[..., :keep]
 
 
 def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
-    """Inside ``torch.compile`` (``q_len <= kv_len``), where the mask's values cannot steer the host: each sample's keys as one range
-    ``[starts[b], ends[b])`` of the cache, computed on the device, for one call with ``cache_leftpad`` and
-    ``cache_seqlens``. ``starts[b]`` is the first key a row sees; per sample, the first layout the mask is exact for:
-    a window aligned to its last visible key (left padding, a static cache's filled slots), or, for its real rows
-    (those that see their own key), the causal mask from ``starts[b]`` over every later key (right padding, whose pad
-    keys only pad rows see, beside left padding or not). Returns (starts, ends, keep, ok): int32 (B,) ranges, ``keep``
-    (B, M) the rows whose output counts (a window sample's rows that see no key are set to 0, as the host path
-    leaves them), and ``ok`` a 0-d bool, False when a sample fits neither (holes in a cache): the caller then makes
-    the output NaN, never silently wrong."""
+    """Inside ``torch.compile`` (``q_len <= kv_len``), where the mask's values cannot steer the host: each sample's keys
+    as one range ``[starts[b], ends[b])`` of the cache, computed on the device, for one call with ``cache_leftpad``
+    and ``cache_seqlens`` (row i sees keys ``starts[b] <= j <= ends[b] - M + i``). ``ends[b]`` follows
+    :func:`filled_keys`' rule per sample (the least end under which no row sees a key after its diagonal: the slot
+    after the new tokens, a static cache's unfilled slots cut), ``starts[b]`` is the first key a row sees. The rows
+    that see their diagonal key are the sample's real rows, and each must see exactly the range's causal set (left
+    padding, right padding, a static cache's filled slots, or none of these); the others are padding (their own key
+    hidden). Returns (starts, ends, keep, ok): int32 (B,) ranges, ``keep`` (B, M) the rows that see a key (the
+    others are set to 0, as the host path leaves them), and ``ok`` a 0-d bool, False when a real row sees another set
+    (holes in a cache): the caller then makes the output NaN, never silently wrong."""
     allowed = visibility(attention_mask, batch, q_len, kv_len)                 # (B, M, N)
     j = torch.arange(kv_len, device=allowed.device)
     i = torch.arange(q_len, device=allowed.device)[:, None]
-    valid = allowed.any(1)                                                     # (B, N): keys some row sees
-    ends = torch.where(valid, j + 1, 0).amax(1)
-    starts = torch.minimum(torch.where(valid, j, kv_len).amin(1), ends)
-    e, s = ends[:, None, None], starts[:, None, None]
-    window = (j >= s) & (j < e) & (j <= i + e - q_len)
-    seen = allowed.any(-1)                                                     # (B, M)
-    fits_window = ((allowed == window) | ~seen[..., None]).all(-1).all(-1)
-    tail = (j >= s) & (j <= i + kv_len - q_len)
-    fits_tail = ((allowed == tail) | ~_real_rows(allowed)[..., None]).all(-1).all(-1)
-    causal = ~fits_window & fits_tail
-    ends = torch.where(causal, kv_len, ends).to(torch.int32)
-    return starts.to(torch.int32), ends, causal[:, None] | seen, (fits_window | fits_tail).all()
+    ends = torch.where(allowed, j - i + q_len, 0).amax(-1).amax(-1).clamp(max=kv_len)
+    starts = torch.minimum(torch.where(allowed.any(1), j, kv_len).amin(1), ends)
+    own = ends[:, None] - q_len + i[:, 0]                                      # (B, M): each row's diagonal key
+    real = allowed.gather(2, own.clamp(min=0)[..., None])[..., 0] & (own >= 0)
+    window = (j >= starts[:, None, None]) & (j <= own[..., None])
+    ok = ((allowed == window) | ~real[..., None]).all()
+    return starts.to(torch.int32), ends.to(torch.int32), allowed.any(-1), ok
 
 
 def attention_layout(attention_mask, position_ids, kwargs: dict, batch: int, q_len: int, kv_len: int,

@@ -769,6 +769,31 @@ def test_packed_position_ids_under_compile_give_nan_not_crossed_sequences():
     assert torch.isnan(traced).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_compiled_right_padded_prefill_into_a_static_cache(backend):
+    """A right-padded batch's prefill into a static cache under torch.compile(fullgraph=True): the sample's keys end
+    after its new tokens' last slot, not at the cache's end (padding.traced_ranges; before: its real rows were read
+    as padding and attended the unfilled slots, 0.7 relative error in the logits). Real tokens' logits equal eager."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = adapted("cpu", "excitor", 4, backend=backend)
+    x = tokens("cpu", B=2, L=6)
+    mask = torch.ones_like(x)
+    mask[0, 4:] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(m):
+        with torch.no_grad():
+            return m(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                     past_key_values=StaticCache(config=model.config, max_cache_len=10)).logits
+
+    eager = run(model)
+    compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    real = mask.bool()
+    assert rel(compiled[real], eager[real]) <= 1e-5
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("mode,sim_rank", VARIANTS)
 def test_compiled_static_cache_generation_is_one_graph(backend, mode, sim_rank):
