@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, StaticCache
 
@@ -28,6 +28,20 @@ from tiny_models import DEVICES, LAYERS, adapted, rel, tokens
 CONVENTIONS = ("sdpa", "eager", "flash_attention_2")
 BACKENDS = ("reference", "torch") + (("triton",) if triton_installed() else ())
 VARIANTS = (("excitor", None), ("excitor", 4), ("adapter", None))
+
+
+def _flash_masks_keep_static_length() -> bool:
+    """Whether transformers' flash-attention mask keeps a static cache's filled length when nothing is padded:
+    transformers 5.0 returns None for an all-ones mask shorter than the keys, so the filled length is lost there
+    (its own flash-attention path then attends the unfilled slots too); later releases return the mask."""
+    import inspect
+
+    from transformers.masking_utils import flash_attention_mask
+
+    shape = {"q_length": 1} if "q_length" in inspect.signature(flash_attention_mask).parameters else {
+        "cache_position": torch.arange(1)}  # transformers 5.0's signature
+    return flash_attention_mask(batch_size=1, kv_length=3, attention_mask=torch.ones(1, 1, dtype=torch.bool),
+                                **shape) is not None
 
 
 @st.composite
@@ -97,6 +111,10 @@ def _padded(batch, variant, backend, impl, seed):
 def test_padded_batches_in_chunks_equal_each_sample_alone(batch, impl, static, variant, backend, seed):
     B, L, lengths, sides, splits = batch
     model, device, x, mask, positions = _padded(batch, variant, backend, impl, seed)
+    # a transformers bug, not the layer's: drawn again where the release's flash-attention mask of an unpadded chunk
+    # over a static cache loses the filled length
+    assume(not (impl == "flash_attention_2" and static and not _flash_masks_keep_static_length()
+                and any(bool(mask[:, :e].all()) for e in splits + [L])))
     calls = []
 
     def attention(self, call, q, k, v, attention_mask, *args):  # records the masks the layers get
