@@ -243,6 +243,15 @@ def padding_plan(allowed: torch.Tensor) -> Optional[PaddingPlan]:
     return PaddingPlan(real, valid)
 
 
+def _chunk_ends(allowed: torch.Tensor) -> torch.Tensor:
+    """(B,) per sample of ``allowed`` (B, M, N): the least end under which no row sees a key after its diagonal
+    ``end - M + i``, i.e. max over the keys j row i sees of j - i + M (0 where no row sees a key)."""
+    M, N = allowed.shape[1:]
+    j = torch.arange(N, device=allowed.device)
+    i = torch.arange(M, device=allowed.device)[:, None]
+    return torch.where(allowed, j - i + M, 0).amax(-1).amax(-1)
+
+
 def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upper_left: bool):
     """(keys, allowed): how many leading key slots of this call hold keys, and the :func:`visibility` of the mask
     over them (None for a None mask). A static cache hands the layer every slot it has, the unfilled ones after
@@ -261,10 +270,7 @@ def filled_keys(attention_mask, batch: int, q_len: int, kv_len: int, none_is_upp
     allowed = visibility(attention_mask, batch, q_len, kv_len)
     keep = kv_len
     if kv_len > q_len:
-        j = torch.arange(kv_len, device=allowed.device)
-        i = torch.arange(q_len, device=allowed.device)[:, None]
-        # 0 where no row sees a key (nothing to align: keep every slot)
-        end = int(torch.where(allowed, j - i + q_len, 0).amax())
+        end = int(_chunk_ends(allowed).amax())  # 0 where no row sees a key (nothing to align: keep every slot)
         keep = min(max(end, q_len), kv_len) if end else kv_len
     return keep, allowed[..., :keep]
 
@@ -283,7 +289,7 @@ def traced_ranges(attention_mask, batch: int, q_len: int, kv_len: int):
     allowed = visibility(attention_mask, batch, q_len, kv_len)                 # (B, M, N)
     j = torch.arange(kv_len, device=allowed.device)
     i = torch.arange(q_len, device=allowed.device)[:, None]
-    ends = torch.where(allowed, j - i + q_len, 0).amax(-1).amax(-1).clamp(max=kv_len)
+    ends = _chunk_ends(allowed).clamp(max=kv_len)
     starts = torch.minimum(torch.where(allowed.any(1), j, kv_len).amin(1), ends)
     own = ends[:, None] - q_len + i[:, 0]                                      # (B, M): each row's diagonal key
     real = allowed.gather(2, own.clamp(min=0)[..., None])[..., 0] & (own >= 0)
